@@ -1,0 +1,129 @@
+"""Bitmap linear for unstructured sparsity: load as sparse, compute as dense.
+
+Weight format (runtime/formats.py BitmapWeight): tiles of TR rows x 64 columns; per row of
+a tile two 32-bit bitmap words; the non-zeros packed tile by tile, row-major in a tile.
+Per K step a program loads the [BLOCK_N] x 2 words, rebuilds the positions of the packed
+values on chip (popcount of the words -> per-row counts -> exclusive prefix sum inside each
+TR-row tile; inside a row, popcount of the bits below the column), gathers the non-zeros
+into a dense [BLOCK_N, 64] register tile and feeds tl.dot (or, for M <= 8, a
+broadcast-multiply-sum). Memory traffic: ~1 bit + the non-zeros per weight element.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+from .epilogue import fused_epilogue
+
+TILE_COLS = 64   # fixed by the format: two 32-bit bitmap words per tile row
+DOT_MIN_M = 9
+
+
+@triton.jit
+def _popc(x, USE_ASM: tl.constexpr):
+    if USE_ASM:  # one hardware popc per word on the GPU
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:  # SWAR popcount: plain integer ops, runs in the interpreter
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        x = x + (x >> 8)
+        x = x + (x >> 16)
+        return x & 0x3F
+
+
+@triton.jit
+def bitmap_kernel(x_ptr, v_ptr, bm_ptr, to_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr, out_ptr,
+                  M, N, K, N_PAD, KW, NTC, stride_xm, stride_om, stride_rm,
+                  TR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                  USE_DOT: tl.constexpr, USE_ASM: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
+                  HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr):
+    TC: tl.constexpr = 64
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N_PAD
+    c = tl.arange(0, TC)
+    cw = c % 32
+    lowmask = ((1 << cw) - 1)[None, :]        # bits below column c in its word
+    bitsel = (1 << cw)[None, :]
+    hi = (c >= 32)[None, :]
+    bm_rows = bm_ptr + n.to(tl.int64) * KW
+    to_rows = to_ptr + (n // TR).to(tl.int64) * NTC
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, TC), dtype=tl.float32)
+    for kt in range(0, NTC):
+        w0 = tl.load(bm_rows + 2 * kt, mask=n_ok, other=0)
+        w1 = tl.load(bm_rows + 2 * kt + 1, mask=n_ok, other=0)
+        toff = tl.load(to_rows + kt, mask=n_ok, other=0)
+        cnt0 = _popc(w0, USE_ASM)
+        cnt = cnt0 + _popc(w1, USE_ASM)
+        # exclusive prefix of row counts inside each TR-row tile
+        incl = tl.reshape(tl.cumsum(tl.reshape(cnt, [BLOCK_N // TR, TR]), axis=1), [BLOCK_N])
+        base = toff + incl - cnt
+        word = tl.where(hi, w1[:, None], w0[:, None])
+        pre = _popc(word & lowmask, USE_ASM) + tl.where(hi, cnt0[:, None], 0)
+        nz = (word & bitsel) != 0
+        w = tl.load(v_ptr + (base[:, None] + pre), mask=nz, other=0.0)  # [BLOCK_N, TC]
+        kcol = kt * TC + c
+        k_ok = kcol < K
+        if HAS_CPERM:
+            kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
+        xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(w), acc)
+        else:
+            acc3 += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+    fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT)
+
+
+def pick_config(M, TR):
+    """Hand table keyed by M range."""
+    if M < DOT_MIN_M:
+        bm = 1 if M == 1 else 1 << (int(M) - 1).bit_length()
+        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 16), USE_DOT=False, num_warps=4, num_stages=3)
+    if M <= 64:
+        bm = max(16, 1 << (int(M) - 1).bit_length())
+        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 32), USE_DOT=True, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=max(TR, 64), USE_DOT=True, num_warps=8, num_stages=3)
+
+
+def _use_asm():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
+
+
+def launch(x2d, values, bitmap, tile_offsets, N, K, tile_rows, bias, act_code, res2d, row_perm,
+           col_perm, out, config=None):
+    M = x2d.shape[0]
+    TR = int(tile_rows)
+    cfg = dict(pick_config(M, TR))
+    if config:
+        cfg.update(config)
+    assert cfg["BLOCK_N"] % TR == 0, "BLOCK_N must be a multiple of the tile rows"
+    n_pad, kw = bitmap.shape
+    ntc = kw // 2
+    dummy = out
+    grid = (triton.cdiv(n_pad, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    bitmap_kernel[grid](
+        x2d, values, bitmap, tile_offsets,
+        dummy if bias is None else bias, dummy if res2d is None else res2d,
+        dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
+        out, M, N, K, n_pad, kw, ntc, x2d.stride(0), out.stride(0),
+        0 if res2d is None else res2d.stride(0),
+        TR=TR, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
+        USE_ASM=_use_asm(), HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
+        HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
+        IEEE=x2d.dtype.itemsize == 4, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out

@@ -1,0 +1,91 @@
+"""Block-sparse linear for many tokens (M > 64): Tensor Core tiles.
+
+Grid: (token tiles, output block rows). A program owns BLOCK_M tokens x one block row (BH
+output features) and walks that block row's non-zero blocks: for each, it gathers the
+matching BW input columns of x and does one tl.dot with fp32 accumulation. Zero blocks
+cost nothing, so work scales with density. Epilogue fused (bias, act, residual, row perm).
+"""
+import triton
+import triton.language as tl
+
+from .epilogue import fused_epilogue
+
+# (BLOCK_M, num_warps, num_stages): a small hand-picked set; the autotuner keys on
+# the shape class, so it runs once per (M bucket, N, K, block).
+LARGE_M_CONFIGS = [
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3),
+]
+
+
+@triton.jit
+def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
+                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
+                       BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)  # fastest: neighbouring programs share the same weight blocks
+    br = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
+    rr = tl.arange(0, BH)
+    cc = tl.arange(0, BW)
+    start = tl.load(ro_ptr + br)
+    end = tl.load(ro_ptr + br + 1)
+    acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+    for i in range(start, end):
+        kcol = tl.load(ci_ptr + i) * BW + cc
+        k_ok = kcol < K
+        if HAS_CPERM:  # prologue gather of permuted input columns
+            kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
+        xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # the block transposed: [BW, BH], contiguous along BW in memory
+        wt = tl.load(v_ptr + i.to(tl.int64) * (BH * BW) + rr[None, :] * BW + cc[:, None])
+        if IEEE:
+            acc = tl.dot(xt, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt, acc)
+    n = br * BH + rr
+    fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT)
+
+
+_autotuned = None
+
+
+def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
+           col_perm, out, config=None):
+    """x2d [M, K] (row stride any, unit col stride), out [M, N]. No host syncs."""
+    global _autotuned
+    M = x2d.shape[0]
+    _, BH, BW = values.shape
+    nbr = row_offsets.shape[0] - 1
+    dummy = out
+    args = (x2d, values, col_indices, row_offsets,
+            dummy if bias is None else bias, dummy if res2d is None else res2d,
+            dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
+            out, M, N, K, _m_bucket(M), x2d.stride(0), out.stride(0),
+            0 if res2d is None else res2d.stride(0))
+    kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
+              HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
+              IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4)
+    if config is not None:  # explicit config (tests / benchmarks)
+        grid = (triton.cdiv(M, config["BLOCK_M"]), nbr)
+        bsr_large_m_kernel[grid](*args, **kw, BLOCK_M=config["BLOCK_M"],
+                                 num_warps=config.get("num_warps", 4),
+                                 num_stages=config.get("num_stages", 3))
+        return out
+    if _autotuned is None:
+        _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW"])(
+            bsr_large_m_kernel)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
+    _autotuned[grid](*args, **kw)
+    return out
+
+
+def _m_bucket(M):
+    # powers of two: retune only when M changes class, not for every ragged M
+    return 1 << max(0, (int(M) - 1).bit_length())

@@ -1,0 +1,76 @@
+"""Python-side dispatch of the Triton kernels and their registration for "cuda".
+
+No host syncs: everything chosen here depends on shapes/dtypes only (M, block shape), never
+on tensor values, so a call can be captured in a CUDA graph.
+"""
+import torch
+
+from sparsec.runtime import ops as _ops
+
+from . import bitmap, bsr_large_m, bsr_small_m
+from .epilogue import ACT_CODES
+
+_OK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pow2(v):
+    return v >= 1 and (v & (v - 1)) == 0
+
+
+def _prep(x, N, K, bias, residual, row_perm, col_perm, values):
+    """Flatten to 2-D, check what the kernels support; None means: fall back."""
+    if x.dtype not in _OK_DTYPES or values.dtype != x.dtype or x.shape[-1] != K:
+        return None
+    x2d = x.reshape(-1, K)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    M = x2d.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    res2d = None
+    if residual is not None:
+        res2d = residual.expand(*x.shape[:-1], N).reshape(M, N)
+        if res2d.stride(-1) != 1:
+            res2d = res2d.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if row_perm is not None:
+        row_perm = row_perm.contiguous()
+    if col_perm is not None:
+        col_perm = col_perm.contiguous()
+    return x2d, out, res2d, bias, row_perm, col_perm
+
+
+def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_features, bias,
+                      activation, residual, row_perm, col_perm):
+    _, BH, BW = values.shape
+    if not (_pow2(BH) and _pow2(BW) and BH >= 16 and BW >= 16):
+        return NotImplemented  # tl.dot / power-of-two tiles only
+    p = _prep(x, out_features, in_features, bias, residual, row_perm, col_perm, values)
+    if p is None:
+        return NotImplemented
+    x2d, out, res2d, bias, row_perm, col_perm = p
+    M = x2d.shape[0]
+    if M > 0:
+        launch = bsr_small_m.launch if M <= bsr_small_m.MAX_SMALL_M else bsr_large_m.launch
+        launch(x2d, values, col_indices, row_offsets, out_features, in_features, bias,
+               ACT_CODES[activation], res2d, row_perm, col_perm, out)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def bitmap_linear_triton(x, values, bm, tile_offsets, out_features, in_features, tile_rows,
+                         bias, activation, residual, row_perm, col_perm):
+    if not _pow2(int(tile_rows)) or tile_rows > 64:
+        return NotImplemented
+    p = _prep(x, out_features, in_features, bias, residual, row_perm, col_perm, values)
+    if p is None:
+        return NotImplemented
+    x2d, out, res2d, bias, row_perm, col_perm = p
+    if x2d.shape[0] > 0:
+        bitmap.launch(x2d, values, bm, tile_offsets, out_features, in_features, tile_rows, bias,
+                      ACT_CODES[activation], res2d, row_perm, col_perm, out)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def register_all(device_type: str = "cuda"):
+    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True)
+    _ops.register_kernel("bitmap_linear", device_type, bitmap_linear_triton, last=True)

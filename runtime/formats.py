@@ -1,0 +1,246 @@
+"""Packed sparse weight formats (vectorized torch; no Python loop over elements or blocks).
+
+BSRWeight   -- block-sparse rows of a linear weight W[N, K] (out x in), blocks (BH, BW).
+BitmapWeight -- unstructured sparsity: per tile (TR rows x 64 cols) a bitmap and the packed
+                non-zeros, so 90% sparsity in bf16 costs ~0.33 bytes per weight element.
+
+Both optionally carry a row permutation (outputs written back in place by the kernel
+epilogue) and a column permutation (inputs gathered by the kernel prologue): the packed
+matrix is Wp = W[row_perm][:, col_perm].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+# Bitmap tiles are always 64 columns wide: two 32-bit words per tile row.
+BITMAP_TILE_COLS = 64
+BITMAP_WORD_BITS = 32
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _permute(weight: torch.Tensor, row_perm, col_perm) -> torch.Tensor:
+    w = weight
+    if row_perm is not None:
+        w = w.index_select(0, row_perm.to(device=w.device, dtype=torch.long))
+    if col_perm is not None:
+        w = w.index_select(1, col_perm.to(device=w.device, dtype=torch.long))
+    return w
+
+
+def _unpermute(wp: torch.Tensor, row_perm, col_perm) -> torch.Tensor:
+    # W[row_perm[i], col_perm[j]] = Wp[i, j]
+    w = wp
+    if row_perm is not None:
+        w = torch.empty_like(w).index_copy_(0, row_perm.to(w.device, torch.long), w)
+    if col_perm is not None:
+        w = torch.empty_like(w).index_copy_(1, col_perm.to(w.device, torch.long), w)
+    return w
+
+
+def _pad2d(w: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
+    n, k = w.shape
+    if n == n_pad and k == k_pad:
+        return w
+    out = w.new_zeros((n_pad, k_pad))
+    out[:n, :k] = w
+    return out
+
+
+def _check_perm(perm, n, name):
+    if perm is None:
+        return None
+    perm = torch.as_tensor(perm).to(torch.int64)
+    if perm.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(perm.shape)}")
+    return perm
+
+
+# --------------------------------------------------------------------------------------
+# BSR
+# --------------------------------------------------------------------------------------
+@dataclass
+class BSRWeight:
+    values: torch.Tensor        # [nnz_blocks, BH, BW], weight dtype
+    col_indices: torch.Tensor   # int32 [nnz_blocks], ascending within a block row
+    row_offsets: torch.Tensor   # int32 [ceil(N/BH) + 1]
+    shape: Tuple[int, int]      # (N, K) of the dense weight
+    block: Tuple[int, int]      # (BH, BW)
+    row_perm: Optional[torch.Tensor] = None  # int64 [N]
+    col_perm: Optional[torch.Tensor] = None  # int64 [K]
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in (self.values, self.col_indices, self.row_offsets))
+        for p in (self.row_perm, self.col_perm):
+            if p is not None:
+                n += p.numel() * p.element_size()
+        return n
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def device(self):
+        return self.values.device
+
+    def to(self, *args, **kwargs) -> "BSRWeight":
+        """Move/cast: the dtype applies to values only, indices keep their int types."""
+        dev = torch.empty(0).to(*args, **kwargs)
+        mv = lambda t: None if t is None else t.to(device=dev.device)
+        return BSRWeight(self.values.to(*args, **kwargs), mv(self.col_indices), mv(self.row_offsets),
+                         self.shape, self.block, mv(self.row_perm), mv(self.col_perm))
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.shape
+        bh, bw = self.block
+        nb, kb = _cdiv(n, bh), _cdiv(k, bw)
+        blocks = self.values.new_zeros((nb, kb, bh, bw))
+        nnz = self.values.shape[0]
+        # block row of each stored block, without a host sync: searchsorted over offsets
+        rows = torch.searchsorted(self.row_offsets[1:].to(torch.int64),
+                                  torch.arange(nnz, device=self.values.device), right=True)
+        blocks[rows, self.col_indices.to(torch.int64)] = self.values
+        wp = blocks.permute(0, 2, 1, 3).reshape(nb * bh, kb * bw)[:n, :k]
+        return _unpermute(wp.contiguous(), self.row_perm, self.col_perm)
+
+
+def pack_bsr(weight: torch.Tensor, block=(64, 64), row_perm=None, col_perm=None) -> BSRWeight:
+    """Pack dense W[N, K] into BSR blocks of shape `block`; stores blocks with any non-zero."""
+    if weight.dim() != 2:
+        raise ValueError("pack_bsr expects a 2-D weight [N, K]")
+    bh, bw = (block, block) if isinstance(block, int) else tuple(int(b) for b in block)
+    n, k = weight.shape
+    row_perm = _check_perm(row_perm, n, "row_perm")
+    col_perm = _check_perm(col_perm, k, "col_perm")
+    w = weight.detach()
+    w = _permute(w, row_perm, col_perm)
+    nb, kb = _cdiv(n, bh), _cdiv(k, bw)
+    wp = _pad2d(w, nb * bh, kb * bw)
+    blocks = wp.reshape(nb, bh, kb, bw).permute(0, 2, 1, 3)  # [nb, kb, bh, bw]
+    nzmask = (blocks != 0).flatten(2).any(-1)                 # [nb, kb]
+    values = blocks[nzmask].contiguous()                      # row-major over (nb, kb)
+    col_indices = nzmask.nonzero()[:, 1].to(torch.int32).contiguous()
+    row_offsets = torch.zeros(nb + 1, dtype=torch.int64, device=w.device)
+    row_offsets[1:] = nzmask.sum(1).cumsum(0)
+    dev = weight.device
+    return BSRWeight(values, col_indices, row_offsets.to(torch.int32), (n, k), (bh, bw),
+                     None if row_perm is None else row_perm.to(dev),
+                     None if col_perm is None else col_perm.to(dev))
+
+
+# --------------------------------------------------------------------------------------
+# Bitmap
+# --------------------------------------------------------------------------------------
+@dataclass
+class BitmapWeight:
+    """Unstructured sparse weight.
+
+    Tiles are TR rows x 64 columns of the (padded, permuted) matrix Wp [N_pad, K_pad],
+    N_pad = ceil(N/TR)*TR, K_pad = ceil(K/64)*64.
+      bitmap       int32 [N_pad, K_pad/32]: bit b of word (n, w) is set iff Wp[n, 32w+b] != 0
+      values       [nnz] weight dtype: non-zeros, tile by tile (tile rows major, then tile
+                   columns), row-major inside a tile
+      tile_offsets int32 [N_pad/TR * K_pad/64 + 1]: start of each tile in `values`
+    Inside a tile, element (r, c) sits at tile_offsets[t] + (non-zeros of tile rows < r)
+    + popcount(bits of row r before column c): the kernel rebuilds it on chip.
+    """
+    values: torch.Tensor
+    bitmap: torch.Tensor
+    tile_offsets: torch.Tensor
+    shape: Tuple[int, int]
+    tile_rows: int = 16
+    row_perm: Optional[torch.Tensor] = None
+    col_perm: Optional[torch.Tensor] = None
+
+    @property
+    def tile(self) -> Tuple[int, int]:
+        return (self.tile_rows, BITMAP_TILE_COLS)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in (self.values, self.bitmap, self.tile_offsets))
+        for p in (self.row_perm, self.col_perm):
+            if p is not None:
+                n += p.numel() * p.element_size()
+        return n
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def device(self):
+        return self.values.device
+
+    def to(self, *args, **kwargs) -> "BitmapWeight":
+        dev = torch.empty(0).to(*args, **kwargs)
+        mv = lambda t: None if t is None else t.to(device=dev.device)
+        return BitmapWeight(self.values.to(*args, **kwargs), mv(self.bitmap), mv(self.tile_offsets),
+                            self.shape, self.tile_rows, mv(self.row_perm), mv(self.col_perm))
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.shape
+        wp = bitmap_to_dense_padded(self.values, self.bitmap, self.tile_rows)[:n, :k]
+        return _unpermute(wp.contiguous(), self.row_perm, self.col_perm)
+
+
+def bitmap_mask(bitmap: torch.Tensor) -> torch.Tensor:
+    """[N_pad, K_pad/32] int32 words -> bool [N_pad, K_pad]."""
+    shifts = torch.arange(BITMAP_WORD_BITS, device=bitmap.device, dtype=torch.int32)
+    bits = (bitmap.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2).bool()
+
+
+def bitmap_to_dense_padded(values: torch.Tensor, bitmap: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """Decode to the padded permuted matrix Wp [N_pad, K_pad] (no host sync)."""
+    mask = bitmap_mask(bitmap)
+    n_pad, k_pad = mask.shape
+    tr, tc = tile_rows, BITMAP_TILE_COLS
+    # tile-ordered view of the mask, then masked_scatter fills non-zeros in that order
+    tmask = mask.reshape(n_pad // tr, tr, k_pad // tc, tc).permute(0, 2, 1, 3)
+    tiles = values.new_zeros(tmask.shape).masked_scatter_(tmask, values)
+    return tiles.permute(0, 2, 1, 3).reshape(n_pad, k_pad)
+
+
+def pack_bitmap(weight: torch.Tensor, tile_rows: int = 16, row_perm=None, col_perm=None) -> BitmapWeight:
+    if weight.dim() != 2:
+        raise ValueError("pack_bitmap expects a 2-D weight [N, K]")
+    n, k = weight.shape
+    row_perm = _check_perm(row_perm, n, "row_perm")
+    col_perm = _check_perm(col_perm, k, "col_perm")
+    tr, tc = int(tile_rows), BITMAP_TILE_COLS
+    w = _permute(weight.detach(), row_perm, col_perm)
+    n_pad, k_pad = _cdiv(n, tr) * tr, _cdiv(k, tc) * tc
+    wp = _pad2d(w, n_pad, k_pad)
+    mask = wp != 0
+    # bitmap words: sum of bit << position, built in int64 then wrapped to int32
+    shifts = torch.arange(BITMAP_WORD_BITS, device=w.device, dtype=torch.int64)
+    words = (mask.reshape(n_pad, k_pad // 32, 32).to(torch.int64) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    tiles = wp.reshape(n_pad // tr, tr, k_pad // tc, tc).permute(0, 2, 1, 3)
+    tmask = mask.reshape(n_pad // tr, tr, k_pad // tc, tc).permute(0, 2, 1, 3)
+    values = tiles[tmask].contiguous()
+    counts = tmask.flatten(2).sum(-1).flatten()
+    tile_offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=w.device)
+    tile_offsets[1:] = counts.cumsum(0)
+    if values.numel() >= 2**31:
+        raise ValueError("bitmap weight too large for int32 offsets")
+    dev = weight.device
+    return BitmapWeight(values, words.contiguous(), tile_offsets.to(torch.int32), (n, k), tr,
+                        None if row_perm is None else row_perm.to(dev),
+                        None if col_perm is None else col_perm.to(dev))

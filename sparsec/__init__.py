@@ -1,0 +1,15 @@
+"""sparsec: a compiler that makes pruned PyTorch models fast.
+
+    torch.compile(model, backend="sparsec")           # JIT, no import needed after install
+    sparsec.compile(model, *example_inputs)           # capture now with the given inputs
+    sparsec.explain(model, *example_inputs)           # -> Report, nothing compiled for speed
+"""
+
+from .api import compile, explain
+from .options import Options, parse_options
+from .report import Report
+from . import ir
+
+__version__ = "0.1.0"
+
+__all__ = ["compile", "explain", "Options", "parse_options", "Report", "ir", "__version__"]

@@ -1,0 +1,118 @@
+"""The Report: what sparsec found in each weight, what each pass did, which kernel each layer got."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from . import ir
+from .analysis import analyze
+
+
+def _op_label(target) -> str:
+    return ir._op_name(target).split(".")[-1] if hasattr(target, "name") else str(target)
+
+
+def current_layers(gm: fx.GraphModule) -> dict[str, dict]:
+    """Weight name -> facts for every layer in the graph now (weight ops and sparsec kernels)."""
+    layers = {}
+    for node in gm.graph.nodes:
+        layer = node.meta.get("sparsec_layer")
+        if layer is not None:  # a sparsec kernel put in place of a weight op
+            layers[layer["name"]] = dict(layer)
+    for op, weight, _bias in ir.weight_ops(gm):
+        info = weight.meta.get("sparsity")
+        if info is None:
+            info = weight.meta["sparsity"] = analyze(ir.get_constant(gm, weight))
+        layers[ir.display_name(weight)] = {
+            "name": ir.display_name(weight),
+            "op": _op_label(op.target),
+            "shape": tuple(info.shape),
+            "sparsity": info,
+            "kernel": op.meta.get("sparsec_kernel", "dense"),
+        }
+    return layers
+
+
+class LayerTracker:
+    """Records each layer the first time it is seen (before) and its latest state (after)."""
+
+    def __init__(self):
+        self.before: dict[str, dict] = {}
+        self.after: dict[str, dict] = {}
+
+    def observe(self, gm: fx.GraphModule) -> None:
+        now = current_layers(gm)
+        for name, facts in now.items():
+            self.before.setdefault(name, facts)
+        self.after = now
+
+    def rows(self, notes: dict) -> list[dict]:
+        rows = []
+        for name, before in self.before.items():
+            after = self.after.get(name, before)
+            info_before, info_after = before["sparsity"], after["sparsity"]
+            row = {
+                "name": name,
+                "op": before["op"],
+                "shape_before": list(before["shape"]),
+                "shape_after": list(after["shape"]),
+                "density": round(info_before.density, 4),
+                "pattern": info_before.pattern,
+                "tiles_before": dict(info_before.tiles),
+                "tiles_after": dict(info_after.tiles),
+                "kernel": after["kernel"],
+            }
+            row.update({k: v for k, v in notes.get(name, {}).items() if k not in row})
+            rows.append(row)
+        return rows
+
+
+@dataclass
+class Report:
+    layers: list[dict] = field(default_factory=list)
+    passes: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # fallbacks and things left dense, in words
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps({"layers": self.layers, "passes": self.passes, "notes": self.notes}, default=str, **kwargs)
+
+    def __str__(self) -> str:
+        lines = []
+        header = ("layer", "op", "shape before", "shape after", "density", "pattern", "tiles64 before/after", "kernel")
+        rows = [
+            (
+                r["name"],
+                r["op"],
+                "x".join(map(str, r["shape_before"])),
+                "x".join(map(str, r["shape_after"])),
+                f"{r['density']:.3f}",
+                r["pattern"],
+                f"{r['tiles_before'].get(64, '-')}/{r['tiles_after'].get(64, '-')}",
+                r["kernel"],
+            )
+            for r in self.layers
+        ]
+        lines += _table(header, rows)
+        if self.passes:
+            lines.append("")
+            lines += _table(
+                ("pass", "seconds", "changed", "stats"),
+                [(p["name"], f"{p['seconds']:.3f}", str(p["changed"]), _stats_text(p["stats"])) for p in self.passes],
+            )
+        if self.notes:
+            lines.append("")
+            lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _stats_text(stats: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items())
+
+
+def _table(header, rows) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in rows]
