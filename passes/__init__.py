@@ -1,9 +1,11 @@
-"""sparsec's passes, one module each. Importing this package registers them all."""
+"""sparsec's passes, one module each. Importing this package registers them all.
+
+Every module in this folder is imported (in name order); each registers its pass with
+`sparsec.pass_manager.register_pass`. The order passes run in is the pipeline's, not this one.
+"""
 
 import importlib
+import pkgutil
 
-# Module names of the built-in passes, in pipeline order; each registers itself on import.
-BUILTIN_PASS_MODULES = ("analyze",)
-
-for _module in BUILTIN_PASS_MODULES:
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")

@@ -13,7 +13,9 @@ import os
 import triton
 import triton.language as tl
 
+from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import fused_epilogue
+from .mma import interpreting, mma
 
 TILE_COLS = 64   # fixed by the format: two 32-bit bitmap words per tile row
 DOT_MIN_M = 9
@@ -39,7 +41,8 @@ def bitmap_kernel(x_ptr, v_ptr, bm_ptr, to_ptr, bias_ptr, res_ptr, rperm_ptr, cp
                   TR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                   USE_DOT: tl.constexpr, USE_ASM: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                  HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr):
+                  HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr):
     TC: tl.constexpr = 64
     pid_n = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,10 +80,7 @@ def bitmap_kernel(x_ptr, v_ptr, bm_ptr, to_ptr, bias_ptr, res_ptr, rperm_ptr, cp
             kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
         xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
-            if IEEE:
-                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, tl.trans(w), acc)
+            acc = mma(xt, tl.trans(w), acc, IEEE, UPCAST)
         else:
             acc3 += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
@@ -125,5 +125,5 @@ def launch(x2d, values, bitmap, tile_offsets, N, K, tile_rows, bias, act_code, r
         TR=TR, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
         USE_ASM=_use_asm(), HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
         HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
-        IEEE=x2d.dtype.itemsize == 4, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -8,7 +8,9 @@ cost nothing, so work scales with density. Epilogue fused (bias, act, residual, 
 import triton
 import triton.language as tl
 
+from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import fused_epilogue
+from .mma import interpreting, mma
 
 # (BLOCK_M, num_warps, num_stages): a small hand-picked set; the autotuner keys on
 # the shape class, so it runs once per (M bucket, N, K, block).
@@ -25,7 +27,8 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr):
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share the same weight blocks
     br = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -43,11 +46,9 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
             kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
         xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         # the block transposed: [BW, BH], contiguous along BW in memory
-        wt = tl.load(v_ptr + i.to(tl.int64) * (BH * BW) + rr[None, :] * BW + cc[:, None])
-        if IEEE:
-            acc = tl.dot(xt, wt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, wt, acc)
+        # int32 offsets: the launcher checks values.numel() < 2**31
+        wt = tl.load(v_ptr + i * (BH * BW) + rr[None, :] * BW + cc[:, None])
+        acc = mma(xt, wt, acc, IEEE, UPCAST)
     n = br * BH + rr
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT)
@@ -71,7 +72,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
             0 if res2d is None else res2d.stride(0))
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
               HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
-              IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4)
+              IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4, UPCAST=interpreting())
     if config is not None:  # explicit config (tests / benchmarks)
         grid = (triton.cdiv(M, config["BLOCK_M"]), nbr)
         bsr_large_m_kernel[grid](*args, **kw, BLOCK_M=config["BLOCK_M"],

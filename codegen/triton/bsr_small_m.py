@@ -11,7 +11,9 @@ the end. For 8 < M <= 64 tl.dot with M padded to 16..64.
 import triton
 import triton.language as tl
 
+from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import fused_epilogue
+from .mma import interpreting, mma
 
 ROWS = 16          # output features per program (a slab of 16 x BW per block: 2 KB in bf16)
 MAX_SMALL_M = 64   # beyond this, the large-M Tensor Core kernel wins
@@ -24,7 +26,8 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr,
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr):
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr):
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
     br = pid // SUBS
@@ -46,13 +49,10 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
         if HAS_CPERM:
             kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
         xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        blk = v_ptr + i.to(tl.int64) * (BH * BW)
+        blk = v_ptr + i * (BH * BW)  # int32: launcher checks values.numel() < 2**31
         if USE_DOT:
             wt = tl.load(blk + rr[None, :] * BW + cc[:, None])  # [BW, ROWS]
-            if IEEE:
-                acc = tl.dot(xt, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
+            acc = mma(xt, wt, acc, IEEE, UPCAST)
         else:
             w = tl.load(blk + rr[:, None] * BW + cc[None, :]).to(tl.float32)  # [ROWS, BW]
             acc3 += xt.to(tl.float32)[:, None, :] * w[None, :, :]
@@ -91,5 +91,5 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         BH=BH, BW=BW, ROWS_=rows, BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
         HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
-        IEEE=x2d.dtype.itemsize == 4, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -43,7 +43,7 @@ def _prep(x, N, K, bias, residual, row_perm, col_perm, values):
 def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_features, bias,
                       activation, residual, row_perm, col_perm):
     _, BH, BW = values.shape
-    if not (_pow2(BH) and _pow2(BW) and BH >= 16 and BW >= 16):
+    if not (_pow2(BH) and _pow2(BW) and BH >= 16 and BW >= 16) or values.numel() >= 2**31:
         return NotImplemented  # tl.dot / power-of-two tiles only
     p = _prep(x, out_features, in_features, bias, residual, row_perm, col_perm, values)
     if p is None:

@@ -1,0 +1,1 @@
+"""One module per `sparsec` CLI command (see sparsec/cli.py)."""
