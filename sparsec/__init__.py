@@ -9,6 +9,7 @@ from .api import compile, explain
 from .options import Options, parse_options
 from .report import Report
 from . import ir
+from .logging_config import configure_from_env as _configure_logging; _configure_logging()  # SPARSEC_LOG=...
 
 __version__ = "0.1.0"
 

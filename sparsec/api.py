@@ -37,7 +37,7 @@ def compile(model: torch.nn.Module, *example_inputs, mode: str | None = None, **
         mode=mode,
         fallback=model,
     )
-    compiled.compile_for(list(example_inputs))
+    compiled.select(list(example_inputs))
     return CompiledModule(model, compiled)
 
 

@@ -21,6 +21,6 @@ def sparsec_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
     )
     if all(isinstance(x, torch.Tensor) for x in example_inputs):
         # Static shapes: compile now so the work happens at compile time, not on the first call.
-        compiled.compile_for(list(example_inputs))
+        compiled.select(list(example_inputs))
     # With dynamic shapes Dynamo passes symbolic sizes: specialise per concrete shape on each call.
     return compiled

@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verbose or os.environ.get("SPARSEC_LOG"):
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.verbose:
+        from .logging_config import configure
+
+        configure(os.environ.get("SPARSEC_LOG") or "all")  # SPARSEC_LOG itself is read on `import sparsec`
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -130,25 +130,32 @@ class CompiledVariants:
         self.reports[key] = report
         return self.variants[key]
 
-    def __call__(self, *args):
+    def select(self, args) -> tuple[Callable, list[int]] | None:
+        """The compiled variant for these arguments, compiling it if needed; None means: run eager."""
         if self.failed:
-            return self.fallback(*args)
+            return None
         if not self._check_weights():
             self.variants.clear()
             self.reports.clear()
             self.guarded.clear()
         try:
-            fn, indices = self.compile_for(args)
+            return self.compile_for(args)
         except (ValueError, VerificationError, WeightChangedError):
             raise  # the user's own error (bad option, wrong pass): say it, don't hide it
         except _TooManyVariants:
             warnings.warn(f"sparsec: more than {MAX_SHAPE_VARIANTS} input shapes; running the rest unoptimized")
-            return self.fallback(*args)
+            return None
         except Exception as exc:  # sparsec never fails a model that eager runs
             warnings.warn(f"sparsec could not compile this graph and runs it unoptimized: {type(exc).__name__}: {exc}")
             log.debug("sparsec compile failure", exc_info=True)
             self.failed = True
+            return None
+
+    def __call__(self, *args):
+        selected = self.select(args)
+        if selected is None:
             return self.fallback(*args)
+        fn, indices = selected
         return fn(*[args[i] for i in indices])
 
 

@@ -76,6 +76,15 @@ def set_constant(gm: fx.GraphModule, node: fx.Node, tensor: torch.Tensor) -> Non
     node.meta.pop("sparsity", None)
 
 
+def drop_unused_constants(gm: fx.GraphModule) -> int:
+    """Delete buffers no `get_attr` node reads any more (e.g. a dense weight replaced by a packed one)."""
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    unused = [name for name, _ in gm.named_buffers(recurse=False) if name not in used]
+    for name in unused:
+        delattr(gm, name)
+    return len(unused)
+
+
 def _first_non_placeholder(graph: fx.Graph) -> fx.Node:
     for node in graph.nodes:
         if node.op != "placeholder":

@@ -194,6 +194,19 @@ class MobileNetV2Style(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
+class MLP(nn.Module):
+    """A small MLP (Linear-GELU-Linear-GELU-Linear): the quickest built-in, for CLI tests and examples."""
+
+    def __init__(self, hidden: int = 128, intermediate: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, intermediate)
+        self.fc2 = nn.Linear(intermediate, intermediate)
+        self.fc3 = nn.Linear(intermediate, hidden)
+
+    def forward(self, x):
+        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BN layers non-trivial statistics so tests would notice a wrongly folded channel."""
     g = torch.Generator().manual_seed(seed)
@@ -208,6 +221,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 BUILDERS = {
+    "mlp": lambda: MLP(),
     "llama": lambda: LlamaStack(),
     "gpt2": lambda: GPT2Block(),
     "bert": lambda: BertLayer(),
@@ -226,6 +240,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
 def example_inputs(name: str, batch: int = 2, seq: int = 8, image: int = 16) -> tuple[torch.Tensor, ...]:
     """Random inputs matching `build(name)` with default sizes."""
     hidden = {"llama": 256, "gpt2": 128, "bert": 128}
+    if name == "mlp":
+        return (torch.randn(batch * seq, 128),)
     if name in hidden:
         return (torch.randn(batch, seq, hidden[name]),)
     if name in ("resnet", "mobilenet"):

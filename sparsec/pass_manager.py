@@ -9,6 +9,19 @@ summary:
         return PassResult(changed=True, stats={"masks_folded": 3})
 
 Pass modules live in `passes/` (installed as `sparsec.passes`) and register themselves on import.
+
+Rewrites and the rewrite limit (for `sparsec bisect`, like LLVM's `-opt-bisect-limit`): a pass that
+changes the graph in several independent steps asks the context before each one,
+
+    for op, weight, bias in ir.weight_ops(gm):
+        if not ctx.allow_rewrite(f"slice {ir.display_name(weight)}: drop 12 dead rows"):
+            continue                      # over the limit: leave this one as it is
+        ...                               # do the rewrite
+
+so that `ctx.rewrite_limit = n` lets exactly the first n rewrites of the whole pipeline happen.
+Each rewrite must leave a valid graph on its own (a skipped one may not break a later one).
+`sparsec bisect` uses this to name the first rewrite that changes the output; `sparsec opt
+--rewrite-limit N` reproduces it. With no limit set, `allow_rewrite` only counts and logs.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from .options import Options
 from .report import LayerTracker
 
 log = logging.getLogger("sparsec.passes")
+rewrite_log = logging.getLogger("sparsec.rewrites")
 
 
 @dataclass
@@ -110,8 +124,21 @@ class PassContext:
     layer_notes: dict = field(default_factory=dict)
     layers: LayerTracker = field(default_factory=LayerTracker)
 
+    # Rewrite limit (see the module docstring): None = unlimited; rewrites counted over the pipeline.
+    rewrite_limit: int | None = None
+    rewrite_count: int = 0
+    rewrites: list = field(default_factory=list)  # (number, description, allowed) of every rewrite asked for
+
     def note(self, weight_name: str, **facts) -> None:
         self.layer_notes.setdefault(weight_name, {}).update(facts)
+
+    def allow_rewrite(self, description: str) -> bool:
+        """Call before each single rewrite; False means: over the rewrite limit, skip this one."""
+        self.rewrite_count += 1
+        allowed = self.rewrite_limit is None or self.rewrite_count <= self.rewrite_limit
+        self.rewrites.append((self.rewrite_count, description, allowed))
+        rewrite_log.debug("rewrite #%d %s%s", self.rewrite_count, description, "" if allowed else " (skipped: over the limit)")
+        return allowed
 
 
 def output_close(actual, expected) -> tuple[bool, str]:
@@ -172,6 +199,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, pipeline: str | None = No
             raise TypeError(f"pass {info.name!r} returned {type(result).__name__}, expected PassResult")
         if result.changed:
             gm.graph.eliminate_dead_code()
+            ir.drop_unused_constants(gm)
             gm.graph.lint()
             gm.recompile()
             ir.refresh_shapes(gm, ctx.example_inputs)

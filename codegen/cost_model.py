@@ -1,0 +1,157 @@
+"""Cost model for one linear layer in each format: bytes moved and flops, over measured ceilings.
+
+predicted time = launch + max(bytes / (bandwidth * bw_efficiency), flops / (peak * flop_efficiency))
+
+The ceilings (memory bandwidth, dense matrix rate) are measured once per device and dtype and
+cached on disk (`SPARSEC_CACHE_DIR`, default ~/.cache/sparsec); the efficiencies say how close
+each kernel gets to them (set from the GPU and CPU benchmarks in benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("SPARSEC_CACHE_DIR", Path.home() / ".cache" / "sparsec"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What the device can do at best: bytes/s through memory, flop/s of a dense matrix product."""
+
+    device: str
+    bandwidth: float
+    peak_flops: float
+    launch_s: float
+
+
+# Used when nothing is measured (tests, explain without a device): H100 and a 2-core laptop CPU.
+NOMINAL_CEILINGS = {
+    "cuda": Ceilings("cuda", bandwidth=3.0e12, peak_flops=7.9e14, launch_s=4e-6),
+    "cpu": Ceilings("cpu", bandwidth=1.5e10, peak_flops=1.0e11, launch_s=2e-6),
+}
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """How close a kernel gets to the ceilings (fractions of bandwidth and of the dense peak)."""
+
+    bw_efficiency: float
+    flop_efficiency: float
+
+
+# Keyed by (kernel, device type). Sparse kernels reach less of the peak than cuBLAS/oneDNN do.
+KERNEL_MODELS = {
+    ("dense", "cuda"): KernelModel(0.85, 0.75),
+    ("bsr_linear", "cuda"): KernelModel(0.70, 0.45),
+    ("bitmap_linear", "cuda"): KernelModel(0.55, 0.30),
+    ("dense", "cpu"): KernelModel(0.80, 0.80),
+    ("bsr_linear", "cpu"): KernelModel(0.60, 0.45),
+    ("bitmap_linear", "cpu"): KernelModel(0.40, 0.20),
+    ("csr_linear", "cpu"): KernelModel(0.50, 0.15),
+}
+
+
+@dataclass
+class Candidate:
+    kernel: str  # "dense", "bsr_linear", "bitmap_linear", "csr_linear"
+    block: tuple[int, int] | None
+    bytes: float
+    flops: float
+    predicted_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.kernel if self.block is None else f"{self.kernel}[{self.block[0]}x{self.block[1]}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["predicted_ms"] = self.predicted_s * 1e3
+        return d
+
+
+def predict(candidate: Candidate, ceilings: Ceilings, device_type: str) -> float:
+    model = KERNEL_MODELS[(candidate.kernel, device_type)]
+    memory_s = candidate.bytes / (ceilings.bandwidth * model.bw_efficiency)
+    compute_s = candidate.flops / (ceilings.peak_flops * model.flop_efficiency)
+    candidate.predicted_s = ceilings.launch_s + max(memory_s, compute_s)
+    return candidate.predicted_s
+
+
+def dense_candidate(m: int, n: int, k: int, element_size: int) -> Candidate:
+    return Candidate("dense", None, bytes=(n * k + m * k + m * n) * element_size, flops=2.0 * m * n * k)
+
+
+def bsr_candidate(m: int, n: int, k: int, element_size: int, block: tuple[int, int], nonzero_blocks: int) -> Candidate:
+    bh, bw = block
+    weight_bytes = nonzero_blocks * bh * bw * element_size + nonzero_blocks * 4 + (n // bh + 1) * 4
+    return Candidate("bsr_linear", block, bytes=weight_bytes + (m * k + m * n) * element_size,
+                     flops=2.0 * m * nonzero_blocks * bh * bw)
+
+
+def bitmap_candidate(m: int, n: int, k: int, element_size: int, nnz: int, occupied_tile_elements: int) -> Candidate:
+    """Bitmap: packed non-zeros plus one bit per weight; computes densely over occupied tiles."""
+    weight_bytes = nnz * element_size + n * k / 8
+    return Candidate("bitmap_linear", None, bytes=weight_bytes + (m * k + m * n) * element_size,
+                     flops=2.0 * m * occupied_tile_elements)
+
+
+def _ceilings_file() -> Path:
+    return cache_dir() / "ceilings.json"
+
+
+def device_key(device: torch.device, dtype: torch.dtype) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{name}|{str(dtype).replace('torch.', '')}|torch{torch.__version__}"
+
+
+def ceilings_for(device: torch.device, dtype: torch.dtype, measure: bool) -> Ceilings:
+    """Measured ceilings from the cache, measuring once if `measure`; else the nominal ones."""
+    key = device_key(device, dtype)
+    path = _ceilings_file()
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key in cached:
+        return Ceilings(**cached[key])
+    if not measure:
+        return NOMINAL_CEILINGS[device.type if device.type in NOMINAL_CEILINGS else "cpu"]
+    ceilings = measure_ceilings(device, dtype)
+    cached[key] = asdict(ceilings)
+    path.write_text(json.dumps(cached, indent=1))
+    return ceilings
+
+
+def _time(fn, device: torch.device, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """A large copy (bytes read + written) and a large matrix product, timed on the device."""
+    big = 1 << (28 if device.type == "cuda" else 25)  # bytes per buffer
+    src = torch.empty(big // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    bandwidth = 2 * big / _time(lambda: dst.copy_(src), device)
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    peak = 2 * n**3 / _time(lambda: a @ b, device)
+    launch = NOMINAL_CEILINGS.get(device.type, NOMINAL_CEILINGS["cpu"]).launch_s
+    return Ceilings(device_key(device, dtype), bandwidth, peak, launch)

@@ -1,0 +1,235 @@
+"""select-kernels: per linear layer pick dense, block-sparse or bitmap by a cost model (and timing).
+
+For each `aten.linear` with a constant 2-D weight, the candidates are dense and every sparse
+format with a real kernel on the device (the reference implementation in runtime/ never counts).
+The cost model (codegen/cost_model.py) predicts each one's time from bytes and flops; with
+`autotune=True` the best candidates are also timed once on the device and the decision is cached
+on disk. A sparse kernel replaces the linear only when it is predicted (or measured) faster than
+dense by `MIN_GAIN`, so select-kernels never picks a kernel slower than dense. The activation
+and residual add right after the linear go into the kernel's epilogue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import torch
+import torch.fx as fx
+
+from sparsec import ir
+from sparsec.codegen import cost_model
+from sparsec.pass_manager import PassResult, register_pass
+
+aten = torch.ops.aten
+
+BLOCK_SHAPES = ((16, 16), (32, 32), (64, 64), (16, 64), (32, 64))
+# A sparse kernel must beat dense by this factor (predicted or measured) to be chosen.
+MIN_GAIN = 1.1
+# Weights smaller than this stay dense: a sparse kernel cannot pay for its launch.
+MIN_WEIGHT_ELEMENTS = 64 * 64
+# Epilogue activations the kernels implement, keyed by the ATen op that follows the linear.
+FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.gelu.default: "gelu"}
+
+
+def count_nonzero_blocks(nonzero: torch.Tensor, block: tuple[int, int]) -> int:
+    bh, bw = block
+    rows, cols = nonzero.shape
+    padded = torch.nn.functional.pad(nonzero.to(torch.uint8), (0, (-cols) % bw, 0, (-rows) % bh))
+    return int(padded.reshape(padded.shape[0] // bh, bh, -1, bw).amax(dim=(1, 3)).sum())
+
+
+def has_real_kernel(op_name: str, device_type: str) -> bool:
+    from sparsec.runtime import ops
+
+    return bool(ops.get_kernels(op_name, device_type))
+
+
+def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None, col_perm=None) -> list:
+    """Every format for this weight that has a kernel on the device, with its predicted cost."""
+    n, k = weight.shape
+    es = weight.element_size()
+    nonzero = weight != 0
+    if row_perm is not None:
+        nonzero = nonzero[row_perm]
+    if col_perm is not None:
+        nonzero = nonzero[:, col_perm]
+    found = [cost_model.dense_candidate(m, n, k, es)]
+    if has_real_kernel("bsr_linear", device_type):
+        for block in BLOCK_SHAPES:
+            found.append(cost_model.bsr_candidate(m, n, k, es, block, count_nonzero_blocks(nonzero, block)))
+    if has_real_kernel("bitmap_linear", device_type):
+        tile = (16, 64)
+        occupied = count_nonzero_blocks(nonzero, tile) * tile[0] * tile[1]
+        found.append(cost_model.bitmap_candidate(m, n, k, es, int(nonzero.sum()), occupied))
+    return found
+
+
+def _activation_user(node: fx.Node):
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in FUSABLE_ACTIVATIONS:
+        act = users[0]
+        if act.target is aten.gelu.default and act.kwargs.get("approximate", "none") != "none":
+            return None
+        if len(act.args) > 1 and act.args[1:] not in ((), ("none",)):
+            return None
+        return act
+    return None
+
+
+def _residual_user(node: fx.Node):
+    """`add(node, r)` or `add(r, node)` of the same shape, node used once: r goes in the epilogue."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target is not aten.add.Tensor or users[0].kwargs.get("alpha", 1) != 1:
+        return None, None
+    add = users[0]
+    if len(add.args) != 2 or add.args[0] is add.args[1]:
+        return None, None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    val, other_val = node.meta.get("val"), getattr(other, "meta", {}).get("val")
+    if not isinstance(other, fx.Node) or other_val is None or val is None:
+        return None, None
+    if tuple(other_val.shape) != tuple(val.shape) or other_val.dtype != val.dtype:
+        return None, None
+    return add, other
+
+
+def _decision_key(device: torch.device, weight: torch.Tensor, m: int) -> str:
+    digest = hashlib.sha1((weight != 0).cpu().numpy().tobytes()).hexdigest()[:16]
+    return f"{cost_model.device_key(device, weight.dtype)}|{tuple(weight.shape)}|M={m}|{digest}"
+
+
+def _measure(candidate, weight, bias, m: int) -> float:
+    """Time one candidate on random inputs of the layer's shape (median of a few runs)."""
+    from sparsec.runtime import formats, ops
+
+    x = torch.randn(m, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    if candidate.kernel == "dense":
+        fn = lambda: torch.nn.functional.linear(x, weight, bias)  # noqa: E731
+    elif candidate.kernel == "bsr_linear":
+        packed = formats.pack_bsr(weight, candidate.block)
+        fn = lambda: ops.bsr_linear(x, packed, bias)  # noqa: E731
+    else:
+        packed = formats.pack_bitmap(weight)
+        fn = lambda: ops.bitmap_linear(x, packed, bias)  # noqa: E731
+    return cost_model._time(fn, weight.device, repeats=10)
+
+
+def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=None, col_perm=None):
+    """(chosen candidate, all candidates, measured times or {}) for one layer."""
+    ceilings = cost_model.ceilings_for(device, weight.dtype, measure=autotune)
+    found = candidates_for(weight, m, device.type, row_perm, col_perm)
+    for c in found:
+        cost_model.predict(c, ceilings, device.type)
+    dense = found[0]
+    ranked = sorted(found, key=lambda c: c.predicted_s)
+    measured = {}
+    if autotune and len(found) > 1:
+        path = cost_model.cache_dir() / "select.json"
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        key = _decision_key(device, weight, m)
+        if key not in cache:
+            top = [dense] + [c for c in ranked if c is not dense][:2]
+            cache[key] = {c.label: _measure(c, weight, bias, m) for c in top}
+            path.write_text(json.dumps(cache, indent=1))
+        measured = cache[key]
+        timed = [c for c in found if c.label in measured]
+        best = min(timed, key=lambda c: measured[c.label])
+        if best is not dense and measured[best.label] * MIN_GAIN > measured[dense.label]:
+            best = dense
+        return best, found, measured
+    best = ranked[0]
+    if best is not dense and best.predicted_s * MIN_GAIN > dense.predicted_s:
+        best = dense
+    return best, found, measured
+
+
+def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
+    """New constant nodes holding the packed weight, and the op's format arguments."""
+    from sparsec.runtime import formats
+
+    name = ir.display_name(weight_node)
+    if choice.kernel == "bsr_linear":
+        packed = formats.pack_bsr(weight, choice.block, row_perm=row_perm, col_perm=col_perm)
+        parts = (("bsr_values", packed.values), ("bsr_col_indices", packed.col_indices), ("bsr_row_offsets", packed.row_offsets))
+        target, extra = torch.ops.sparsec.bsr_linear.default, ()
+    else:
+        packed = formats.pack_bitmap(weight, row_perm=row_perm, col_perm=col_perm)
+        parts = (("bitmap_values", packed.values), ("bitmap_bits", packed.bitmap), ("bitmap_tile_offsets", packed.tile_offsets))
+        target, extra = torch.ops.sparsec.bitmap_linear.default, (packed.tile_rows,)
+    nodes = [ir.add_constant(gm, t, f"{name}.{suffix}", insert_before=op) for suffix, t in parts]
+    perms = [None if p is None else ir.add_constant(gm, p, f"{name}.{label}", insert_before=op)
+             for label, p in (("row_perm", packed.row_perm), ("col_perm", packed.col_perm))]
+    return target, nodes, extra, perms
+
+
+def rewrite(gm: fx.GraphModule, op: fx.Node, weight_node, bias_node, weight, choice, row_perm, col_perm) -> dict:
+    """Replace `op` (and its fusable activation / residual add) by the chosen sparse kernel."""
+    x = op.args[0]
+    target, format_nodes, extra, (row_perm_node, col_perm_node) = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm)
+    last, activation, residual = op, "none", None
+    act = _activation_user(op)
+    if act is not None:
+        last, activation = act, FUSABLE_ACTIVATIONS[act.target]
+    add, other = _residual_user(last)
+    if add is not None:
+        last, residual = add, other
+    n, k = weight.shape
+    args = (x, *format_nodes, n, k, *extra, bias_node, activation, residual, row_perm_node, col_perm_node)
+    with gm.graph.inserting_after(last):
+        new = gm.graph.call_function(target, args)
+    new.meta["val"] = last.meta.get("val")
+    last.replace_all_uses_with(new)
+    for node in dict.fromkeys((last, act, op)):  # consumers first, so each is unused when erased
+        if node is not None and not node.users:
+            gm.graph.erase_node(node)
+    return {"activation": activation, "residual": residual is not None, "node": new}
+
+
+def _tokens(op: fx.Node, k: int) -> int:
+    val = op.args[0].meta.get("val") if isinstance(op.args[0], fx.Node) else None
+    if val is None:
+        return 1
+    return max(1, math.prod(val.shape) // k)
+
+
+@register_pass("select-kernels", "Pick dense, block-sparse or bitmap per linear by cost model (and timing); fuse epilogues")
+def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
+    stats = {"sparse_kernels": 0, "kept_dense": 0}
+    device = ctx.device
+    if ctx.options.codegen == "mlir":
+        return PassResult(changed=False, stats={"skipped": "codegen=mlir"})
+    for op, weight_node, bias_node in list(ir.weight_ops(gm)):
+        name = ir.display_name(weight_node)
+        weight = ir.get_constant(gm, weight_node)
+        if op.target is not aten.linear.default or weight.dim() != 2 or not weight.is_floating_point():
+            ctx.note(name, kernel_reason="only linear layers have sparse kernels yet")
+            continue
+        if weight.numel() < MIN_WEIGHT_ELEMENTS:
+            ctx.note(name, kernel_reason="too small to pay for a sparse kernel")
+            stats["kept_dense"] += 1
+            continue
+        row_perm = op.meta.get("sparsec_row_perm")
+        col_perm = op.meta.get("sparsec_col_perm")
+        m = _tokens(op, weight.shape[1])
+        choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
+                                         weight.device if weight.device.type != "meta" else device,
+                                         ctx.options.autotune, row_perm, col_perm)
+        facts = {"tokens": m, "predicted_ms": {c.label: round(c.predicted_s * 1e3, 5) for c in found}}
+        if measured:
+            facts["measured_ms"] = {label: round(s * 1e3, 5) for label, s in measured.items()}
+        if choice.kernel == "dense":
+            stats["kept_dense"] += 1
+            ctx.note(name, choice="dense", **facts)
+            continue
+        info = weight_node.meta.get("sparsity")
+        fused = rewrite(gm, op, weight_node, bias_node, weight, choice, row_perm, col_perm)
+        fused["node"].meta["sparsec_layer"] = {
+            "name": name, "op": "linear", "shape": tuple(weight.shape), "sparsity": info,
+            "kernel": choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
+        }
+        fused["node"].meta["sparsec_kernel"] = choice.label
+        ctx.note(name, choice=choice.label, epilogue=f"act={fused['activation']} residual={fused['residual']}", **facts)
+        stats["sparse_kernels"] += 1
+    return PassResult(changed=stats["sparse_kernels"] > 0, stats=stats)
