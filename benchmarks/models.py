@@ -1,0 +1,200 @@
+"""End-to-end: sparsec vs eager and Inductor on pruned LLaMA-, BERT- and ResNet-style models (issue 14).
+
+    python benchmarks/models.py            # GPU (bf16, full sizes); prints the tables of issue 14
+    python benchmarks/models.py --cpu      # CPU (fp32, small sizes), same tables
+    python benchmarks/models.py --only a,e --shapes decode1   # a subset
+
+Every sparsec result is checked against eager on the same input before it is timed. Timings are
+medians (CUDA: triton.testing.do_bench with events; CPU: perf_counter). The "floor" column is the
+ratio dense floor / sparse floor over the linear layers (bytes over bandwidth or flops over peak,
+whichever is larger, per layer), i.e. the best speed-up the pruning allows for those layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sparsec import models  # noqa: E402
+from sparsec.pass_manager import output_close  # noqa: E402
+
+CASES = {
+    "a": "all linears, 90% blocks",
+    "b": "all linears, 50% blocks",
+    "c": "FFN only, 90% blocks",
+    "d": "all linears, 2:4",
+    "e": "dense",
+}
+BLOCK = 64
+BANDWIDTH, PEAK = 3.0e12, 7.9e14  # H100 ceilings measured here (METHOD.md); CPU uses its own below
+
+
+def block_prune_(weight: torch.Tensor, density: float, generator: torch.Generator) -> None:
+    n, k = weight.shape
+    keep = torch.rand(n // BLOCK, k // BLOCK, generator=generator) < density
+    mask = keep.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    weight.mul_(mask.to(weight.device, weight.dtype))
+
+
+def two_four_prune_(weight: torch.Tensor) -> None:
+    groups = weight.reshape(-1, 4)
+    drop = groups.abs().argsort(dim=1)[:, :2]
+    groups.scatter_(1, drop, 0)
+
+
+def prune_case(model: nn.Module, case: str, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            is_ffn = ".mlp." in f".{name}."
+            if case == "a" or (case == "c" and is_ffn):
+                block_prune_(module.weight, 0.1, g)
+            elif case == "b":
+                block_prune_(module.weight, 0.5, g)
+            elif case == "d":
+                two_four_prune_(module.weight)
+
+
+def linear_floor_ratio(model: nn.Module, tokens: int, element_size: int, bandwidth: float, peak: float) -> float:
+    dense = sparse = 0.0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            n, k = module.weight.shape
+            act_bytes = tokens * (n + k) * element_size
+            dense += max((n * k * element_size + act_bytes) / bandwidth, 2 * tokens * n * k / peak)
+            tiles = (module.weight.reshape(n // BLOCK, BLOCK, k // BLOCK, BLOCK) != 0).any(3).any(1).sum().item() \
+                if n % BLOCK == 0 and k % BLOCK == 0 else n * k / BLOCK**2
+            nz = tiles * BLOCK * BLOCK
+            sparse += max((nz * element_size + act_bytes) / bandwidth, 2 * tokens * nz / peak)
+    return dense / sparse
+
+
+def median_ms(fn, x, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(lambda: fn(x), warmup=50, rep=300, return_mode="median")
+    fn(x)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def compiled(model, backend: str, mode: str | None):
+    torch._dynamo.reset()
+    kwargs = {"mode": mode} if mode else {}
+    return torch.compile(model, backend=backend, **kwargs)
+
+
+def run_llama(args, device, dtype, sizes, out):
+    shapes = {"decode1": (1, 1), "decode16": (16, 1), "prefill": (1, sizes["prefill"])}
+    shapes = {k: v for k, v in shapes.items() if k in args.shapes}
+    modes = [None, "reduce-overhead"] if device == "cuda" else [None]
+    torch.manual_seed(0)
+    model = models.LlamaStack(sizes["hidden"], sizes["heads"], sizes["intermediate"], sizes["layers"])
+    model = model.to(device=device, dtype=dtype).eval()
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    with torch.no_grad():
+        for shape_name, (batch, seq) in shapes.items():
+            x = torch.randn(batch, seq, sizes["hidden"], device=device, dtype=dtype)
+            tokens = batch * seq
+            base = {"eager": median_ms(model, x, device)}
+            for mode in modes:
+                base[f"inductor/{mode or 'default'}"] = median_ms(compiled(model, "inductor", mode), x, device)
+            out(f"[{shape_name}] eager {base['eager']:.3f} ms, " + ", ".join(f"{k} {v:.3f} ms" for k, v in base.items() if k != "eager"))
+            for case in args.only:
+                model.load_state_dict(dense_state)
+                prune_case(model, case)
+                expected = model(x)
+                floor = linear_floor_ratio(model, tokens, x.element_size(), *args.ceilings)
+                for mode in modes:
+                    fn = compiled(model, "sparsec", mode)
+                    ok, why = output_close(fn(x), expected)
+                    ms = median_ms(fn, x, device)
+                    ref = base[f"inductor/{mode or 'default'}"]
+                    rows.append((shape_name, case, mode or "default", ms, ref, ref / ms, floor, "ok" if ok else f"WRONG {why}"))
+                    out(f"  case {case} ({CASES[case]}), {mode or 'default'}: sparsec {ms:.3f} ms vs inductor {ref:.3f} ms "
+                        f"= {ref / ms:.2f}x (floor {floor:.2f}x) {'' if ok else 'WRONG: ' + why}")
+    return rows
+
+
+def run_other(args, device, dtype, out):
+    """BERT-base-style encoder with 2:4 FFN weights, ResNet-50-style with 50% bottleneck channels dead."""
+    import torch.nn.utils.prune as prune
+
+    rows = []
+    full = device == "cuda"
+    with torch.no_grad():
+        torch.manual_seed(0)
+        bert = nn.Sequential(*[models.BertLayer(768, 12, 3072) for _ in range(12 if full else 2)]).to(device, dtype).eval()
+        for layer in bert:
+            two_four_prune_(layer.intermediate.weight)
+            two_four_prune_(layer.output.weight)
+        x = torch.randn(32 if full else 4, 128 if full else 32, 768, device=device, dtype=dtype)
+        rows.append(_compare("bert 2:4 FFN", bert, x, device, out))
+        resnet = models.randomize_batchnorm(models.ResNetStyle(64, (3, 4, 6, 3) if full else (1, 1), 1000))
+        for block in resnet.modules():
+            if isinstance(block, models.Bottleneck):
+                for conv in (block.conv1, block.conv2):
+                    prune.ln_structured(conv, "weight", amount=0.5, n=2, dim=0)
+                    prune.remove(conv, "weight")
+        resnet = resnet.to(device, dtype).eval().to(memory_format=torch.channels_last)
+        img = torch.randn(64 if full else 4, 3, 224 if full else 64, 224 if full else 64, device=device, dtype=dtype)
+        rows.append(_compare("resnet50 50% channels", resnet, img.to(memory_format=torch.channels_last), device, out))
+    return rows
+
+
+def _compare(label, model, x, device, out):
+    expected = model(x)
+    ref = median_ms(compiled(model, "inductor", None), x, device)
+    fn = compiled(model, "sparsec", None)
+    ok, why = output_close(fn(x), expected)
+    ms = median_ms(fn, x, device)
+    out(f"{label}: sparsec {ms:.3f} ms vs inductor {ref:.3f} ms = {ref / ms:.2f}x {'' if ok else 'WRONG: ' + why}")
+    return (label, ms, ref, ref / ms, "ok" if ok else f"WRONG {why}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="small sizes on the CPU in fp32")
+    parser.add_argument("--only", default="a,b,c,d,e", help="pruning cases (a-e)")
+    parser.add_argument("--shapes", default="decode1,decode16,prefill")
+    parser.add_argument("--skip-other", action="store_true", help="skip the BERT and ResNet rows")
+    args = parser.parse_args(argv)
+    args.only = args.only.split(",")
+    args.shapes = args.shapes.split(",")
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sizes = (dict(hidden=4096, heads=32, intermediate=11008, layers=4, prefill=2048) if device == "cuda"
+             else dict(hidden=512, heads=8, intermediate=1408, layers=2, prefill=128))
+    args.ceilings = (BANDWIDTH, PEAK) if device == "cuda" else (1.5e10, 1.0e11)
+    print(f"# benchmarks/models.py on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, {str(dtype).replace('torch.', '')}, {time.strftime('%Y-%m-%d')}")
+    print(f"# LLaMA-style stack: {sizes}")
+    rows = run_llama(args, device, dtype, sizes, print)
+    print("\n| shape | case | mode | sparsec ms | inductor ms | speed-up | floor | check |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for shape, case, mode, ms, ref, speed, floor, check in rows:
+        print(f"| {shape} | ({case}) {CASES[case]} | {mode} | {ms:.3f} | {ref:.3f} | {speed:.2f}x | {floor:.2f}x | {check} |")
+    if not args.skip_other:
+        other = run_other(args, device, dtype, print)
+        print("\n| model | sparsec ms | inductor ms | speed-up | check |\n| --- | --- | --- | --- | --- |")
+        for label, ms, ref, speed, check in other:
+            print(f"| {label} | {ms:.3f} | {ref:.3f} | {speed:.2f}x | {check} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""select-kernels: the cost model's choices, the rewrite with fused epilogues, the decision cache."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from sparsec.codegen import cost_model
+from sparsec.pass_manager import output_close
+from sparsec.passes import select_kernels
+from sparsec.runtime import ops, reference
+
+
+@pytest.fixture
+def cpu_kernels():
+    """Use the exact reference implementations as the CPU kernels, so rewrites can be checked here."""
+    ops.register_kernel("bsr_linear", "cpu", reference.bsr_linear_ref)
+    ops.register_kernel("bitmap_linear", "cpu", reference.bitmap_linear_ref)
+    yield
+    ops.unregister_kernel("bsr_linear", "cpu", reference.bsr_linear_ref)
+    ops.unregister_kernel("bitmap_linear", "cpu", reference.bitmap_linear_ref)
+
+
+@pytest.fixture
+def every_kernel_exists(monkeypatch):
+    monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: True)
+
+
+def block_sparse(n, k, density, block=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(n // block, k // block, generator=g) < density
+    mask = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return torch.randn(n, k, generator=g) * mask
+
+
+def unstructured(n, k, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < density)
+
+
+def choice(weight, m, device="cuda"):
+    best, _found, _measured = select_kernels.choose(weight.to(torch.bfloat16), None, m, torch.device("cpu"), autotune=False)
+    return best.kernel
+
+
+def test_cost_model_choices_on_nominal_h100(every_kernel_exists, monkeypatch):
+    monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
+    monkeypatch.setitem(cost_model.KERNEL_MODELS, ("dense", "cpu"), cost_model.KERNEL_MODELS[("dense", "cuda")])
+    monkeypatch.setitem(cost_model.KERNEL_MODELS, ("bsr_linear", "cpu"), cost_model.KERNEL_MODELS[("bsr_linear", "cuda")])
+    monkeypatch.setitem(cost_model.KERNEL_MODELS, ("bitmap_linear", "cpu"), cost_model.KERNEL_MODELS[("bitmap_linear", "cuda")])
+    # Nearly dense: no sparse format can win.
+    assert choice(unstructured(1024, 1024, 0.95), m=1) == "dense"
+    # 90% of 64x64 blocks empty: block-sparse, at decode and at prefill sizes.
+    assert choice(block_sparse(1024, 1024, 0.1), m=1) == "bsr_linear"
+    assert choice(block_sparse(1024, 1024, 0.1), m=4096) == "bsr_linear"
+    # 90% unstructured: bitmap where memory-bound (decode), dense where compute-bound (every tile is occupied).
+    assert choice(unstructured(1024, 1024, 0.1), m=1) == "bitmap_linear"
+    assert choice(unstructured(1024, 1024, 0.1), m=4096) == "dense"
+
+
+def test_no_sparse_kernel_without_a_real_kernel_for_the_device(monkeypatch):
+    monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: False)
+    assert choice(block_sparse(1024, 1024, 0.05), m=1) == "dense"
+
+
+class FFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(256, 512)
+        self.down = nn.Linear(512, 256)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def pruned_ffn():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    with torch.no_grad():
+        model.up.weight.copy_(block_sparse(512, 256, 0.2, seed=1))
+        model.down.weight.copy_(block_sparse(256, 512, 0.2, seed=2))
+    return model
+
+
+def test_rewrite_fuses_activation_and_residual_and_stays_exact(cpu_kernels, every_kernel_exists):
+    model = pruned_ffn()
+    x = torch.randn(2, 3, 256)
+    report = sparsec.explain(model, x, passes="analyze,select-kernels", verify_each=True)
+    rows = {r["name"]: r for r in report.layers}
+    assert rows["up.weight"]["kernel"].startswith("bsr_linear") and rows["up.weight"]["epilogue"] == "act=relu residual=False"
+    assert rows["down.weight"]["epilogue"] == "act=none residual=True"
+    compiled = sparsec.compile(model, x, passes="analyze,select-kernels", inductor=False)
+    for shape in [(1, 1, 256), (7, 256), (4, 75, 256)]:  # decode, 2-D and ragged M
+        fresh = torch.randn(shape)
+        with torch.no_grad():
+            assert output_close(compiled(fresh), model(fresh))[0]
+
+
+@pytest.mark.filterwarnings("error:sparsec could not compile")
+def test_torch_compile_backend_with_sparse_kernels_under_inductor(cpu_kernels, every_kernel_exists):
+    model = pruned_ffn()
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="sparsec", options={"passes": "analyze,select-kernels"})
+    for m in (1, 7, 64, 300):
+        x = torch.randn(m, 256)
+        with torch.no_grad():
+            assert output_close(fn(x), model(x))[0]
+
+
+def test_autotune_decision_is_cached_on_disk(cpu_kernels, every_kernel_exists, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    model = pruned_ffn()
+    x = torch.randn(4, 256)
+    sparsec.explain(model, x, passes="analyze,select-kernels", autotune=True)
+    cache = json.loads((tmp_path / "select.json").read_text())
+    assert len(cache) == 2 and all("dense" in timings for timings in cache.values())
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("the cached decision should have been used")
+
+    monkeypatch.setattr(select_kernels, "_measure", must_not_measure)
+    report = sparsec.explain(model, x, passes="analyze,select-kernels", autotune=True)
+    assert all("measured_ms" in row for row in report.layers)
