@@ -59,7 +59,9 @@ class PassInfo:
 _REGISTRY: dict[str, PassInfo] = {}
 
 # The full pipeline in order. Passes not (yet) registered are skipped by `default_pipeline()`.
-FULL_PIPELINE = ("mask-fold", "analyze", "channel-slice", "co-permute", "block-reorder", "select-kernels")
+FULL_PIPELINE = (
+    "mask-fold", "analyze", "channel-slice", "co-permute", "block-reorder", "fuse-linears", "select-kernels",
+)
 
 
 def register_pass(name: str, summary: str):

@@ -51,8 +51,12 @@ class LayerTracker:
 
     def rows(self, notes: dict) -> list[dict]:
         rows = []
+        fused_targets = {facts.get("fused_into") for facts in notes.values()}
         for name, before in self.before.items():
-            after = self.after.get(name, before)
+            if name in fused_targets:
+                continue  # shown on the rows of the layers stacked into it
+            fused_into = notes.get(name, {}).get("fused_into")
+            after = self.after.get(name) or self.after.get(fused_into) or before
             info_before, info_after = before["sparsity"], after["sparsity"]
             row = {
                 "name": name,

@@ -1,0 +1,82 @@
+"""fuse-linears: linears that read the same input run as one over their stacked weights.
+
+    q = linear(x, Wq); k = linear(x, Wk); v = linear(x, Wv)
+becomes
+    qkv = linear(x, cat([Wq, Wk, Wv])); q, k, v = split(qkv, [nq, nk, nv], -1)
+
+Exact: each output column is the same dot product as before. It saves launches and input reads
+(attention's q/k/v, SwiGLU's gate/up), and a stacked block-sparse weight is just more block rows.
+It runs after the passes that slice or permute single layers, right before select-kernels.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from sparsec import ir
+from sparsec.pass_manager import PassResult, register_pass
+
+aten = torch.ops.aten
+
+
+def fused_name(names: list[str]) -> str:
+    """`a.q_proj.weight`, `a.k_proj.weight` -> `a.{q_proj,k_proj}.weight`."""
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    suffix = suffix[suffix.find("."):] if "." in suffix else ""
+    middles = [n[len(prefix): len(n) - len(suffix)] for n in names]
+    return f"{prefix}{{{','.join(middles)}}}{suffix}"
+
+
+def sibling_groups(gm: fx.GraphModule) -> list[list[tuple]]:
+    """Linears with constant weights grouped by (input node, K, dtype, has bias); groups of two or more."""
+    groups = defaultdict(list)
+    for op, weight, bias in ir.weight_ops(gm):
+        if op.target is not aten.linear.default or not isinstance(op.args[0], fx.Node):
+            continue
+        w = ir.get_constant(gm, weight)
+        b = ir.get_constant(gm, bias) if bias is not None else None
+        if w.dim() != 2 or (len(op.args) > 2 and op.args[2] is not None and bias is None):
+            continue  # a bias that is not a constant cannot be stacked
+        groups[(op.args[0], w.shape[1], w.dtype, w.device, b is not None)].append((op, weight, bias, w, b))
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def fuse_group(gm: fx.GraphModule, members: list[tuple]) -> str:
+    ops = [m[0] for m in members]
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    first = min(ops, key=order.__getitem__)
+    names = [ir.display_name(m[1]) for m in members]
+    name = fused_name(names)
+    weight = ir.add_constant(gm, torch.cat([m[3] for m in members]), name, insert_before=first)
+    bias = None
+    if members[0][4] is not None:
+        bias_names = [ir.display_name(m[2]) for m in members]
+        bias = ir.add_constant(gm, torch.cat([m[4] for m in members]), fused_name(bias_names), insert_before=first)
+    sizes = [m[3].shape[0] for m in members]
+    with gm.graph.inserting_before(first):
+        fused = gm.graph.call_function(aten.linear.default, (first.args[0], weight, bias))
+        parts = gm.graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        for i, op in enumerate(ops):
+            piece = gm.graph.call_function(operator.getitem, (parts, i))
+            op.replace_all_uses_with(piece)
+    for op in ops:
+        gm.graph.erase_node(op)
+    return name
+
+
+@register_pass("fuse-linears", "Stack linears that read the same input (q/k/v, gate/up) into one linear")
+def fuse_linears(gm: fx.GraphModule, ctx) -> PassResult:
+    fused = 0
+    for members in sibling_groups(gm):
+        name = fuse_group(gm, members)
+        for member in members:
+            ctx.note(ir.display_name(member[1]), fused_into=name)
+        fused += len(members)
+    return PassResult(changed=fused > 0, stats={"linears_fused": fused})
