@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sparsec import models  # noqa: E402
-from sparsec.pass_manager import output_close  # noqa: E402
+from sparsec import models
+from sparsec.pass_manager import output_close
 
 CASES = {
     "a": "all linears, 90% blocks",

@@ -28,6 +28,9 @@ from . import reference
 from .formats import BitmapWeight, BSRWeight
 
 _KERNELS: Dict[Tuple[str, str], List[Callable]] = {}
+# Kernels whose launches torch.compile can trace (Triton through wrap_triton): Inductor inlines
+# them into its generated code. Others (C++, user kernels) run inside an opaque host op.
+_TRACEABLE: set = set()
 _LAZY_TRIED = set()
 
 ACTIVATIONS = reference.ACTIVATIONS
@@ -37,9 +40,11 @@ def _norm(op_name: str) -> str:
     return op_name.split("::", 1)[-1]
 
 
-def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool = False) -> None:
+def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool = False,
+                    traceable: bool = False) -> None:
     """Register `fn` for (op, device). Later registrations are tried first, unless
-    `last=True` (used by the built-in Triton kernels so user kernels take precedence)."""
+    `last=True` (used by the built-in Triton kernels so user kernels take precedence).
+    `traceable=True` only for functions made of PyTorch ops and `wrap_triton` launches."""
     lst = _KERNELS.setdefault((_norm(op_name), device_type), [])
     if fn in lst:
         lst.remove(fn)
@@ -47,6 +52,8 @@ def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool 
         lst.append(fn)
     else:
         lst.insert(0, fn)
+    if traceable:
+        _TRACEABLE.add(fn)
 
 
 def unregister_kernel(op_name: str, device_type: str, fn: Optional[Callable] = None) -> None:
@@ -68,9 +75,21 @@ def get_kernels(op_name: str, device_type: str) -> List[Callable]:
     return list(_KERNELS.get((_norm(op_name), device_type), []))
 
 
-def _dispatch(op_name, ref_fn, args):
-    x = args[0]
-    for fn in get_kernels(op_name, x.device.type):
+def _run_traceable(op_name, args):
+    """The first traceable kernel that takes these arguments, as long as none opaque comes first."""
+    for fn in get_kernels(op_name, args[0].device.type):
+        if fn not in _TRACEABLE:
+            return NotImplemented
+        out = fn(*args)
+        if out is not NotImplemented:
+            return out
+    return NotImplemented
+
+
+def _run_host(op_name, ref_fn, args):
+    for fn in get_kernels(op_name, args[0].device.type):
+        if fn in _TRACEABLE:
+            continue
         out = fn(*args)
         if out is not NotImplemented:
             return out
@@ -82,43 +101,72 @@ def _check_act(activation):
         raise ValueError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
 
 
+def _fake_linear(x, out_features, in_features):
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 # ------------------------------------------------------------------ bsr_linear
-@torch.library.custom_op("sparsec::bsr_linear", mutates_args=())
+# The public op is a triton_op: torch.compile traces into it and Inductor launches the Triton
+# kernel from its own generated code (no Python dispatch per call). Everything that is not a
+# traceable kernel runs in the opaque `_host` op, with a fake implementation.
+@torch.library.custom_op("sparsec::bsr_linear_host", mutates_args=())
+def bsr_linear_host(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
+                    row_offsets: torch.Tensor, out_features: int, in_features: int,
+                    bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
+                    row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run_host("bsr_linear", reference.bsr_linear_ref,
+                     (x, values, col_indices, row_offsets, out_features, in_features, bias,
+                      activation, residual, row_perm, col_perm))
+
+
+@bsr_linear_host.register_fake
+def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
+      residual, row_perm, col_perm):
+    return _fake_linear(x, out_features, in_features)
+
+
+@torch.library.triton_op("sparsec::bsr_linear", mutates_args=())
 def bsr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
                   row_offsets: torch.Tensor, out_features: int, in_features: int,
                   bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
                   row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor]) -> torch.Tensor:
     _check_act(activation)
-    return _dispatch("bsr_linear", reference.bsr_linear_ref,
-                     (x, values, col_indices, row_offsets, out_features, in_features, bias,
-                      activation, residual, row_perm, col_perm))
-
-
-@bsr_linear_op.register_fake
-def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
-      residual, row_perm, col_perm):
-    torch._check(x.shape[-1] == in_features)
-    return x.new_empty((*x.shape[:-1], out_features))
+    args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
+            residual, row_perm, col_perm)
+    out = _run_traceable("bsr_linear", args)
+    return out if out is not NotImplemented else bsr_linear_host(*args)
 
 
 # ------------------------------------------------------------------ bitmap_linear
-@torch.library.custom_op("sparsec::bitmap_linear", mutates_args=())
+@torch.library.custom_op("sparsec::bitmap_linear_host", mutates_args=())
+def bitmap_linear_host(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,
+                       tile_offsets: torch.Tensor, out_features: int, in_features: int,
+                       tile_rows: int, bias: Optional[torch.Tensor], activation: str,
+                       residual: Optional[torch.Tensor], row_perm: Optional[torch.Tensor],
+                       col_perm: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run_host("bitmap_linear", reference.bitmap_linear_ref,
+                     (x, values, bitmap, tile_offsets, out_features, in_features, tile_rows,
+                      bias, activation, residual, row_perm, col_perm))
+
+
+@bitmap_linear_host.register_fake
+def _(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows, bias, activation,
+      residual, row_perm, col_perm):
+    return _fake_linear(x, out_features, in_features)
+
+
+@torch.library.triton_op("sparsec::bitmap_linear", mutates_args=())
 def bitmap_linear_op(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,
                      tile_offsets: torch.Tensor, out_features: int, in_features: int,
                      tile_rows: int, bias: Optional[torch.Tensor], activation: str,
                      residual: Optional[torch.Tensor], row_perm: Optional[torch.Tensor],
                      col_perm: Optional[torch.Tensor]) -> torch.Tensor:
     _check_act(activation)
-    return _dispatch("bitmap_linear", reference.bitmap_linear_ref,
-                     (x, values, bitmap, tile_offsets, out_features, in_features, tile_rows,
-                      bias, activation, residual, row_perm, col_perm))
-
-
-@bitmap_linear_op.register_fake
-def _(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows, bias, activation,
-      residual, row_perm, col_perm):
-    torch._check(x.shape[-1] == in_features)
-    return x.new_empty((*x.shape[:-1], out_features))
+    args = (x, values, bitmap, tile_offsets, out_features, in_features, tile_rows, bias,
+            activation, residual, row_perm, col_perm)
+    out = _run_traceable("bitmap_linear", args)
+    return out if out is not NotImplemented else bitmap_linear_host(*args)
 
 
 # ------------------------------------------------------------------ helpers

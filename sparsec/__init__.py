@@ -6,6 +6,7 @@
 """
 
 from .api import compile, explain
+from .export import export, load, PackageError
 from .options import Options, parse_options
 from .report import Report
 from . import ir
@@ -13,4 +14,4 @@ from .logging_config import configure_from_env as _configure_logging; _configure
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "explain", "Options", "parse_options", "Report", "ir", "__version__"]
+__all__ = ["compile", "explain", "export", "load", "PackageError", "Options", "parse_options", "Report", "ir", "__version__"]

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import fused_epilogue
-from .mma import interpreting, mma
+from .mma import interpreting, mma, traceable
 
 TILE_COLS = 64   # fixed by the format: two 32-bit bitmap words per tile row
 DOT_MIN_M = 9
@@ -116,7 +116,7 @@ def launch(x2d, values, bitmap, tile_offsets, N, K, tile_rows, bias, act_code, r
     ntc = kw // 2
     dummy = out
     grid = (triton.cdiv(n_pad, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
-    bitmap_kernel[grid](
+    traceable(bitmap_kernel)[grid](
         x2d, values, bitmap, tile_offsets,
         dummy if bias is None else bias, dummy if res2d is None else res2d,
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,

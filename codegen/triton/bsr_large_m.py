@@ -10,7 +10,7 @@ import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import fused_epilogue
-from .mma import interpreting, mma
+from .mma import interpreting, mma, traceable
 
 # (BLOCK_M, num_warps, num_stages): a small hand-picked set; the autotuner keys on
 # the shape class, so it runs once per (M bucket, N, K, block).
@@ -73,9 +73,11 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
               HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
               IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4, UPCAST=interpreting())
+    if config is None and interpreting():  # no autotuning without a GPU
+        config = dict(BLOCK_M=64, num_warps=4, num_stages=2)
     if config is not None:  # explicit config (tests / benchmarks)
         grid = (triton.cdiv(M, config["BLOCK_M"]), nbr)
-        bsr_large_m_kernel[grid](*args, **kw, BLOCK_M=config["BLOCK_M"],
+        traceable(bsr_large_m_kernel)[grid](*args, **kw, BLOCK_M=config["BLOCK_M"],
                                  num_warps=config.get("num_warps", 4),
                                  num_stages=config.get("num_stages", 3))
         return out
@@ -83,7 +85,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW"])(
             bsr_large_m_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
-    _autotuned[grid](*args, **kw)
+    traceable(_autotuned)[grid](*args, **kw)
     return out
 
 

@@ -15,6 +15,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "False")
 
 
+def traceable(kernel):
+    """`kernel` wrapped so torch.compile/Inductor can see its launch (inside a triton_op), as is
+    under the interpreter (TRITON_INTERPRET runs kernels on the CPU, outside any tracing)."""
+    if interpreting():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
 @triton.jit
 def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:

@@ -7,9 +7,12 @@ import torch
 
 from sparsec.runtime import ops as _ops
 
-from . import bitmap, bsr_large_m, bsr_small_m
+from sparsec.runtime import reference
+
+from . import bitmap, bitmap_decode, bsr_large_m, bsr_small_m
 from .epilogue import ACT_CODES
 
+BITMAP_DECODE_MIN_M = 64   # above this many tokens: decode to dense + cuBLAS
 _OK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -65,12 +68,23 @@ def bitmap_linear_triton(x, values, bm, tile_offsets, out_features, in_features,
     if p is None:
         return NotImplemented
     x2d, out, res2d, bias, row_perm, col_perm = p
-    if x2d.shape[0] > 0:
+    M = x2d.shape[0]
+    if M > BITMAP_DECODE_MIN_M:
+        # many tokens: decode once to dense, then cuBLAS (see bitmap_decode.py for why)
+        wp = bitmap_decode.decode(values, bm, tile_offsets, tile_rows)[:out_features, :in_features]
+        xk = x2d if col_perm is None else x2d.index_select(1, col_perm)
+        yp = torch.matmul(xk, wp.t())
+        if yp.dtype != torch.float32 and (bias is not None or activation != "none"
+                                         or res2d is not None or row_perm is not None):
+            yp = yp.float()
+        y = reference.apply_epilogue(yp, bias, activation, res2d, row_perm, x.dtype)
+        return y.reshape(*x.shape[:-1], out_features)
+    if M > 0:
         bitmap.launch(x2d, values, bm, tile_offsets, out_features, in_features, tile_rows, bias,
                       ACT_CODES[activation], res2d, row_perm, col_perm, out)
     return out.reshape(*x.shape[:-1], out_features)
 
 
 def register_all(device_type: str = "cuda"):
-    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True)
-    _ops.register_kernel("bitmap_linear", device_type, bitmap_linear_triton, last=True)
+    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True)
+    _ops.register_kernel("bitmap_linear", device_type, bitmap_linear_triton, last=True, traceable=True)

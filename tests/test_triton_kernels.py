@@ -1,0 +1,210 @@
+"""Triton kernels vs a float64 reference.
+
+CPU (default): TRITON_INTERPRET=1, set here before triton is imported, small shapes.
+GPU: SPARSEC_TEST_GPU=1 runs the same tests compiled on CUDA (used through the device tool).
+Kernel launchers are called directly with NaN-poisoned output buffers, which proves that
+every output element is written.
+"""
+import os
+
+ON_GPU = os.environ.get("SPARSEC_TEST_GPU", "0") == "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m  # noqa: E402
+from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
+from sparsec.runtime import ops  # noqa: E402
+from sparsec.runtime.formats import pack_bitmap, pack_bsr  # noqa: E402
+
+DEV = "cuda" if ON_GPU else "cpu"
+# relative-to-max tolerances: bf16/fp16 outputs are rounded once at the end
+TOL = {torch.float32: 1e-4 if ON_GPU else 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def sparse_weight(n, k, block, density, gen, empty_rows=(), one_per_row=False):
+    bh, bw = block
+    nb, kb = -(-n // bh), -(-k // bw)
+    keep = torch.rand(nb, kb, generator=gen) < density
+    if one_per_row:
+        keep[:] = False
+        keep[torch.arange(nb), torch.randint(0, kb, (nb,), generator=gen)] = True
+    for r in empty_rows:
+        keep[r % nb] = False
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:n, :k]
+    w = torch.randn(n, k, generator=gen)
+    return w * mask
+
+
+def ref64(x, w, bias, act, residual, row_perm=None):
+    y = x.double() @ w.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    y = {"none": lambda t: t, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu}[act](y)
+    if residual is not None:
+        y = y + residual.double()
+    return y
+
+
+def check(out, ref, dtype):
+    out = out.double().cpu()
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
+    scale = ref.abs().max().clamp_min(1.0)
+    err = ((out - ref).abs().max() / scale).item()
+    assert err < TOL[dtype], err
+
+
+def epilogue_args(gen, M, N, dtype, bias, act, res):
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    r = torch.randn(M, N, generator=gen).to(dtype) if res else None
+    return b, r
+
+
+def run_bsr(kernel, x, w, packed, bias, act, res, dtype, config=None):
+    N, K = w.shape
+    M = x.shape[0]
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+    d = lambda t: None if t is None else t.to(DEV)
+    kernel.launch(d(x), d(packed.values), d(packed.col_indices), d(packed.row_offsets), N, K,
+                  d(bias), ACT_CODES[act], d(res), d(packed.row_perm), d(packed.col_perm), out,
+                  config=config)
+    return out
+
+
+CASES = [
+    # (N, K, block, density, extra)
+    (64, 64, (16, 16), 0.5, {}),
+    (70, 100, (32, 32), 0.4, {"empty_rows": (1,)}),
+    (96, 130, (64, 64), 0.5, {}),
+    (40, 96, (16, 64), 0.0, {}),                 # no blocks at all
+    (50, 70, (32, 16), 1.0, {"one_per_row": True}),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("M", [1, 3, 17, 64 + 5])
+def test_bsr_kernels_shapes(case, M):
+    N, K, block, density, extra = case
+    gen = torch.Generator().manual_seed(hash((N, K, M)) % 1000)
+    w = sparse_weight(N, K, block, density, gen, **extra)
+    p = pack_bsr(w, block)
+    x = torch.randn(M, K, generator=gen)
+    ref = ref64(x, w, None, "none", None)
+    if M <= bsr_small_m.MAX_SMALL_M:
+        check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32), ref, torch.float32)
+        if M < bsr_small_m.DOT_MIN_M:  # thick slabs too (the default thins them for small N)
+            check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32,
+                          config=dict(ROWS=16)), ref, torch.float32)
+    check(run_bsr(bsr_large_m, x, w, p, None, "none", None, torch.float32,
+                  config=dict(BLOCK_M=16 if M < 20 else 64, num_warps=4, num_stages=2)),
+          ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("kern,M", [(bsr_small_m, 3), (bsr_small_m, 17), (bsr_large_m, 69)])
+def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
+    gen = torch.Generator().manual_seed(11)
+    N, K, block = 70, 100, (32, 32)
+    w = sparse_weight(N, K, block, 0.5, gen).to(dtype)
+    rp, cp = torch.randperm(N, generator=gen), torch.randperm(K, generator=gen)
+    p = pack_bsr(w, block, row_perm=rp, col_perm=cp)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    b, r = epilogue_args(gen, M, N, dtype, True, act, True)
+    ref = ref64(x, w, b, act, r)
+    cfg = dict(BLOCK_M=32, num_warps=4, num_stages=2) if kern is bsr_large_m else None
+    check(run_bsr(kern, x, w, p, b, act, r, dtype, config=cfg), ref, dtype)
+
+
+def run_bitmap(x, w, packed, bias, act, res, dtype, config=None):
+    N, K = w.shape
+    M = x.shape[0]
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+    d = lambda t: None if t is None else t.to(DEV)
+    bitmap.launch(d(x), d(packed.values), d(packed.bitmap), d(packed.tile_offsets), N, K,
+                  packed.tile_rows, d(bias), ACT_CODES[act], d(res), d(packed.row_perm),
+                  d(packed.col_perm), out, config=config)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (70, 100), (33, 200)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("M", [1, 3, 17, 64 + 5])
+def test_bitmap_kernel_shapes(shape, density, M):
+    N, K = shape
+    gen = torch.Generator().manual_seed(N + K + M)
+    w = torch.randn(N, K, generator=gen)
+    w = w * (torch.rand(N, K, generator=gen) < density)
+    w[N // 2] = 0  # an empty row
+    w[0, :] = torch.where(w[0] == 0, 1.0, w[0]) if density > 0 else w[0]  # a full row (all bits)
+    p = pack_bitmap(w, tile_rows=16)
+    x = torch.randn(M, K, generator=gen)
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, USE_DOT=True, num_warps=4, num_stages=2) if M > 64 else None
+    check(run_bitmap(x, w, p, None, "none", None, torch.float32, cfg),
+          ref64(x, w, None, "none", None), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("M,tile_rows", [(1, 16), (17, 16), (5, 32), (69, 16)])
+def test_bitmap_epilogue_dtypes_perm(dtype, act, M, tile_rows):
+    gen = torch.Generator().manual_seed(12)
+    N, K = 70, 100
+    w = torch.randn(N, K, generator=gen)
+    w = (w * (torch.rand(N, K, generator=gen) < 0.3)).to(dtype)
+    rp, cp = torch.randperm(N, generator=gen), torch.randperm(K, generator=gen)
+    p = pack_bitmap(w, tile_rows=tile_rows, row_perm=rp, col_perm=cp)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    b, r = epilogue_args(gen, M, N, dtype, True, act, True)
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, USE_DOT=True, num_warps=4, num_stages=2) if M > 64 else None
+    check(run_bitmap(x, w, p, b, act, r, dtype, cfg), ref64(x, w, b, act, r), dtype)
+
+
+@pytest.mark.parametrize("fmt", ["bsr", "bitmap"])
+@pytest.mark.parametrize("M", [1, 3, 20, 70])  # 2*70 rows: bitmap decode path
+def test_op_3d_through_registry(fmt, M):
+    """The op on 3-D input [B, S, K] routed to the Triton kernels via the registry."""
+    from sparsec.codegen.triton import register as R
+    gen = torch.Generator().manual_seed(13)
+    N, K = 48, 80
+    w = sparse_weight(N, K, (16, 16), 0.5, gen)
+    x = torch.randn(2, M, K, generator=gen)
+    b = torch.randn(N, generator=gen)
+    r = torch.randn(2, M, N, generator=gen)
+    if fmt == "bsr":
+        p = pack_bsr(w, (16, 16))
+        args = (x, p.values, p.col_indices, p.row_offsets, N, K, b, "silu", r, None, None)
+        fn, op = R.bsr_linear_triton, torch.ops.sparsec.bsr_linear
+    else:
+        p = pack_bitmap(w)
+        args = (x, p.values, p.bitmap, p.tile_offsets, N, K, p.tile_rows, b, "silu", r, None, None)
+        fn, op = R.bitmap_linear_triton, torch.ops.sparsec.bitmap_linear
+    args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
+    ref = ref64(x.reshape(-1, K), w, b, "silu", r.reshape(-1, N)).reshape(2, M, N)
+    ops.register_kernel(fmt + "_linear", DEV, fn)
+    try:
+        y = op(*args)
+    finally:
+        ops.unregister_kernel(fmt + "_linear", DEV, fn)
+    assert y.shape == (2, M, N)
+    check(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("shape,tile_rows", [((70, 100), 16), ((33, 200), 32), ((64, 64), 1)])
+def test_bitmap_decode_kernel(shape, tile_rows):
+    from sparsec.codegen.triton import bitmap_decode
+    from sparsec.runtime.formats import bitmap_to_dense_padded
+    gen = torch.Generator().manual_seed(14)
+    w = torch.randn(*shape, generator=gen)
+    w = w * (torch.rand(*shape, generator=gen) < 0.3)
+    p = pack_bitmap(w, tile_rows=tile_rows)
+    n_pad, kw = p.bitmap.shape
+    out = torch.full((n_pad, kw * 32), float("nan"), device=DEV)
+    d = lambda t: t.to(DEV)
+    bitmap_decode.decode(d(p.values), d(p.bitmap), d(p.tile_offsets), tile_rows, out=out)
+    assert torch.equal(out.cpu(), bitmap_to_dense_padded(p.values, p.bitmap, tile_rows))
