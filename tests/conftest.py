@@ -21,3 +21,11 @@ def seeded():
     random.seed(seed)
     return seed
 
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo cache before and after the test (torch.compile tests must not share graphs)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
