@@ -43,17 +43,23 @@ NOMINAL_CEILINGS = {
 
 @dataclass(frozen=True)
 class KernelModel:
-    """How close a kernel gets to the ceilings (fractions of bandwidth and of the dense peak)."""
+    """How close a kernel gets to the ceilings (fractions of bandwidth and of the dense peak),
+    and the fixed latency it adds on top of the launch (dependent index loads, tails)."""
 
     bw_efficiency: float
     flop_efficiency: float
+    latency_s: float = 0.0
 
 
-# Keyed by (kernel, device type). Sparse kernels reach less of the peak than cuBLAS/oneDNN do.
+# Keyed by (kernel, device type). CUDA figures fitted to benchmarks/kernels.py on the H100
+# (benchmarks/RESULTS.md, "kernels"): cuBLAS streams 11008x4096 bf16 at ~2.9 TB/s and multiplies
+# at ~780 TFLOP/s; the BSR kernels stream at ~0.75 of the bandwidth after ~1.3 us more latency
+# (fit to 9.2 us at 90% and 24.8 us at 50% blocks, M=1) and reach ~0.34 of the peak at M=4096;
+# the bitmap kernel decodes at ~0.05 of the bandwidth, so it is never chosen on CUDA.
 KERNEL_MODELS = {
-    ("dense", "cuda"): KernelModel(0.85, 0.75),
-    ("bsr_linear", "cuda"): KernelModel(0.70, 0.45),
-    ("bitmap_linear", "cuda"): KernelModel(0.55, 0.30),
+    ("dense", "cuda"): KernelModel(0.95, 0.95),
+    ("bsr_linear", "cuda"): KernelModel(0.75, 0.34, latency_s=1.3e-6),
+    ("bitmap_linear", "cuda"): KernelModel(0.05, 0.30, latency_s=1e-6),
     ("dense", "cpu"): KernelModel(0.80, 0.80),
     ("bsr_linear", "cpu"): KernelModel(0.60, 0.45),
     ("bitmap_linear", "cpu"): KernelModel(0.40, 0.20),
@@ -68,6 +74,7 @@ class Candidate:
     bytes: float
     flops: float
     predicted_s: float = 0.0
+    efficiency: float = 1.0  # multiplies the kernel's KernelModel efficiencies (block shape)
 
     @property
     def label(self) -> str:
@@ -81,9 +88,9 @@ class Candidate:
 
 def predict(candidate: Candidate, ceilings: Ceilings, device_type: str) -> float:
     model = KERNEL_MODELS[(candidate.kernel, device_type)]
-    memory_s = candidate.bytes / (ceilings.bandwidth * model.bw_efficiency)
-    compute_s = candidate.flops / (ceilings.peak_flops * model.flop_efficiency)
-    candidate.predicted_s = ceilings.launch_s + max(memory_s, compute_s)
+    memory_s = candidate.bytes / (ceilings.bandwidth * model.bw_efficiency * candidate.efficiency)
+    compute_s = candidate.flops / (ceilings.peak_flops * model.flop_efficiency * candidate.efficiency)
+    candidate.predicted_s = ceilings.launch_s + model.latency_s + max(memory_s, compute_s)
     return candidate.predicted_s
 
 
@@ -91,11 +98,22 @@ def dense_candidate(m: int, n: int, k: int, element_size: int) -> Candidate:
     return Candidate("dense", None, bytes=(n * k + m * k + m * n) * element_size, flops=2.0 * m * n * k)
 
 
+# The block the kernels were tuned for; smaller blocks mean shorter contiguous loads and smaller
+# Tensor Core tiles, so a kernel gets less of the ceilings out of them.
+REFERENCE_BLOCK = 64
+
+
+def block_efficiency(block: tuple[int, int]) -> float:
+    """1.0 for 64x64 blocks, less for smaller ones (0.5 for 16x16): breaks ties towards big blocks."""
+    bh, bw = block
+    return (min(bh, REFERENCE_BLOCK) * min(bw, REFERENCE_BLOCK) / REFERENCE_BLOCK**2) ** 0.25
+
+
 def bsr_candidate(m: int, n: int, k: int, element_size: int, block: tuple[int, int], nonzero_blocks: int) -> Candidate:
     bh, bw = block
     weight_bytes = nonzero_blocks * bh * bw * element_size + nonzero_blocks * 4 + (n // bh + 1) * 4
     return Candidate("bsr_linear", block, bytes=weight_bytes + (m * k + m * n) * element_size,
-                     flops=2.0 * m * nonzero_blocks * bh * bw)
+                     flops=2.0 * m * nonzero_blocks * bh * bw, efficiency=block_efficiency(block))
 
 
 def bitmap_candidate(m: int, n: int, k: int, element_size: int, nnz: int, occupied_tile_elements: int) -> Candidate:

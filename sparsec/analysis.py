@@ -16,7 +16,9 @@ Pattern classification, first match wins:
   columns are (nearly, >= DENSE_THRESHOLD) dense: what `ln_structured` and channel pruning leave.
 - `dense`: density >= DENSE_THRESHOLD (a few scattered zeros are not worth exploiting).
 - `n:m`: at most n non-zeros in every m consecutive elements of a row (aligned groups along the
-  reduction dimension), the tightest of NM_PATTERNS that holds (1:8 before 1:4 before 2:4...).
+  reduction dimension), the tightest of NM_PATTERNS that holds (1:8 before 1:4 before 2:4...) among
+  those the density of the non-zero rows fills to at least NM_MIN_FILL (>= 0.9 * n/m: what N:M
+  pruning leaves, not a very sparse tensor that happens to fit).
 - `block<t>` / `block<bh>x<bw>`: the zeros come in whole aligned bh x bw blocks and the non-zero
   blocks are (nearly, >= BLOCK_FILL) full; the largest such block shape of BLOCK_SHAPES is named.
   Square tile sizes of TILE_SIZES are spelled `block16`, `block32`, `block64`.
@@ -34,6 +36,9 @@ TILE_SIZES = (16, 32, 64)
 # N:M patterns checked along the reduction dimension, tightest first (lower n/m first; at the
 # same ratio the smaller m, since 1:4 implies 2:8 and 2:4 implies 4:8).
 NM_PATTERNS = ((1, 8), (1, 4), (2, 8), (2, 4), (4, 8))
+# An N:M pattern is reported only when the tensor is (nearly) as dense as N:M allows: a very sparse
+# unstructured tensor satisfies 4:8 by chance, but nothing pruned it to 4:8.
+NM_MIN_FILL = 0.9
 # Density above which a tensor is called dense whatever its zeros look like.
 DENSE_THRESHOLD = 0.95
 # Block shapes checked for block sparsity, largest area first (squares before vectors of the same
@@ -258,8 +263,9 @@ def _classify(counts: _Counts, nnz, numel, rows, cols, zero_rows, zero_cols):
         return "channels", None, None
     if density >= DENSE_THRESHOLD:
         return "dense", None, None
-    if density <= 0.5 + 1e-9:
-        n_m = _detect_n_m_counts(counts, cols)
+    live_rows_density = nnz / ((rows - zero_rows) * cols)  # channel pruning may come on top of N:M
+    if live_rows_density <= 0.5 + 1e-9:
+        n_m = _detect_n_m_counts(counts, cols, live_rows_density)
         if n_m is not None:
             return f"{n_m[0]}:{n_m[1]}", n_m, None
     for bh, bw in BLOCK_SHAPES:
@@ -272,10 +278,10 @@ def _classify(counts: _Counts, nnz, numel, rows, cols, zero_rows, zero_cols):
     return "unstructured", None, None
 
 
-def _detect_n_m_counts(counts: _Counts, cols: int) -> tuple[int, int] | None:
+def _detect_n_m_counts(counts: _Counts, cols: int, density: float) -> tuple[int, int] | None:
     maxima = {}
     for n, m in NM_PATTERNS:
-        if cols % m:
+        if cols % m or density < NM_MIN_FILL * n / m:
             continue
         if m not in maxima:
             maxima[m] = int(counts.block(1, m).amax())

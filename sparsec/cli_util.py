@@ -49,7 +49,10 @@ def load_pass_files(files) -> None:
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"--load-passes: no such file {path!r}")
-        spec = importlib.util.spec_from_file_location(f"sparsec_user_passes_{file.stem}", file)
+        name = f"sparsec_user_passes_{abs(hash(str(file.resolve())))}"
+        if name in sys.modules:  # already loaded in this process: its passes are registered
+            continue
+        spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
@@ -69,6 +72,9 @@ def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, tuple]:
             raise ValueError(f"model spec {spec!r} is a path, but this sparsec cannot load exported packages (no sparsec.load)")
         model = load(str(path))
         inputs = getattr(model, "example_inputs", None)
+        if callable(inputs):  # LoadedProgram.example_inputs(): random inputs of the recorded shapes
+            torch.manual_seed(seed)
+            inputs = inputs()
         if inputs is None:
             raise ValueError(f"package {spec!r} carries no example inputs; use a 'file.py:function' MODEL_SPEC instead")
         inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
@@ -92,7 +98,7 @@ def console(stderr: bool = False):
 
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else int(os.environ.get("COLUMNS", "200"))
-    return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+    return Console(file=stream, width=width, soft_wrap=False, highlight=False, markup=False, emoji=False)
 
 
 def table(title: str | None, columns, rows, **kwargs):
@@ -131,6 +137,29 @@ def shape_text(shape) -> str:
 
 def fmt_ms(value) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def layer_time(row: dict, key: str) -> str:
+    """A report row's `predicted_ms` / `measured_ms` in words: a number, or per candidate kernel
+    (select-kernels records {candidate: ms}): the chosen one's, and dense's when it differs."""
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        if not value:
+            return "-"
+        chosen = row.get("choice") or row.get("kernel")
+        picked = value.get(chosen)
+        dense = value.get("dense")
+        if picked is None:
+            return ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+        if chosen == "dense" or dense is None:
+            return f"{picked:.3f}"
+        return f"{picked:.3f} (dense {dense:.3f})"
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,13 +204,13 @@ class Step:
     rewrites: list = field(default_factory=list)  # (number, description, allowed) asked during the pass
 
 
-def make_context(captured, *, passes: str | None = None, verify_each: bool = False, out=None):
+def make_context(captured, *, passes: str | None = None, verify_each: bool = False, out=None, **options):
     from .options import Options
     from .pass_manager import PassContext
 
     device = next((t.device for t in captured.example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    return PassContext(options=Options(passes=passes, verify_each=verify_each), example_inputs=captured.example_inputs,
-                       device=device, out=out or sys.stderr)
+    return PassContext(options=Options(passes=passes, verify_each=verify_each, **options),
+                       example_inputs=captured.example_inputs, device=device, out=out or sys.stderr)
 
 
 def pipeline_names(pipeline: str | None) -> list[str]:

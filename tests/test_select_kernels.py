@@ -50,19 +50,26 @@ def test_cost_model_choices_on_nominal_h100(every_kernel_exists, monkeypatch):
     monkeypatch.setitem(cost_model.KERNEL_MODELS, ("dense", "cpu"), cost_model.KERNEL_MODELS[("dense", "cuda")])
     monkeypatch.setitem(cost_model.KERNEL_MODELS, ("bsr_linear", "cpu"), cost_model.KERNEL_MODELS[("bsr_linear", "cuda")])
     monkeypatch.setitem(cost_model.KERNEL_MODELS, ("bitmap_linear", "cpu"), cost_model.KERNEL_MODELS[("bitmap_linear", "cuda")])
-    # Nearly dense: no sparse format can win.
-    assert choice(unstructured(1024, 1024, 0.95), m=1) == "dense"
+    # Layers the size of a LLaMA-7B projection. Nearly dense: no sparse format can win.
+    assert choice(unstructured(4096, 4096, 0.95), m=1) == "dense"
     # 90% of 64x64 blocks empty: block-sparse, at decode and at prefill sizes.
-    assert choice(block_sparse(1024, 1024, 0.1), m=1) == "bsr_linear"
-    assert choice(block_sparse(1024, 1024, 0.1), m=4096) == "bsr_linear"
-    # 90% unstructured: bitmap where memory-bound (decode), dense where compute-bound (every tile is occupied).
-    assert choice(unstructured(1024, 1024, 0.1), m=1) == "bitmap_linear"
-    assert choice(unstructured(1024, 1024, 0.1), m=4096) == "dense"
+    assert choice(block_sparse(4096, 4096, 0.1), m=1) == "bsr_linear"
+    assert choice(block_sparse(4096, 4096, 0.1), m=4096) == "bsr_linear"
+    # 50% of the blocks: sparse only while memory-bound.
+    assert choice(block_sparse(4096, 4096, 0.5), m=1) == "bsr_linear"
+    assert choice(block_sparse(4096, 4096, 0.5), m=4096) == "dense"
+    # 90% unstructured: the measured bitmap kernel is slower than cuBLAS at every M: dense.
+    assert choice(unstructured(4096, 4096, 0.1), m=1) == "dense"
+    # A bitmap kernel streaming at 80% of the bandwidth would win where memory-bound (decode), and
+    # still lose where compute-bound (it computes densely over tiles that are all occupied).
+    monkeypatch.setitem(cost_model.KERNEL_MODELS, ("bitmap_linear", "cpu"), cost_model.KernelModel(0.8, 0.3))
+    assert choice(unstructured(4096, 4096, 0.1), m=1) == "bitmap_linear"
+    assert choice(unstructured(4096, 4096, 0.1), m=4096) == "dense"
 
 
 def test_no_sparse_kernel_without_a_real_kernel_for_the_device(monkeypatch):
     monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: False)
-    assert choice(block_sparse(1024, 1024, 0.05), m=1) == "dense"
+    assert choice(block_sparse(4096, 4096, 0.05), m=1) == "dense"
 
 
 class FFN(nn.Module):
