@@ -29,6 +29,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define SPARSEC_VL 16
@@ -75,7 +78,17 @@ static inline vf vload(const bf16* p) {
   return (vf)u;
 }
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-static inline vf vbcast(float s) { return vf{} + s; }
+static inline vf vbcast(float s) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(s);
+#elif defined(__AVX__)
+  return (vf)_mm256_set1_ps(s);
+#else
+  vf v;
+  for (int i = 0; i < VL; ++i) v[i] = s;
+  return v;
+#endif
+}
 static inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < VL; ++i) s += v[i];
@@ -120,12 +133,60 @@ static inline void epi_store(const Epi& e, int64_t m, int64_t r, float v) {
 }
 
 // Rows [r0, r0+nr) x tokens [m0, m0+mc) of yp, tile[r][i] at tile + r*ld + i.
+// One instantiation per epilogue shape so the per-element loop has no branches.
+template <typename TX, bool PERM, bool BIAS, int ACT, int RES>
+__attribute__((noinline)) static void epi_tile_impl(const Epi& e, const float* __restrict tile,
+                                                    int64_t ld, int64_t r0, int nv, int64_t m0,
+                                                    int64_t mc) {
+  const int64_t N = e.N;
+  const int64_t* __restrict rp = e.row_perm;
+  const float* __restrict bias = e.bias;
+  TX* __restrict out = (TX*)e.out;
+  for (int64_t i = 0; i < mc; ++i) {
+    const int64_t ob = (m0 + i) * N;
+    for (int r = 0; r < nv; ++r) {
+      const int64_t n = PERM ? rp[r0 + r] : r0 + r;
+      float v = tile[r * ld + i];
+      if constexpr (BIAS) v += bias[n];
+      if constexpr (ACT != ACT_NONE) v = act_apply(v, ACT);
+      if constexpr (RES == 1) v += to_f(((const TX*)e.residual)[ob + n]);
+      if constexpr (RES == 2) v += ((const float*)e.residual)[ob + n];
+      from_f(out + ob + n, v);
+    }
+  }
+}
+
+template <typename TX, bool PERM, bool BIAS, int ACT>
+static inline void epi_tile_r(const Epi& e, const float* tile, int64_t ld, int64_t r0, int nv,
+                              int64_t m0, int64_t mc) {
+  if (!e.residual) epi_tile_impl<TX, PERM, BIAS, ACT, 0>(e, tile, ld, r0, nv, m0, mc);
+  else if (e.residual_f32) epi_tile_impl<TX, PERM, BIAS, ACT, 2>(e, tile, ld, r0, nv, m0, mc);
+  else epi_tile_impl<TX, PERM, BIAS, ACT, 1>(e, tile, ld, r0, nv, m0, mc);
+}
+
+template <typename TX, bool PERM, bool BIAS>
+static inline void epi_tile_a(const Epi& e, const float* tile, int64_t ld, int64_t r0, int nv,
+                              int64_t m0, int64_t mc) {
+  switch (e.act) {
+    case ACT_RELU: epi_tile_r<TX, PERM, BIAS, ACT_RELU>(e, tile, ld, r0, nv, m0, mc); break;
+    case ACT_GELU: epi_tile_r<TX, PERM, BIAS, ACT_GELU>(e, tile, ld, r0, nv, m0, mc); break;
+    case ACT_SILU: epi_tile_r<TX, PERM, BIAS, ACT_SILU>(e, tile, ld, r0, nv, m0, mc); break;
+    default: epi_tile_r<TX, PERM, BIAS, ACT_NONE>(e, tile, ld, r0, nv, m0, mc); break;
+  }
+}
+
 template <typename TX>
 static inline void epi_tile(const Epi& e, const float* tile, int64_t ld, int64_t r0, int nr,
                             int64_t m0, int64_t mc) {
-  int nv = (int)std::min<int64_t>(nr, e.N - r0);
-  for (int64_t i = 0; i < mc; ++i)
-    for (int r = 0; r < nv; ++r) epi_store<TX>(e, m0 + i, r0 + r, tile[r * ld + i]);
+  const int nv = (int)std::min<int64_t>(nr, e.N - r0);
+  if (nv <= 0) return;
+  if (e.row_perm) {
+    if (e.bias) epi_tile_a<TX, true, true>(e, tile, ld, r0, nv, m0, mc);
+    else epi_tile_a<TX, true, false>(e, tile, ld, r0, nv, m0, mc);
+  } else {
+    if (e.bias) epi_tile_a<TX, false, true>(e, tile, ld, r0, nv, m0, mc);
+    else epi_tile_a<TX, false, false>(e, tile, ld, r0, nv, m0, mc);
+  }
 }
 
 // ------------------------------------------------------------------------------ x packing
@@ -149,7 +210,7 @@ static void pack_xt(const TX* x, int64_t M, int64_t K, int64_t Kp, const int64_t
                     int64_t nch, float* xp, int nthreads) {
   constexpr int KT = 64;
   const int64_t nkt = (Kp + KT - 1) / KT;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) collapse(2) if (nthreads > 1)
   for (int64_t c = 0; c < nch; ++c) {
     for (int64_t kt = 0; kt < nkt; ++kt) {
       float* dst = xp + c * Kp * MC;
@@ -174,6 +235,7 @@ static void pack_xt(const TX* x, int64_t M, int64_t K, int64_t Kp, const int64_t
 
 // Split [0, nrows) into nt contiguous ranges of about equal cost, cost(r) = off[r] + r*w.
 static void balance(const int32_t* off, int64_t nrows, int nt, double w, int64_t* bounds) {
+  if (nt <= 1) { bounds[0] = 0; bounds[1] = nrows; return; }
   const double total = (double)off[nrows] + (double)nrows * w;
   bounds[0] = 0;
   int64_t lo = 0;
@@ -187,6 +249,44 @@ static void balance(const int32_t* off, int64_t nrows, int nt, double w, int64_t
     bounds[t] = lo = a;
   }
   bounds[nt] = nrows;
+}
+
+// Work items run dynamically (an atomic counter inside OpenMP's dynamic schedule): when one
+// thread is slowed down (another process on its core), the others take its share instead of
+// waiting at the barrier. Row ranges come from balance() with ~8 ranges per thread.
+template <class F>
+static void run_items(int nt, int64_t nitems, F&& f) {
+  if (nt <= 1 || nitems <= 1) {
+    for (int64_t i = 0; i < nitems; ++i) f(i);
+    return;
+  }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t i = 0; i < nitems; ++i) f(i);
+}
+
+struct Ranges {
+  int64_t n = 0;
+  int64_t b[8 * 64 + 1];
+};
+
+static void make_ranges(const int32_t* off, int64_t nrows, int nt, double w, int64_t align,
+                        Ranges& r) {
+  int64_t want = nt <= 1 ? 1 : 8 * (int64_t)nt;
+  want = std::max<int64_t>(1, std::min<int64_t>(want, (nrows + align - 1) / std::max<int64_t>(align, 1)));
+  want = std::min<int64_t>(want, 8 * 64);
+  balance(off, nrows, (int)want, w, r.b);
+  if (align > 1)
+    for (int64_t t = 1; t < want; ++t) r.b[t] = std::min<int64_t>(nrows, (r.b[t] + align - 1) / align * align);
+  for (int64_t t = 1; t <= want; ++t) r.b[t] = std::max(r.b[t], r.b[t - 1]);
+  r.n = want;
+}
+
+// Threads worth waking for `work` multiply-adds: small layers run on the calling thread
+// (a parallel region costs microseconds, and much more when the cores are shared).
+static inline int threads_for(int64_t work, int nthreads) {
+  if (work < ((int64_t)1 << 18)) return 1;
+  return (int)std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(nthreads, 64),
+                                                      work >> 17));
 }
 
 // Choose tokens per chunk: MV vectors (1..3) and the chunk count, minimizing padding.
@@ -219,6 +319,11 @@ static void bsr_kvec(const float* xk, int64_t Kp, const TW* vals, const int32_t*
       for (int32_t j = j0; j < j1; ++j) {
         const TW* w = vals + (int64_t)j * (BH * BW) + r0 * BW;
         const float* xs = xk + (int64_t)cols[j] * BW;
+        {  // the rows this pass reads of a block 4 ahead (4 KB pages defeat the L2 streamer)
+          const char* pf = (const char*)(w + 4 * (BH * BW));
+#pragma GCC unroll 64
+          for (int o = 0; o < R * BW * (int)sizeof(TW); o += 64) __builtin_prefetch(pf + o);
+        }
 #pragma GCC unroll 4
         for (int kv = 0; kv < KV; ++kv) {
           vf xv[T];
@@ -245,21 +350,31 @@ static void bsr_kvec(const float* xk, int64_t Kp, const TW* vals, const int32_t*
 template <int BH, int BW, int MV, typename TW, typename TX>
 static void bsr_xt(const float* xpc, int64_t m0, int64_t mc, const TW* vals, const int32_t* cols,
                    const int32_t* ro, int64_t br0, int64_t br1, const Epi& e) {
+  // Block-outer order: each weight block is read once, front to back, and its x panel
+  // ([BW][MC], <= 12 KB) stays in L1 while all BH rows use it; the C tile of the block row
+  // ([BH][MC]) lives in L1 and is loaded / stored once per block and row group.
   constexpr int NR = BH < 8 ? BH : 8;
   constexpr int MC = MV * VL;
   static_assert(BH % NR == 0, "bad specialization");
-  alignas(64) float tile[NR * MC];
+  alignas(64) float ctile[BH * MC];
   for (int64_t br = br0; br < br1; ++br) {
     const int32_t j0 = ro[br], j1 = ro[br + 1];
-    for (int r0 = 0; r0 < BH; r0 += NR) {
-      vf acc[NR][MV];
+    for (int i = 0; i < BH * MC; ++i) ctile[i] = 0.f;
+    for (int32_t j = j0; j < j1; ++j) {
+      const TW* wblk = vals + (int64_t)j * (BH * BW);
+      const float* xb = xpc + (int64_t)cols[j] * (BW * MC);
+      if (j + 1 < j1) {  // next block's x panel: start pulling it from L2
+        const char* nx = (const char*)(xpc + (int64_t)cols[j + 1] * (BW * MC));
+        for (int o = 0; o < BW * MC * 4; o += 256) __builtin_prefetch(nx + o);
+      }
+      for (int r0 = 0; r0 < BH; r0 += NR) {
+        const TW* w = wblk + r0 * BW;
+        float* ct = ctile + r0 * MC;
+        vf acc[NR][MV];
 #pragma GCC unroll 64
-      for (int r = 0; r < NR; ++r)
+        for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < MV; ++v) acc[r][v] = vf{};
-      for (int32_t j = j0; j < j1; ++j) {
-        const TW* w = vals + (int64_t)j * (BH * BW) + r0 * BW;
-        const float* xb = xpc + (int64_t)cols[j] * (BW * MC);
+          for (int v = 0; v < MV; ++v) acc[r][v] = vload(ct + r * MC + v * VL);
 #pragma GCC unroll 2
         for (int k = 0; k < BW; ++k) {
           vf xv[MV];
@@ -272,11 +387,13 @@ static void bsr_xt(const float* xpc, int64_t m0, int64_t mc, const TW* vals, con
             for (int v = 0; v < MV; ++v) acc[r][v] += wb * xv[v];
           }
         }
+#pragma GCC unroll 64
+        for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+          for (int v = 0; v < MV; ++v) vstore(ct + r * MC + v * VL, acc[r][v]);
       }
-      for (int r = 0; r < NR; ++r)
-        for (int v = 0; v < MV; ++v) vstore(tile + r * MC + v * VL, acc[r][v]);
-      epi_tile<TX>(e, tile, MC, br * BH + r0, NR, m0, mc);
     }
+    epi_tile<TX>(e, ctile, MC, br * BH, BH, m0, mc);
   }
 }
 
@@ -340,22 +457,16 @@ static int bsr_run(const BsrArgs& a, const Epi& e) {
   const int64_t nbc = (a.K + BW - 1) / BW;
   const int64_t Kp = nbc * BW;
   const TW* vals = (const TW*)a.vals;
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(a.nthreads, 64));
-  int64_t bounds[65];
+  const int nt = threads_for((int64_t)a.ro[a.nbr] * BH * BW * a.M, a.nthreads);
+  Ranges rg;
   // a block row's fixed cost (epilogue) ~ 1/4 block
-  balance(a.ro, a.nbr, nt, 0.25, bounds);
+  make_ranges(a.ro, a.nbr, nt, 0.25, 1, rg);
   if (a.M <= 4) {
     float* xk = alloc_f(a.M * Kp);
     if (!xk) return 2;
     pack_rows<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, xk);
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-      const int t = omp_get_thread_num();
-#else
-      const int t = 0;
-#endif
-      const int64_t b0 = bounds[t], b1 = bounds[t + 1];
+    run_items(nt, rg.n, [&](int64_t g) {
+      const int64_t b0 = rg.b[g], b1 = rg.b[g + 1];
       switch (a.M) {
         case 1: bsr_kvec<BH, BW, 1, TW, TX>(xk, Kp, vals, a.cols, a.ro, b0, b1, e); break;
         case 2: bsr_kvec<BH, BW, 2, TW, TX>(xk, Kp, vals, a.cols, a.ro, b0, b1, e); break;
@@ -363,7 +474,7 @@ static int bsr_run(const BsrArgs& a, const Epi& e) {
         case 4: bsr_kvec<BH, BW, 4, TW, TX>(xk, Kp, vals, a.cols, a.ro, b0, b1, e); break;
         default: break;
       }
-    }
+    });
     std::free(xk);
     return 0;
   }
@@ -374,30 +485,18 @@ static int bsr_run(const BsrArgs& a, const Epi& e) {
   float* xp = alloc_f(nch * Kp * MC);
   if (!xp) return 2;
   pack_xt<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, MC, nch, xp, nt);
-  // few block rows but many chunks: split chunks over threads instead of rows
-  const bool by_chunk = a.nbr < 4 * nt && nch >= nt;
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num();
-#else
-    const int t = 0;
-#endif
-    int64_t b0 = bounds[t], b1 = bounds[t + 1], c0 = 0, c1 = nch;
-    if (by_chunk) {
-      b0 = 0; b1 = a.nbr;
-      c0 = nch * t / nt; c1 = nch * (t + 1) / nt;
+  // items: (token chunk, row range), token-chunk major: threads share one x panel at a time
+  run_items(nt, nch * rg.n, [&](int64_t it) {
+    const int64_t c = it / rg.n, g = it % rg.n;
+    const int64_t b0 = rg.b[g], b1 = rg.b[g + 1];
+    const float* xpc = xp + c * Kp * MC;
+    const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
+    switch (MV) {
+      case 1: bsr_xt<BH, BW, 1, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
+      case 2: bsr_xt<BH, BW, 2, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
+      default: bsr_xt<BH, BW, 3, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
     }
-    for (int64_t c = c0; c < c1; ++c) {
-      const float* xpc = xp + c * Kp * MC;
-      const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
-      switch (MV) {
-        case 1: bsr_xt<BH, BW, 1, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
-        case 2: bsr_xt<BH, BW, 2, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
-        default: bsr_xt<BH, BW, 3, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
-      }
-    }
-  }
+  });
   std::free(xp);
   return 0;
   }
@@ -436,6 +535,12 @@ static void csr_xt(const float* xpc, int64_t m0, int64_t mc, const TW* vals, con
 #pragma GCC unroll 4
       for (int v = 0; v < MV; ++v) a0[v] = a1[v] = a2[v] = a3[v] = vf{};
       for (; j + 4 <= j1; j += 4) {
+        if (j + 20 <= j1) {  // x rows of later non-zeros: hide the L2 latency
+#pragma GCC unroll 4
+          for (int q = 16; q < 20; ++q)
+#pragma GCC unroll 4
+            for (int v = 0; v < MV; ++v) __builtin_prefetch(xpc + (int64_t)cols[j + q] * MC + v * VL);
+        }
         const float* p0 = xpc + (int64_t)cols[j] * MC;
         const float* p1 = xpc + (int64_t)cols[j + 1] * MC;
         const float* p2 = xpc + (int64_t)cols[j + 2] * MC;
@@ -477,25 +582,17 @@ template <typename TI, typename TW, typename TX>
 static int csr_run(const CsrArgs& a, const Epi& e) {
   const TW* vals = (const TW*)a.vals;
   const TI* cols = (const TI*)a.cols;
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(a.nthreads, 64));
-  int64_t bounds[65];
-  // balance rows by non-zeros; fixed cost per row ~ 8 non-zeros; align to 8 rows
-  balance(a.ro, a.N, nt, 8.0, bounds);
-  for (int t = 1; t < nt; ++t) bounds[t] = std::min<int64_t>(a.N, (bounds[t] + 7) / 8 * 8);
-  for (int t = 1; t < nt; ++t) bounds[t] = std::max(bounds[t], bounds[t - 1]);
+  const int nt = threads_for((int64_t)a.ro[a.N] * a.M * 2, a.nthreads);
+  Ranges rg;
+  // balance rows by non-zeros; fixed cost per row ~ 8 non-zeros; ranges aligned to 8 rows
+  make_ranges(a.ro, a.N, nt, 8.0, 8, rg);
   if (a.M <= 4) {
     float* xk = alloc_f(a.M * a.K);
     if (!xk) return 2;
     pack_rows<TX>((const TX*)a.x, a.M, a.K, a.K, nullptr, xk);
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-      const int t = omp_get_thread_num();
-#else
-      const int t = 0;
-#endif
-      csr_kvec<TI, TW, TX>(xk, a.K, a.M, vals, cols, a.ro, bounds[t], bounds[t + 1], e);
-    }
+    run_items(nt, rg.n, [&](int64_t g) {
+      csr_kvec<TI, TW, TX>(xk, a.K, a.M, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e);
+    });
     std::free(xk);
     return 0;
   }
@@ -506,29 +603,217 @@ static int csr_run(const CsrArgs& a, const Epi& e) {
   float* xp = alloc_f(nch * a.K * MC);
   if (!xp) return 2;
   pack_xt<TX>((const TX*)a.x, a.M, a.K, a.K, nullptr, MC, nch, xp, nt);
-  const bool by_chunk = a.N < 32 * nt && nch >= nt;
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num();
-#else
-    const int t = 0;
-#endif
-    int64_t n0 = bounds[t], n1 = bounds[t + 1], c0 = 0, c1 = nch;
-    if (by_chunk) {
-      n0 = 0; n1 = a.N;
-      c0 = nch * t / nt; c1 = nch * (t + 1) / nt;
+  run_items(nt, nch * rg.n, [&](int64_t it) {
+    const int64_t c = it / rg.n, g = it % rg.n;
+    const float* xpc = xp + c * a.K * MC;
+    const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
+    switch (MV) {
+      case 1: csr_xt<1, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e); break;
+      case 2: csr_xt<2, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e); break;
+      default: csr_xt<3, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e); break;
     }
-    for (int64_t c = c0; c < c1; ++c) {
-      const float* xpc = xp + c * a.K * MC;
-      const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
-      switch (MV) {
-        case 1: csr_xt<1, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, n0, n1, e); break;
-        case 2: csr_xt<2, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, n0, n1, e); break;
-        default: csr_xt<3, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, n0, n1, e); break;
-      }
+  });
+  std::free(xp);
+  return 0;
+}
+
+// ============================================================================== bitmap
+// runtime/formats.BitmapWeight: tiles of TR rows x 64 columns; bitmap [N_pad][K_pad/32] int32
+// (bit b of word (n, w): Wp[n, 32w+b] != 0); values tile by tile, row-major inside a tile;
+// tile_offsets [tiles+1]. "Load as sparse, compute as dense": for decode (M <= 4) each
+// 16-column group of a row is expanded from the packed values with its 16 mask bits
+// (AVX-512 vexpandps) and FMA'd with x; for M > 4 the set bits are walked (tzcnt) and each
+// non-zero is broadcast against a token vector of the transposed x panel (kept in L1).
+static inline uint64_t bm_bits(const int32_t* bitmap, int64_t words_per_row, int64_t n, int64_t tc) {
+  const uint32_t* w = (const uint32_t*)bitmap + n * words_per_row + 2 * tc;
+  return (uint64_t)w[0] | ((uint64_t)w[1] << 32);
+}
+
+#if defined(__AVX512F__)
+// One tile row (TRC rows) x one token, fp32: accumulators stay in registers; the packed
+// offsets of the rows and 16-column groups come from independent popcounts (no serial
+// pointer chase).
+template <typename TX, int TRC = 16>
+static void bitmap_row16_avx512(const float* xm, const float* vals, const int32_t* bitmap,
+                                const int32_t* toff, int64_t ntc, int64_t tr, int64_t m,
+                                const Epi& e) {
+  const int64_t wpr = ntc * 2;
+  __m512 acc[TRC];
+  for (int r = 0; r < TRC; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t tc = 0; tc < ntc; ++tc) {
+    const float* p = vals + toff[tr * ntc + tc];
+    if (toff[tr * ntc + tc + 1] == toff[tr * ntc + tc]) continue;
+    const float* xs = xm + tc * 64;
+    const __m512 x0 = _mm512_loadu_ps(xs), x1 = _mm512_loadu_ps(xs + 16);
+    const __m512 x2 = _mm512_loadu_ps(xs + 32), x3 = _mm512_loadu_ps(xs + 48);
+    uint64_t bb[TRC];
+    int off[TRC];
+    int run = 0;
+#pragma GCC unroll 16
+    for (int r = 0; r < TRC; ++r) {
+      bb[r] = bm_bits(bitmap, wpr, tr * TRC + r, tc);
+      off[r] = run;
+      run += __builtin_popcountll(bb[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < TRC; ++r) {
+      const uint64_t b = bb[r];
+      const float* q = p + off[r];
+      const int c0 = __builtin_popcountll(b & 0xffffull);
+      const int c1 = __builtin_popcountll(b & 0xffffffffull);
+      const int c2 = __builtin_popcountll(b & 0xffffffffffffull);
+      __m512 a = acc[r];
+      a = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)b, q), x0, a);
+      a = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(b >> 16), q + c0), x1, a);
+      a = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(b >> 32), q + c1), x2, a);
+      a = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)(b >> 48), q + c2), x3, a);
+      acc[r] = a;
     }
   }
+  for (int r = 0; r < TRC; ++r) {
+    const int64_t n = tr * TRC + r;
+    if (n < e.N) epi_store<TX>(e, m, n, _mm512_reduce_add_ps(acc[r]));
+  }
+}
+#endif
+
+template <typename TW, typename TX>
+static void bitmap_kvec(const float* xk, int64_t Kp, int64_t M, const TW* vals, const int32_t* bitmap,
+                        const int32_t* toff, int TR, int64_t ntc, int64_t tr0, int64_t tr1,
+                        const Epi& e) {
+  const int64_t wpr = ntc * 2;
+  float res[64];
+  for (int64_t tr = tr0; tr < tr1; ++tr) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = xk + m * Kp;
+#if defined(__AVX512F__)
+      if constexpr (sizeof(TW) == 4) {
+        if (TR == 16) { bitmap_row16_avx512<TX>(xm, (const float*)vals, bitmap, toff, ntc, tr, m, e); continue; }
+        if (TR == 8) { bitmap_row16_avx512<TX, 8>(xm, (const float*)vals, bitmap, toff, ntc, tr, m, e); continue; }
+      }
+#endif
+      for (int r = 0; r < TR; ++r) res[r] = 0.f;
+      for (int64_t tc = 0; tc < ntc; ++tc) {
+        const TW* p = vals + toff[tr * ntc + tc];
+        const float* xs = xm + tc * 64;
+        for (int r = 0; r < TR; ++r) {
+          uint64_t b = bm_bits(bitmap, wpr, tr * TR + r, tc);
+          float s = 0.f;
+          while (b) {
+            const int c = __builtin_ctzll(b);
+            s += to_f(*p++) * xs[c];
+            b &= b - 1;
+          }
+          res[r] += s;
+        }
+      }
+      for (int r = 0; r < TR; ++r)
+        if (tr * TR + r < e.N) epi_store<TX>(e, m, tr * TR + r, res[r]);
+    }
+  }
+}
+
+template <int MV, typename TW, typename TX>
+static void bitmap_xt(const float* xpc, int64_t m0, int64_t mc, const TW* vals, const int32_t* bitmap,
+                      const int32_t* toff, int TR, int64_t ntc, int64_t tr0, int64_t tr1,
+                      const Epi& e) {
+  constexpr int MC = MV * VL;
+  const int64_t wpr = ntc * 2;
+  alignas(64) float ctile[64 * MC];
+  for (int64_t tr = tr0; tr < tr1; ++tr) {
+    for (int i = 0; i < TR * MC; ++i) ctile[i] = 0.f;
+    for (int64_t tc = 0; tc < ntc; ++tc) {
+      const TW* p = vals + toff[tr * ntc + tc];
+      if (toff[tr * ntc + tc + 1] == toff[tr * ntc + tc]) continue;
+      const float* xb = xpc + tc * 64 * MC;
+      for (int r = 0; r < TR; ++r) {
+        uint64_t b = bm_bits(bitmap, wpr, tr * TR + r, tc);
+        if (!b) continue;
+        float* ct = ctile + r * MC;
+        vf a0[MV], a1[MV];
+#pragma GCC unroll 4
+        for (int v = 0; v < MV; ++v) { a0[v] = vload(ct + v * VL); a1[v] = vf{}; }
+        while (b) {
+          const int c0 = __builtin_ctzll(b);
+          b &= b - 1;
+          const vf w0 = vbcast(to_f(*p++));
+          const float* x0 = xb + c0 * MC;
+          if (b) {
+            const int c1 = __builtin_ctzll(b);
+            b &= b - 1;
+            const vf w1 = vbcast(to_f(*p++));
+            const float* x1 = xb + c1 * MC;
+#pragma GCC unroll 4
+            for (int v = 0; v < MV; ++v) {
+              a0[v] += w0 * vload(x0 + v * VL);
+              a1[v] += w1 * vload(x1 + v * VL);
+            }
+          } else {
+#pragma GCC unroll 4
+            for (int v = 0; v < MV; ++v) a0[v] += w0 * vload(x0 + v * VL);
+          }
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < MV; ++v) vstore(ct + v * VL, a0[v] + a1[v]);
+      }
+    }
+    epi_tile<TX>(e, ctile, MC, tr * TR, TR, m0, mc);
+  }
+}
+
+struct BitmapArgs {
+  const void* x;
+  int64_t M, K, N;
+  const void* vals;
+  const int32_t* bitmap;
+  const int32_t* toff;
+  int TR;
+  const int64_t* col_perm;
+  int nthreads;
+};
+
+template <typename TW, typename TX>
+static int bitmap_run(const BitmapArgs& a, const Epi& e) {
+  if (a.TR <= 0 || a.TR > 64) return 1;
+  const int64_t ntc = (a.K + 63) / 64, Kp = ntc * 64;
+  const int64_t ntr = (a.N + a.TR - 1) / a.TR;
+  const TW* vals = (const TW*)a.vals;
+  const int nt = threads_for((int64_t)a.toff[ntr * ntc] * a.M * 2 + a.N * Kp / 16, a.nthreads);
+  // balance tile rows by non-zeros: cumulative counts at tile-row starts
+  int32_t* rowoff = (int32_t*)std::malloc(sizeof(int32_t) * (ntr + 1));
+  if (!rowoff) return 2;
+  for (int64_t t = 0; t <= ntr; ++t) rowoff[t] = a.toff[t * ntc];
+  Ranges rg;
+  make_ranges(rowoff, ntr, nt, 4.0 * a.TR, 1, rg);
+  std::free(rowoff);
+  if (a.M <= 4) {
+    float* xk = alloc_f(a.M * Kp);
+    if (!xk) return 2;
+    pack_rows<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, xk);
+    run_items(nt, rg.n, [&](int64_t g) {
+      bitmap_kvec<TW, TX>(xk, Kp, a.M, vals, a.bitmap, a.toff, a.TR, ntc, rg.b[g], rg.b[g + 1], e);
+    });
+    std::free(xk);
+    return 0;
+  }
+  int MV;
+  int64_t nch;
+  choose_chunks(a.M, &MV, &nch);
+  const int MC = MV * VL;
+  float* xp = alloc_f(nch * Kp * MC);
+  if (!xp) return 2;
+  pack_xt<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, MC, nch, xp, nt);
+  run_items(nt, nch * rg.n, [&](int64_t it) {
+    const int64_t c = it / rg.n, g = it % rg.n;
+    const int64_t b0 = rg.b[g], b1 = rg.b[g + 1];
+    const float* xpc = xp + c * Kp * MC;
+    const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
+    switch (MV) {
+      case 1: bitmap_xt<1, TW, TX>(xpc, m0, mc, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e); break;
+      case 2: bitmap_xt<2, TW, TX>(xpc, m0, mc, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e); break;
+      default: bitmap_xt<3, TW, TX>(xpc, m0, mc, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e); break;
+    }
+  });
   std::free(xp);
   return 0;
 }
@@ -541,6 +826,8 @@ static int csr_run(const CsrArgs& a, const Epi& e) {
 extern "C" int sparsec_vector_width() { return sparsec::VL; }
 
 static int sparsec_bsr_dispatch(int dtype, const sparsec::BsrArgs& a, const sparsec::Epi& e);
+
+#ifndef SPARSEC_BAKED  // a baked (per-layer) library has only its own entry point
 
 extern "C" int sparsec_bsr_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N,
                                   const void* vals, int64_t BH, int64_t BW, const int32_t* cols,
@@ -574,5 +861,22 @@ extern "C" int sparsec_csr_linear(int dtype, const void* x, int64_t M, int64_t K
   }
   return 1;
 }
+
+extern "C" int sparsec_bitmap_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N,
+                                     const void* vals, const int32_t* bitmap, const int32_t* toff,
+                                     int tile_rows, const float* bias, int act,
+                                     const void* residual, int residual_f32,
+                                     const int64_t* row_perm, const int64_t* col_perm, void* out,
+                                     int nthreads) {
+  if (M < 0 || K < 0 || N < 0 || tile_rows <= 0 || tile_rows > 64) return 1;
+  sparsec::BitmapArgs a{x, M, K, N, vals, bitmap, toff, tile_rows, col_perm, nthreads};
+  sparsec::Epi e{N, act, bias, residual, residual_f32, row_perm, out};
+  if (M == 0 || N == 0) return 0;
+  if (dtype == 0) return sparsec::bitmap_run<float, float>(a, e);
+  if (dtype == 1) return sparsec::bitmap_run<sparsec::bf16, sparsec::bf16>(a, e);
+  return 1;
+}
+
+#endif  // SPARSEC_BAKED
 
 // ----------------------------------------------------------- generated dispatch follows

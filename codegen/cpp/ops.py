@@ -1,0 +1,302 @@
+"""CPU implementations of sparsec's sparse linear ops, backed by the compiled C++ kernels.
+
+  bsr_linear_cpu(...)   same arguments as sparsec::bsr_linear; registered for "cpu"
+  bitmap_linear_cpu(...) same arguments as sparsec::bitmap_linear; registered for "cpu"
+  csr_linear_cpu(...)   same arguments as sparsec::csr_linear (defined here)
+  sparsec::csr_linear   custom op (+ fake) for unstructured weights packed by `pack_csr`
+  conv1x1_as_linear / sparse_conv2d   1x1 convolutions as sparse linear; KxK: dense fallback
+
+Each kernel function returns NotImplemented when it cannot run (no compiler, a dtype other
+than fp32/bf16, a non-CPU tensor), so the op's dispatcher falls back to the torch reference.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import build
+from .formats import CSRWeight, csr_to_dense, pack_csr
+
+log = logging.getLogger("sparsec.codegen.cpp")
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_ACTS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+_FAILED_ONCE = set()
+
+
+def _lib():
+    lib = build.load_kernels()
+    return None if lib is None else lib.lib
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _prep_common(x, values, N, K, bias, activation, residual):
+    """Shared argument preparation; returns None when the C++ path does not apply."""
+    if x.device.type != "cpu" or values.device.type != "cpu" or x.dtype not in _DTYPES:
+        return None
+    if activation not in _ACTS:
+        raise ValueError(f"unknown activation {activation!r}; known: {tuple(_ACTS)}")
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    vals = values if values.dtype == x.dtype else values.to(x.dtype)
+    vals = vals.contiguous()
+    b = None
+    if bias is not None:
+        b = bias.to(torch.float32).reshape(N).contiguous()
+    r, r_f32 = None, 0
+    if residual is not None:
+        rd = torch.float32 if residual.dtype == torch.float32 else x.dtype
+        r = residual.to(rd).expand(*lead, N).reshape(M, N).contiguous()
+        r_f32 = int(rd == torch.float32)
+    out = torch.empty((M, N), dtype=x.dtype)
+    return lead, x2, M, vals, b, r, r_f32, out
+
+
+def bsr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
+                   activation="none", residual=None, row_perm=None, col_perm=None):
+    """sparsec::bsr_linear on the CPU with the C++ kernels (NotImplemented if unavailable)."""
+    if x.device.type != "cpu" or values.dim() != 3:
+        return NotImplemented
+    lib = _lib()
+    if lib is None:
+        return NotImplemented
+    N, K = int(out_features), int(in_features)
+    prep = _prep_common(x, values, N, K, bias, activation, residual)
+    if prep is None:
+        return NotImplemented
+    lead, x2, M, vals, b, r, r_f32, out = prep
+    _, BH, BW = vals.shape
+    nbr = row_offsets.numel() - 1
+    if nbr != -(-N // BH):
+        raise ValueError(f"row_offsets has {nbr + 1} entries, expected ceil({N}/{BH})+1")
+    cols = col_indices.to(torch.int32).contiguous()
+    ro = row_offsets.to(torch.int32).contiguous()
+    if cols.numel() != vals.shape[0]:
+        raise ValueError("col_indices and values disagree on the number of blocks")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= -(-K // BW)):
+        raise ValueError("block column index out of range")
+    if int(ro[0]) != 0 or int(ro[-1]) != cols.numel():
+        raise ValueError("row_offsets must start at 0 and end at the number of blocks")
+    rp = None if row_perm is None else row_perm.to(torch.int64).contiguous()
+    cp = None if col_perm is None else col_perm.to(torch.int64).contiguous()
+    rc = lib.sparsec_bsr_linear(_DTYPES[x.dtype], x2.data_ptr(), M, K, N, vals.data_ptr(), BH, BW,
+                                cols.data_ptr(), ro.data_ptr(), nbr, _ptr(b), _ACTS[activation],
+                                _ptr(r), r_f32, _ptr(rp), _ptr(cp), out.data_ptr(),
+                                torch.get_num_threads())
+    if rc != 0:
+        if ("bsr", rc) not in _FAILED_ONCE:
+            _FAILED_ONCE.add(("bsr", rc))
+            log.warning("sparsec C++ bsr_linear returned %d; using the reference path", rc)
+        return NotImplemented
+    return out.reshape(*lead, N)
+
+
+def bitmap_linear_cpu(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows,
+                      bias=None, activation="none", residual=None, row_perm=None, col_perm=None):
+    """sparsec::bitmap_linear on the CPU with the C++ kernels (NotImplemented if unavailable)."""
+    if x.device.type != "cpu":
+        return NotImplemented
+    lib = _lib()
+    if lib is None:
+        return NotImplemented
+    N, K, TR = int(out_features), int(in_features), int(tile_rows)
+    if not 0 < TR <= 64:
+        return NotImplemented
+    prep = _prep_common(x, values, N, K, bias, activation, residual)
+    if prep is None:
+        return NotImplemented
+    lead, x2, M, vals, b, r, r_f32, out = prep
+    n_pad, k_pad = -(-N // TR) * TR, -(-K // 64) * 64
+    bm = bitmap.to(torch.int32).contiguous()
+    toff = tile_offsets.to(torch.int32).contiguous()
+    if tuple(bm.shape) != (n_pad, k_pad // 32) or toff.numel() != (n_pad // TR) * (k_pad // 64) + 1:
+        raise ValueError("bitmap / tile_offsets disagree with the shape")
+    if int(toff[0]) != 0 or int(toff[-1]) != vals.numel():
+        raise ValueError("tile_offsets must start at 0 and end at nnz")
+    rp = None if row_perm is None else row_perm.to(torch.int64).contiguous()
+    cp = None if col_perm is None else col_perm.to(torch.int64).contiguous()
+    rc = lib.sparsec_bitmap_linear(_DTYPES[x.dtype], x2.data_ptr(), M, K, N, vals.data_ptr(),
+                                   bm.data_ptr(), toff.data_ptr(), TR, _ptr(b), _ACTS[activation],
+                                   _ptr(r), r_f32, _ptr(rp), _ptr(cp), out.data_ptr(),
+                                   torch.get_num_threads())
+    if rc != 0:
+        if ("bitmap", rc) not in _FAILED_ONCE:
+            _FAILED_ONCE.add(("bitmap", rc))
+            log.warning("sparsec C++ bitmap_linear returned %d; using the reference path", rc)
+        return NotImplemented
+    return out.reshape(*lead, N)
+
+
+def csr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
+                   activation="none", residual=None):
+    """sparsec::csr_linear on the CPU with the C++ kernels (NotImplemented if unavailable)."""
+    if x.device.type != "cpu":
+        return NotImplemented
+    lib = _lib()
+    if lib is None:
+        return NotImplemented
+    N, K = int(out_features), int(in_features)
+    prep = _prep_common(x, values, N, K, bias, activation, residual)
+    if prep is None:
+        return NotImplemented
+    lead, x2, M, vals, b, r, r_f32, out = prep
+    if col_indices.dtype == torch.int16:
+        cols, idx16 = col_indices.contiguous(), 1
+        if K > 65536:
+            raise ValueError("int16 column indices need in_features <= 65536")
+    else:
+        cols, idx16 = col_indices.to(torch.int32).contiguous(), 0
+    ro = row_offsets.to(torch.int32).contiguous()
+    if ro.numel() != N + 1 or cols.numel() != vals.numel():
+        raise ValueError("CSR arrays disagree with the shape")
+    if int(ro[0]) != 0 or int(ro[-1]) != vals.numel():
+        raise ValueError("row_offsets must start at 0 and end at nnz")
+    rc = lib.sparsec_csr_linear(_DTYPES[x.dtype], x2.data_ptr(), M, K, N, vals.data_ptr(),
+                                cols.data_ptr(), idx16, ro.data_ptr(), _ptr(b), _ACTS[activation],
+                                _ptr(r), r_f32, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        if ("csr", rc) not in _FAILED_ONCE:
+            _FAILED_ONCE.add(("csr", rc))
+            log.warning("sparsec C++ csr_linear returned %d; using the reference path", rc)
+        return NotImplemented
+    return out.reshape(*lead, N)
+
+
+# ----------------------------------------------------------------------------- csr op
+def csr_linear_ref(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
+                   activation="none", residual=None):
+    """Pure-torch reference of sparsec::csr_linear (fp32 accumulation, fp64 stays fp64)."""
+    from sparsec.runtime.reference import apply_epilogue
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wp = csr_to_dense(values, col_indices, row_offsets, int(out_features), int(in_features))
+    yp = torch.matmul(x.to(acc), wp.to(acc).t())
+    return apply_epilogue(yp, bias, activation, residual, None, x.dtype)
+
+
+def _csr_dispatch(args):
+    try:
+        from sparsec.runtime.ops import get_kernels
+        fns = get_kernels("csr_linear", args[0].device.type)
+    except ImportError:
+        fns = []
+    if args[0].device.type == "cpu" and csr_linear_cpu not in fns:
+        fns.append(csr_linear_cpu)          # this op's own CPU kernel, registered or not
+    for fn in fns:
+        out = fn(*args)
+        if out is not NotImplemented:
+            return out
+    return csr_linear_ref(*args)
+
+
+@torch.library.custom_op("sparsec::csr_linear", mutates_args=())
+def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
+                  row_offsets: torch.Tensor, out_features: int, in_features: int,
+                  bias: Optional[torch.Tensor], activation: str,
+                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+    if activation not in _ACTS:
+        raise ValueError(f"unknown activation {activation!r}; known: {tuple(_ACTS)}")
+    return _csr_dispatch((x, values, col_indices, row_offsets, out_features, in_features, bias,
+                          activation, residual))
+
+
+@csr_linear_op.register_fake
+def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def csr_linear(x: torch.Tensor, w: CSRWeight, bias=None, activation: str = "none", residual=None):
+    n, k = w.shape
+    return torch.ops.sparsec.csr_linear(x, w.values, w.col_indices, w.row_offsets, n, k, bias,
+                                        activation, residual)
+
+
+# ----------------------------------------------------------------------------- conv
+def conv1x1_as_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv weight [Cout, Cin, 1, 1] as a linear weight [Cout, Cin] (a view)."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
+        raise ValueError(f"not a 1x1 conv weight: shape {tuple(weight.shape)}")
+    return weight.reshape(weight.shape[0], weight.shape[1])
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def is_conv1x1_linear(weight, stride=1, padding=0, dilation=1, groups=1) -> bool:
+    """True when the conv is a per-pixel linear map (1x1 kernel, no padding, groups=1)."""
+    return (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and groups == 1
+            and _pair(padding) == (0, 0))
+
+
+def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0,
+                  dilation=1, groups=1, packed=None, activation: str = "none", block=(32, 32)):
+    """conv2d for pruned weights on the CPU.
+
+    1x1 convolutions (no padding, groups=1; any stride: it only subsamples pixels) run as a
+    sparse linear over the pixels (NCHW -> [pixels, Cin] -> bsr/csr linear -> NCHW), with the
+    bias and activation fused. `packed` may be a BSRWeight (runtime.formats) or a CSRWeight of
+    the [Cout, Cin] matrix; by default the weight is packed to BSR with `block`.
+    KxK convolutions fall back to dense F.conv2d (oneDNN): an im2col-free sparse KxK kernel is
+    not implemented; the activation is then applied after the conv.
+    """
+    if not is_conv1x1_linear(weight, stride, padding, dilation, groups) or x.dim() != 4:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _act(y, activation)
+    sh, sw = _pair(stride)
+    if (sh, sw) != (1, 1):
+        x = x[:, :, ::sh, ::sw]
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+    w2 = conv1x1_as_linear(weight)
+    if packed is None:
+        from sparsec.runtime.formats import pack_bsr
+        packed = pack_bsr(w2, block)
+    if isinstance(packed, CSRWeight):
+        y = csr_linear(rows, packed, bias, activation)
+    else:
+        from sparsec.runtime.ops import bsr_linear
+        y = bsr_linear(rows, packed, bias, activation)
+    return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _act(y, activation):
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "silu":
+        return F.silu(y)
+    if activation != "none":
+        raise ValueError(f"unknown activation {activation!r}")
+    return y
+
+
+# ----------------------------------------------------------------------------- registration
+def register_all() -> None:
+    """Register the C++ kernels as the "cpu" implementations in sparsec's kernel registry.
+
+    Nothing is compiled here: the library is built (or loaded from the cache) on first use."""
+    from sparsec.runtime.ops import register_kernel
+    for op, fn in (("bsr_linear", bsr_linear_cpu), ("csr_linear", csr_linear_cpu),
+                   ("bitmap_linear", bitmap_linear_cpu)):
+        try:  # built-in kernels go last, so a user's own registration takes precedence
+            register_kernel(op, "cpu", fn, last=True)
+        except TypeError:
+            register_kernel(op, "cpu", fn)
+
+
+__all__ = ["bsr_linear_cpu", "bitmap_linear_cpu", "csr_linear_cpu", "csr_linear_ref", "csr_linear", "csr_linear_op",
+           "conv1x1_as_linear", "is_conv1x1_linear", "sparse_conv2d", "register_all",
+           "CSRWeight", "pack_csr"]
