@@ -1,7 +1,21 @@
-"""Capture -> passes -> Inductor, with weight guards and one variant per input-shape signature.
+"""Capture -> passes -> Inductor, with weight guards, shape variants, and fallbacks.
 
 `CompiledVariants` is what both entry points return: `torch.compile(..., backend="sparsec")` gets
 it from `backend.sparsec_backend`, `sparsec.compile` wraps it in a module.
+
+Reliability contract (see DESIGN.md, "Reliability rules"):
+- Weights are constants of the compiled code. Every call first checks, for every folded weight, that
+  the live tensor is the same object, with the same version counter and the same storage pointer
+  (O(number of weights) attribute reads, no hashing). A change recompiles (default) or raises
+  `WeightChangedError` (`on_weight_change="error"`). Not seen: writes that bypass the version
+  counter (`p.data.copy_(...)`, fused optimizers such as `AdamW(fused=True)`).
+- Shapes: a graph Dynamo made dynamic is compiled once for all sizes (`Captured.dynamic`); otherwise
+  one variant per input-shape signature, at most `MAX_SHAPE_VARIANTS`, then the unoptimized graph.
+- Whatever sparsec cannot handle (gradients needed, graphs that mutate their weights, unsupported
+  dtypes or devices, a failure anywhere in capture, passes or codegen) runs without sparsec's
+  passes (through Inductor when the backend can still compile it, else as eager) and is reported
+  in `Report.notes`; never an error for a model eager runs. User errors (bad options, a pass caught
+  changing the output by `verify_each`, `WeightChangedError`) are raised.
 """
 
 from __future__ import annotations
@@ -9,12 +23,14 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from .capture import Captured
+from . import ir
+from .capture import Captured, concrete
 from .options import Options
 from .pass_manager import PassContext, VerificationError, run_pipeline
 from .report import Report
@@ -24,9 +40,37 @@ log = logging.getLogger("sparsec")
 # Above this many shape variants sparsec stops specialising and runs the plain fallback.
 MAX_SHAPE_VARIANTS = 16
 
+# Weight dtypes sparsec's passes handle; a weight op with another dtype (int8, fp8, complex...) leaves
+# the whole graph to Inductor.
+SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DEVICES = ("cpu", "cuda")
+# Any tensor of these dtypes in a graph leaves the graph to Inductor (passes never see them).
+_UNSUPPORTED_DTYPE_NAMES = ("complex", "float8", "float4", "bits", "uint1", "int1")
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """`warnings.warn` the first time `key` is seen in this process (training fallback etc.)."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, stacklevel=3)
+
 
 class WeightChangedError(RuntimeError):
     """A weight that sparsec baked into its kernels changed after compilation."""
+
+
+class Unsupported(Exception):
+    """This graph is outside what sparsec optimizes; the message says why (goes to Report.notes)."""
+
+
+TRAINING_MESSAGE = (
+    "sparsec: gradients are required (grad mode is on and a parameter or input requires grad), so this "
+    "graph runs without sparsec's optimizations (through Inductor when compiled by torch.compile); "
+    "run inference under torch.no_grad() or torch.inference_mode() to get them"
+)
 
 
 def _device_of(inputs, captured: Captured) -> torch.device:
@@ -41,8 +85,90 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
+    # sparsec's constants are the model's weights: with CUDA graphs they must stay where they are
+    # rather than be copied into graph-owned memory on every replay (a full weight copy per call).
+    # AOTAutograd marks parameters and buffers static for graphs that carry a Dynamo compile id
+    # but no per-parameter sources (the torch.export path): give ours the current one.
+    context = torch._guards.CompileContext.try_get()
+    gm.meta.setdefault("dynamo_compile_id", context.compile_id if context else None)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
+
+# ---------------------------------------------------------------------------------------------
+# What sparsec does not handle (checked before and after capture)
+# ---------------------------------------------------------------------------------------------
+
+def _dtype_unsupported(dtype: torch.dtype) -> bool:
+    name = str(dtype)
+    return any(bad in name for bad in _UNSUPPORTED_DTYPE_NAMES)
+
+
+def needs_grad(tensors) -> bool:
+    """True when autograd would record: grad mode on and a tensor requires grad."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def inputs_reason(values) -> str | None:
+    """Why a graph over these inputs (weights included) is left to Inductor/eager, or None."""
+    for value in values:
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.device.type not in SUPPORTED_DEVICES:
+            return f"a tensor is on the {value.device.type!r} device; sparsec optimizes cpu and cuda"
+        if _dtype_unsupported(value.dtype):
+            return f"a tensor has dtype {value.dtype}; sparsec does not optimize that dtype"
+        if value.is_sparse or value.layout != torch.strided:
+            return f"a tensor has layout {value.layout}; sparsec optimizes dense (strided) weights"
+    return None
+
+
+def graph_reason(gm: fx.GraphModule) -> str | None:
+    """Why a captured graph is left to Inductor/eager (it updates state, odd weight dtypes), or None."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            mutated = _mutated_inputs(node)
+            if mutated:
+                return (f"the graph updates {mutated[0]} in place ({target}); sparsec compiles graphs that "
+                        f"leave their inputs and weights unchanged")
+            if target in (torch.ops.aten.batch_norm.default, torch.ops.aten.instance_norm.default):
+                training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", node.kwargs.get("use_input_stats"))
+                if training is True:
+                    return "BatchNorm runs in training mode (updates its running statistics); call model.eval()"
+    for _op, weight, _bias in ir.weight_ops(gm):
+        dtype = ir.get_constant(gm, weight).dtype
+        if dtype not in SUPPORTED_WEIGHT_DTYPES:
+            return f"weight {ir.display_name(weight)} has dtype {dtype}; sparsec optimizes float weights"
+    return None
+
+
+def _mutated_inputs(node: fx.Node) -> list[str]:
+    """Graph inputs or weights (or views of them) that `node` writes to; in-place ops on
+    intermediates (`relu_`, `ReLU(inplace=True)`) are fine."""
+    schema = node.target._schema
+    if not schema.is_mutable:
+        return []
+    written = []
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+        for arg in value if isinstance(value, (list, tuple)) else [value]:
+            base = arg
+            while isinstance(base, fx.Node) and base.op == "call_function" and getattr(base.target, "is_view", False):
+                base = base.args[0]
+            if isinstance(base, fx.Node) and base.op in ("placeholder", "get_attr"):
+                written.append(ir.display_name(base) if base.op == "get_attr" else f"input {base.name}")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimize and build one captured graph
+# ---------------------------------------------------------------------------------------------
 
 def optimize(captured: Captured, options: Options, out=None) -> Report:
     """Run the pass pipeline over `captured.gm` in place; returns the report."""
@@ -60,12 +186,18 @@ def optimize(captured: Captured, options: Options, out=None) -> Report:
     )
 
 
-def build(captured: Captured, options: Options, mode: str | None = None) -> tuple[Callable, Report]:
-    """Optimize and compile one captured graph; returns (callable over the graph inputs, report)."""
+def build(captured: Captured, options: Options, mode: str | None = None,
+          inductor_inputs: list | None = None) -> tuple[Callable, Report]:
+    """Optimize and compile one captured graph; returns (callable over the graph inputs, report).
+
+    `inductor_inputs`: what Inductor is given as example inputs (for a dynamic graph, Dynamo's own
+    example inputs with their SymInts, inside the backend call); default the captured examples.
+    """
     report = optimize(captured, options)
     gm = captured.gm
     if options.inductor:
-        return inductor_compile(gm, captured.example_inputs, mode), report
+        examples = inductor_inputs if inductor_inputs is not None else captured.example_inputs
+        return inductor_compile(gm, examples, mode), report
     return gm, report
 
 
@@ -79,11 +211,43 @@ def shape_key(args) -> tuple:
     return tuple(key)
 
 
+@dataclass
+class _Guard:
+    """One folded weight: the tensor, its version counter and storage when it was folded."""
+
+    name: str
+    tensor: torch.Tensor
+    version: int
+    data_ptr: int
+    index: int | None  # position in the caller's arguments (Dynamo graphs), else looked up by name
+
+
+_MISSING = object()
+
+
+def _lookup(module: torch.nn.Module, name: str):
+    """`module`'s parameter/buffer/attribute at dotted `name`, walking the module dicts (cheap), or None."""
+    *path, attr = name.split(".")
+    for part in path:
+        module = module._modules.get(part, _MISSING) if isinstance(module, torch.nn.Module) else _MISSING
+        if module is _MISSING or module is None:
+            return None
+    if not isinstance(module, torch.nn.Module):
+        return None
+    for table in (module._parameters, module._buffers, module.__dict__):
+        value = table.get(attr, _MISSING)
+        if value is not _MISSING:
+            return value
+    return None
+
+
 class CompiledVariants:
     """Callable over the caller's full argument list; guards weights, specialises per shape.
 
     `capture(args)` returns a fresh Captured for concrete arguments; `fallback` runs what eager
-    would (used when sparsec cannot compile, with a warning, never an error).
+    would (used when sparsec cannot compile, with a warning or a note, never an error). When
+    `fallback` is the nn.Module itself (`sparsec.compile`), weights are guarded by looking them up
+    in it by name, so replacing a Parameter object is seen too.
     """
 
     def __init__(self, capture: Callable[[list], Captured], options: Options, mode: str | None, fallback: Callable,
@@ -92,71 +256,173 @@ class CompiledVariants:
         self.options = options
         self.mode = mode
         self.fallback = fallback
+        self.module = fallback if isinstance(fallback, torch.nn.Module) else None
         self.variants: dict[tuple, tuple[Callable, list[int]]] = {}
         self.reports: dict[tuple, Report] = {}
-        self.guarded: dict[str, tuple[torch.Tensor, int]] = {}
+        self.dynamic_variant: tuple[Callable, list[int]] | None = None  # serves every size
+        self.guards: dict[str, _Guard] = {}
+        # Positions of the arguments that are graph inputs (not weights): the shape key looks only
+        # at them, so a call costs a few attribute reads per weight, not a tuple of its shape.
+        self.key_indices: list[int] | None = None
         self.failed = False
         self.compiles = 0
+        self.weight_recompiles = 0
+        self.notes: list[str] = []
+
+    # -- reports -----------------------------------------------------------------------------
 
     @property
     def report(self) -> Report | None:
-        return next(reversed(self.reports.values()), None)
+        report = next(reversed(self.reports.values()), None)
+        if report is None:
+            return Report(notes=list(self.notes)) if self.notes else None
+        extra = [n for n in self.notes if n not in report.notes]
+        return Report(layers=report.layers, passes=report.passes, notes=report.notes + extra)
 
-    def _check_weights(self) -> bool:
-        """True when every baked weight is unchanged (same tensor, same version counter)."""
-        for name, (tensor, version) in self.guarded.items():
-            if tensor._version != version:
-                if self.options.on_weight_change == "error":
-                    raise WeightChangedError(
-                        f"weight {name!r} changed after sparsec compiled the model; recompile it, or pass "
-                        f"on_weight_change='recompile' to let sparsec do so"
-                    )
-                log.info("weight %s changed: recompiling", name)
-                return False
-        return True
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+        log.info("sparsec: %s", text)
+
+    # -- weight guards -----------------------------------------------------------------------
+
+    def _live(self, guard: _Guard, args):
+        if guard.index is not None and guard.index < len(args):
+            return args[guard.index]
+        if self.module is not None:
+            return _lookup(self.module, guard.name)
+        return guard.tensor
+
+    def weights_changed(self, args) -> str | None:
+        """None when every folded weight is unchanged, else what changed, in words."""
+        count = len(args)
+        for guard in self.guards.values():
+            index = guard.index
+            live = args[index] if index is not None and index < count else self._live(guard, args)
+            if live is guard.tensor and live._version == guard.version and live.data_ptr() == guard.data_ptr:
+                continue  # the fast path of every call
+            if live is not guard.tensor:
+                return f"weight {guard.name!r} was replaced by another tensor"
+            if live._version != guard.version:
+                return f"weight {guard.name!r} was modified in place"
+            if live.data_ptr() != guard.data_ptr:
+                return f"weight {guard.name!r} had its storage (.data) replaced"
+        return None
+
+    def _on_weight_change(self, why: str) -> None:
+        if self.options.on_weight_change == "error":
+            raise WeightChangedError(
+                f"{why} after sparsec compiled the model, and sparsec baked its value into the compiled "
+                f"code; recompile the model, or pass on_weight_change='recompile' to let sparsec do so"
+            )
+        log.info("sparsec: %s: recompiling", why)
+        self.weight_recompiles += 1
+        if self.dynamic_variant is not None:
+            self.note("weights changed after a dynamic-shape compile: recompiled variants are specialised per input shape")
+        self.variants.clear()
+        self.reports.clear()
+        self.guards.clear()
+        self.dynamic_variant = None
+
+    # -- compiling ---------------------------------------------------------------------------
+
+    def install(self, captured: Captured, args, inductor_inputs: list | None = None) -> tuple[Callable, list[int]]:
+        """Optimize and compile `captured` (taken for `args`) and register it as a variant."""
+        reason = inputs_reason(list(captured.sources.values()) + list(captured.example_inputs)) or graph_reason(captured.gm)
+        if reason:
+            raise Unsupported(reason)
+        versions = {name: (t._version, t.data_ptr()) for name, t in captured.sources.items()}
+        fn, report = build(captured, self.options, self.mode, inductor_inputs)
+        for name, tensor in captured.sources.items():
+            if (tensor._version, tensor.data_ptr()) != versions[name]:
+                raise RuntimeError(f"sparsec bug: compiling modified the model's weight {name!r} in place")
+        self.compiles += 1
+        for name, tensor in captured.sources.items():
+            version, ptr = versions[name]
+            self.guards[name] = _Guard(name, tensor, version, ptr, captured.source_indices.get(name))
+        variant = (fn, captured.input_indices)
+        if self.key_indices is None:
+            self.key_indices = list(captured.input_indices)
+        key = self.key_of([concrete(a) for a in args])
+        if captured.dynamic:
+            self.dynamic_variant = variant
+        else:
+            self.variants[key] = variant
+        self.reports[key] = report
+        return variant
+
+    def key_of(self, args) -> tuple:
+        if self.key_indices is None or max(self.key_indices, default=-1) >= len(args):
+            return shape_key(args)
+        return shape_key([args[i] for i in self.key_indices])
 
     def compile_for(self, args) -> tuple[Callable, list[int]]:
-        key = shape_key(args)
+        key = self.key_of(args)
         if key in self.variants:
             return self.variants[key]
         if len(self.variants) >= MAX_SHAPE_VARIANTS:
             raise _TooManyVariants()
-        captured = self.capture(list(args))
-        fn, report = build(captured, self.options, self.mode)
-        self.compiles += 1
-        for name, tensor in captured.sources.items():
-            self.guarded[name] = (tensor, tensor._version)
-        self.variants[key] = (fn, captured.input_indices)
-        self.reports[key] = report
-        return self.variants[key]
+        return self.install(self.capture(list(args)), args)
 
     def select(self, args) -> tuple[Callable, list[int]] | None:
         """The compiled variant for these arguments, compiling it if needed; None means: run eager."""
         if self.failed:
             return None
-        if not self._check_weights():
-            self.variants.clear()
-            self.reports.clear()
-            self.guarded.clear()
+        if self.guards:
+            why = self.weights_changed(args)
+            if why is not None:
+                self._on_weight_change(why)
+        if self.dynamic_variant is not None:
+            return self.dynamic_variant
         try:
             return self.compile_for(args)
         except (ValueError, VerificationError, WeightChangedError):
             raise  # the user's own error (bad option, wrong pass): say it, don't hide it
         except _TooManyVariants:
-            warnings.warn(f"sparsec: more than {MAX_SHAPE_VARIANTS} input shapes; running the rest unoptimized")
+            warn_once(f"variants-{id(self)}", f"sparsec: more than {MAX_SHAPE_VARIANTS} input shapes; running the rest unoptimized")
+            self.note(f"more than {MAX_SHAPE_VARIANTS} input shapes: further shapes run unoptimized")
+            return None
+        except Unsupported as why:
+            self.note(f"left unoptimized: {why}")
+            self.failed = True
             return None
         except Exception as exc:  # sparsec never fails a model that eager runs
             warnings.warn(f"sparsec could not compile this graph and runs it unoptimized: {type(exc).__name__}: {exc}")
             log.debug("sparsec compile failure", exc_info=True)
+            self.note(f"compile failed, running unoptimized: {type(exc).__name__}: {exc}")
             self.failed = True
             return None
 
     def __call__(self, *args):
+        if torch.is_grad_enabled() and (needs_grad(args) or needs_grad(g.tensor for g in self.guards.values())):
+            # Only reachable through `sparsec.compile` (Dynamo guards grad mode and hands the backend a
+            # fresh graph): the compiled code was traced for inference, so run the model as eager.
+            warn_once("training", TRAINING_MESSAGE)
+            self.note("gradients were required on a call: that call ran unoptimized (eager)")
+            return self.fallback(*args)
         selected = self.select(args)
         if selected is None:
             return self.fallback(*args)
         fn, indices = selected
         return fn(*[args[i] for i in indices])
+
+
+class FallbackGraph:
+    """A graph sparsec left alone (compiled by Inductor, or run as eager), with the reason as a note."""
+
+    def __init__(self, fn: Callable, reason: str, how: str):
+        self.fn = fn
+        self.reason = reason
+        self.how = how  # "inductor" or "eager"
+        self.compiles = 0
+        self.notes = [f"left to {how}: {reason}"]
+
+    @property
+    def report(self) -> Report:
+        return Report(notes=list(self.notes))
+
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 class _TooManyVariants(Exception):

@@ -1,0 +1,60 @@
+"""Where the time goes in one compiled forward: the top GPU kernels of the LLaMA-style stack.
+
+    python benchmarks/profile_decode.py --case a --tokens 1 --mode reduce-overhead
+
+Prints the kernels by total GPU time over 20 calls and the wall time per call, for sparsec and
+Inductor side by side, so a gap to the floor can be assigned to kernels or to launch overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sparsec import models
+
+from models import compiled, prune_case  # benchmarks/models.py
+
+
+def profile(fn, x, label: str, calls: int = 20) -> None:
+    for _ in range(5):
+        fn(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_ms = sum(e.device_time_total for e in events) / 1e3 / calls
+    print(f"\n## {label}: wall {wall_ms:.3f} ms/call, GPU busy {gpu_ms:.3f} ms/call")
+    rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:12]
+    for e in rows:
+        print(f"  {e.device_time_total / 1e3 / calls:8.4f} ms  x{e.count // calls:<3} {e.key[:90]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="a")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--mode", default="reduce-overhead")
+    args = parser.parse_args()
+    mode = None if args.mode == "default" else args.mode
+    torch.manual_seed(0)
+    model = models.LlamaStack(4096, 32, 11008, 4).to("cuda", torch.bfloat16).eval()
+    prune_case(model, args.case)
+    with torch.no_grad():
+        for tokens in args.tokens:
+            x = torch.randn(tokens, 1, 4096, device="cuda", dtype=torch.bfloat16)
+            profile(compiled(model, "inductor", mode), x, f"inductor {args.mode} M={tokens}")
+            profile(compiled(model, "sparsec", mode), x, f"sparsec {args.mode} case {args.case} M={tokens}")
+
+
+if __name__ == "__main__":
+    main()
