@@ -591,6 +591,37 @@ def _set_bias(gm, node, index, bias_node, bias, w_node):
     node.args = tuple(args)
 
 
+MAX_FOLD_ROUNDS = 8  # each round folds one more layer of constant channels; real models need 1-2
+
+
+def _keep_one(removable: torch.Tensor) -> torch.Tensor:
+    """A group keeps at least one channel (zero-size tensors are not worth the risk in every op)."""
+    if removable.all():
+        removable = removable.clone()
+        removable[0] = False
+    return removable
+
+
+def _pending_folds(decisions) -> dict:
+    """{site: {input position: constant value}} for every removable channel that needs a fold."""
+    folds_by_site: dict = {}
+    for g, (removable, folds) in decisions.items():
+        removable = _keep_one(removable)
+        for site, s, e, coord, fold, vals in folds:
+            take = fold & removable[coord]
+            for j in torch.nonzero(take).flatten().tolist():
+                folds_by_site.setdefault(site, {})[s + j] = vals[j]
+    return folds_by_site
+
+
+def _fold_positions(group, folds) -> torch.Tensor:
+    """The channels of `group` that are removable only through one of `folds`."""
+    needs = torch.zeros(group.size, dtype=torch.bool)
+    for _site, _s, _e, coord, fold, _vals in folds:
+        needs[coord[fold]] = True
+    return needs
+
+
 def plan(gm):
     dg = build_dim_groups(gm)
     S = compute_status(gm)
@@ -609,23 +640,21 @@ def channel_slice(gm, ctx):
         ctx.note("__notes__", notes=ctx.layer_notes.get("__notes__", {}).get("notes", []) + [
             f"channel-slice: dimension analysis failed ({type(exc).__name__}: {exc}); nothing sliced"])
         return PassResult(changed=False, stats={"error": f"{type(exc).__name__}: {exc}"})
-    # 1. fold constant channels of removable indices into their consumers
-    folds_by_site: dict = {}
-    for g, (removable, folds) in decisions.items():
-        if removable.all():
-            removable = removable.clone()
-            removable[0] = False
-        for site, s, e, coord, fold, vals in folds:
-            take = fold & removable[coord]
-            for j in torch.nonzero(take).flatten().tolist():
-                folds_by_site.setdefault(site, {})[s + j] = vals[j]
+    # 1. fold constant channels of removable indices into their consumers. A fold can make more
+    # channels constant (a consumer whose remaining columns are all zero now outputs its new bias),
+    # so fold until nothing is left to fold: the plan that slices must have no fold pending.
     folded = 0
-    if folds_by_site:
-        folded = apply_folds(gm, folds_by_site)
+    for _ in range(MAX_FOLD_ROUNDS):
+        folds_by_site = _pending_folds(decisions)
+        if not folds_by_site:
+            break
+        folded += apply_folds(gm, folds_by_site)
         gm.graph.lint()
         gm.recompile()
         ir.refresh_shapes(gm, ctx.example_inputs)
         dg, decisions = plan(gm)
+    else:  # still folding: slice only what is dead without a fold
+        decisions = {g: (removable & ~_fold_positions(g, folds), []) for g, (removable, folds) in decisions.items()}
     # 2. slice
     selections = {}
     group_rows = []
@@ -637,9 +666,7 @@ def channel_slice(gm, ctx):
                "sliceable": g.sliceable, "permutable": g.permutable, "blocked_by": list(g.blocked_by)}
         after = g.size
         if g in decisions:
-            removable = decisions[g][0].clone()
-            if removable.all():
-                removable[0] = False
+            removable = _keep_one(decisions[g][0])
             if removable.any():
                 keep = torch.nonzero(~removable).flatten()
                 selections[g] = keep

@@ -1141,9 +1141,13 @@ def build_dim_groups(gm: fx.GraphModule) -> DimGroups:
     for slot, why in b.pins:
         for seg in _segs(cuts, slot, 0, slot_size(slot)):
             pins.setdefault(seg, why)
+    factors_of = {flat: fs for flat, fs in b.products}
     for flat, why in conflicts:
-        for seg in _segs(cuts, flat, 0, slot_size(flat)):
-            pins.setdefault(seg, f"reshape: {why}")
+        # Neither side of a reshape that cuts through a channel range can change: the flat dim
+        # and its factors (a factor sliced alone would leave the flat input at its old size).
+        for slot in [flat] + factors_of.get(flat, []):
+            for seg in _segs(cuts, slot, 0, slot_size(slot)):
+                pins.setdefault(seg, f"reshape: {why}")
     for slot, why in b.no_slices:
         for seg in _segs(cuts, slot, 0, slot_size(slot)):
             no_slices.setdefault(seg, why)

@@ -163,6 +163,21 @@ def test_biased_dead_channels_fold_into_new_bias():
     assert stats["folded_channels"] == 10
 
 
+def test_fold_that_makes_the_next_layer_constant_is_folded_too():
+    """Folding layer 0's constant channels into layer 1's bias leaves layer 1 rows whose only
+    non-zero columns were those channels: they are now constant too and fold into layer 2
+    (found by the fuzzer: the second round's folds used to be counted as done but never applied)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24, bias=False), nn.GELU(),
+                          nn.Linear(24, 8)).eval()
+    zero_rows(model[0], torch.arange(10))  # channels 0-9 of layer 0 are gelu(bias): constant
+    with torch.no_grad():
+        model[2].weight[:6, 10:] = 0  # rows 0-5 of layer 1 read only those constant channels
+    gm, _, stats = run_slice(model, (torch.randn(4, 16),))
+    assert stats["folded_channels"] == 10 + 6
+    assert n_params(gm) == (16 * 22 + 22) + (22 * 18 + 18) + (18 * 8 + 8)  # layer 1 gained a bias
+
+
 def test_unused_consumer_columns_are_dead():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()

@@ -162,3 +162,29 @@ def test_embedding_columns_join_the_consumer_group_rows_are_pinned():
     assert cols is group_with(dg, "fc.weight", 1) and cols.sliceable
     rows = group_with(dg, "emb.weight", 0)
     assert not rows.permutable and any("embedding" in w for w in rows.blocked_by)
+
+
+class CatThenHeads(nn.Module):
+    """cat(32 channels, 4 channels) viewed as 2 heads of 18: head 1 straddles the cat boundary."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 32), nn.Linear(8, 4), nn.Linear(36, 3)
+
+    def forward(self, x):
+        t = torch.cat([self.a(x), self.b(x)], dim=-1)
+        n, s, _ = t.shape
+        t = t.view(n, s, 2, 18).softmax(dim=-1).reshape(n, s, 36)
+        return self.head(t)
+
+
+def test_reshape_cutting_through_a_cat_pins_its_factors_too():
+    """The cut at 32 falls inside a head: neither the flat dim nor the heads may change (a heads
+    factor sliced alone would leave the view's input at 36 channels; found by the fuzzer)."""
+    torch.manual_seed(0)
+    captured, dg = groups_of(CatThenHeads().eval(), torch.randn(1, 5, 8))
+    view = next(n for n in captured.gm.graph.nodes if n.target is aten.view.default and len(n.args[1]) == 4)
+    for dim in (2, 3):
+        group = dg.group_of(view, dim)
+        assert group is not None and not group.sliceable and not group.permutable, group.describe()
+        assert any("reshape" in why for why in group.blocked_by), group.blocked_by
