@@ -121,9 +121,8 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from sparsec.codegen.cpp import (bitmap_linear_cpu, bsr_linear_cpu, csr_linear_cpu,
-                                     load_kernels, pack_csr)
-    from sparsec.runtime.formats import pack_bitmap, pack_bsr
+    from sparsec.codegen.cpp import bitmap_linear_cpu, bsr_linear_cpu, csr_linear_cpu, load_kernels
+    from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr
 
     t_start = time.time()
     lib = load_kernels()

@@ -123,6 +123,12 @@ def bitmap_candidate(m: int, n: int, k: int, element_size: int, nnz: int, occupi
                      flops=2.0 * m * occupied_tile_elements)
 
 
+def csr_candidate(m: int, n: int, k: int, element_size: int, nnz: int) -> Candidate:
+    """CSR: every non-zero with a 16-bit column index, one offset per row; flops on non-zeros only."""
+    weight_bytes = nnz * (element_size + 2) + (n + 1) * 4
+    return Candidate("csr_linear", None, bytes=weight_bytes + (m * k + m * n) * element_size, flops=2.0 * m * nnz)
+
+
 def _ceilings_file() -> Path:
     return cache_dir() / "ceilings.json"
 

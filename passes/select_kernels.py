@@ -1,4 +1,4 @@
-"""select-kernels: per linear layer pick dense, block-sparse or bitmap by a cost model (and timing).
+"""select-kernels: per linear layer pick dense, block-sparse, bitmap or CSR by a cost model (and timing).
 
 For each `aten.linear` with a constant 2-D weight, the candidates are dense and every sparse
 format with a real kernel on the device (the reference implementation in runtime/ never counts).
@@ -41,9 +41,17 @@ def count_nonzero_blocks(nonzero: torch.Tensor, block: tuple[int, int]) -> int:
 
 
 def has_real_kernel(op_name: str, device_type: str) -> bool:
+    """A kernel other than the reference is registered for the op on this device (it may still
+    fail to build: `kernels_ready` says, and is asked only for a kernel about to be chosen)."""
     from sparsec.runtime import ops
 
     return bool(ops.get_kernels(op_name, device_type))
+
+
+def kernels_ready(op_name: str, device_type: str) -> bool:
+    from sparsec.runtime import ops
+
+    return ops.kernels_ready(op_name, device_type)
 
 
 def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None, col_perm=None) -> list:
@@ -51,18 +59,23 @@ def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None
     n, k = weight.shape
     es = weight.element_size()
     nonzero = weight != 0
+    found = [cost_model.dense_candidate(m, n, k, es)]
+    nnz = int(nonzero.sum())
+    if nnz == nonzero.numel():  # no zero at all: no sparse format can win
+        return found
+    if has_real_kernel("csr_linear", device_type):  # CSR needs no permutation: counted as is
+        found.append(cost_model.csr_candidate(m, n, k, es, nnz))
     if row_perm is not None:
         nonzero = nonzero[row_perm]
     if col_perm is not None:
         nonzero = nonzero[:, col_perm]
-    found = [cost_model.dense_candidate(m, n, k, es)]
     if has_real_kernel("bsr_linear", device_type):
         for block in BLOCK_SHAPES:
             found.append(cost_model.bsr_candidate(m, n, k, es, block, count_nonzero_blocks(nonzero, block)))
     if has_real_kernel("bitmap_linear", device_type):
         tile = (16, 64)
         occupied = count_nonzero_blocks(nonzero, tile) * tile[0] * tile[1]
-        found.append(cost_model.bitmap_candidate(m, n, k, es, int(nonzero.sum()), occupied))
+        found.append(cost_model.bitmap_candidate(m, n, k, es, nnz, occupied))
     return found
 
 
@@ -110,6 +123,9 @@ def _measure(candidate, weight, bias, m: int) -> float:
     elif candidate.kernel == "bsr_linear":
         packed = formats.pack_bsr(weight, candidate.block)
         fn = lambda: ops.bsr_linear(x, packed, bias)  # noqa: E731
+    elif candidate.kernel == "csr_linear":
+        packed = formats.pack_csr(weight)
+        fn = lambda: ops.csr_linear(x, packed, bias)  # noqa: E731
     else:
         packed = formats.pack_bitmap(weight)
         fn = lambda: ops.bitmap_linear(x, packed, bias)  # noqa: E731
@@ -120,6 +136,10 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
     """(chosen candidate, all candidates, measured times or {}) for one layer."""
     ceilings = cost_model.ceilings_for(device, weight.dtype, measure=autotune)
     found = candidates_for(weight, m, device.type, row_perm, col_perm)
+    # A format whose kernel cannot run here (a C++ library that failed to build) is no candidate;
+    # asked only when a sparse format could win, so dense models never build kernels.
+    ready = {c.kernel for c in found[1:] if kernels_ready(c.kernel, device.type)} if len(found) > 1 else set()
+    found = [found[0]] + [c for c in found[1:] if c.kernel in ready]
     for c in found:
         cost_model.predict(c, ceilings, device.type)
     dense = found[0]
@@ -150,6 +170,11 @@ def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
     from sparsec.runtime import formats
 
     name = ir.display_name(weight_node)
+    if choice.kernel == "csr_linear":  # no tiles, so no permutation: packed as the weight is
+        packed = formats.pack_csr(weight)
+        parts = (("csr_values", packed.values), ("csr_col_indices", packed.col_indices), ("csr_row_offsets", packed.row_offsets))
+        nodes = [ir.add_constant(gm, t, f"{name}.{suffix}", insert_before=op) for suffix, t in parts]
+        return torch.ops.sparsec.csr_linear.default, nodes, (), None
     if choice.kernel == "bsr_linear":
         packed = formats.pack_bsr(weight, choice.block, row_perm=row_perm, col_perm=col_perm)
         parts = (("bsr_values", packed.values), ("bsr_col_indices", packed.col_indices), ("bsr_row_offsets", packed.row_offsets))
@@ -167,7 +192,7 @@ def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
 def rewrite(gm: fx.GraphModule, op: fx.Node, weight_node, bias_node, weight, choice, row_perm, col_perm) -> dict:
     """Replace `op` (and its fusable activation / residual add) by the chosen sparse kernel."""
     x = op.args[0]
-    target, format_nodes, extra, (row_perm_node, col_perm_node) = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm)
+    target, format_nodes, extra, perm_nodes = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm)
     last, activation, residual = op, "none", None
     act = _activation_user(op)
     if act is not None:
@@ -176,7 +201,7 @@ def rewrite(gm: fx.GraphModule, op: fx.Node, weight_node, bias_node, weight, cho
     if add is not None:
         last, residual = add, other
     n, k = weight.shape
-    args = (x, *format_nodes, n, k, *extra, bias_node, activation, residual, row_perm_node, col_perm_node)
+    args = (x, *format_nodes, n, k, *extra, bias_node, activation, residual, *(perm_nodes or ()))
     with gm.graph.inserting_after(last):
         new = gm.graph.call_function(target, args)
     new.meta["val"] = last.meta.get("val")
@@ -194,7 +219,7 @@ def _tokens(op: fx.Node, k: int) -> int:
     return max(1, math.prod(val.shape) // k)
 
 
-@register_pass("select-kernels", "Pick dense, block-sparse or bitmap per linear by cost model (and timing); fuse epilogues")
+@register_pass("select-kernels", "Pick dense, block-sparse, bitmap or CSR per linear by cost model (and timing); fuse epilogues")
 def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"sparse_kernels": 0, "kept_dense": 0}
     device = ctx.device

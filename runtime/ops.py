@@ -16,21 +16,29 @@ y[..., row_perm[r]] = yp[..., r]; y = act(y + bias) + residual; output dtype = x
 Kernel registry: `register_kernel(op_name, device_type, fn)`; fn takes the op's arguments
 (positionally, same order) and returns the output tensor, or NotImplemented to fall back
 to the next candidate (finally the pure-torch reference in runtime/reference.py).
-The Triton kernels register themselves for "cuda" lazily (triton is optional).
+The built-in kernels register themselves lazily, on the first look-up for their device: Triton
+for "cuda" (triton is optional), the C++ kernels for "cpu" (they need a C++ compiler).
+`kernels_ready(op_name, device_type)` says whether a real kernel will run (for the C++ kernels
+this builds the library, or loads it from the disk cache): the reference never counts.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import reference
-from .formats import BitmapWeight, BSRWeight
+from .formats import BitmapWeight, BSRWeight, CSRWeight
 
 _KERNELS: Dict[Tuple[str, str], List[Callable]] = {}
 # Kernels whose launches torch.compile can trace (Triton through wrap_triton): Inductor inlines
 # them into its generated code. Others (C++, user kernels) run inside an opaque host op.
 _TRACEABLE: set = set()
+# Kernels that are registered but may not be usable yet: fn -> ready() (True once it can run).
+_READY_CHECKS: Dict[Callable, Callable[[], bool]] = {}
+# The built-in kernels of each device type: a module with `register_all()`, imported on first use.
+_BUILTIN_KERNELS = {"cuda": "sparsec.codegen.triton.register", "cpu": "sparsec.codegen.cpp.register"}
 _LAZY_TRIED = set()
 
 ACTIVATIONS = reference.ACTIVATIONS
@@ -41,10 +49,11 @@ def _norm(op_name: str) -> str:
 
 
 def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool = False,
-                    traceable: bool = False) -> None:
+                    traceable: bool = False, ready: Optional[Callable[[], bool]] = None) -> None:
     """Register `fn` for (op, device). Later registrations are tried first, unless
-    `last=True` (used by the built-in Triton kernels so user kernels take precedence).
-    `traceable=True` only for functions made of PyTorch ops and `wrap_triton` launches."""
+    `last=True` (used by the built-in kernels so user kernels take precedence).
+    `traceable=True` only for functions made of PyTorch ops and `wrap_triton` launches.
+    `ready()`, if given, says whether `fn` can run here (e.g. its library built)."""
     lst = _KERNELS.setdefault((_norm(op_name), device_type), [])
     if fn in lst:
         lst.remove(fn)
@@ -54,6 +63,8 @@ def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool 
         lst.insert(0, fn)
     if traceable:
         _TRACEABLE.add(fn)
+    if ready is not None:
+        _READY_CHECKS[fn] = ready
 
 
 def unregister_kernel(op_name: str, device_type: str, fn: Optional[Callable] = None) -> None:
@@ -65,14 +76,18 @@ def unregister_kernel(op_name: str, device_type: str, fn: Optional[Callable] = N
 
 
 def get_kernels(op_name: str, device_type: str) -> List[Callable]:
-    if device_type == "cuda" and "cuda" not in _LAZY_TRIED:
-        _LAZY_TRIED.add("cuda")
-        try:  # Triton is optional: without it, CUDA runs the reference
-            from sparsec.codegen.triton import register as _reg  # noqa: F401
-            _reg.register_all()
+    if device_type in _BUILTIN_KERNELS and device_type not in _LAZY_TRIED:
+        _LAZY_TRIED.add(device_type)
+        try:  # optional dependencies (triton, a C++ compiler): without them the reference runs
+            importlib.import_module(_BUILTIN_KERNELS[device_type]).register_all()
         except ImportError:
             pass
     return list(_KERNELS.get((_norm(op_name), device_type), []))
+
+
+def kernels_ready(op_name: str, device_type: str) -> bool:
+    """Whether a real kernel (not the reference) will run `op_name` on `device_type`."""
+    return any(_READY_CHECKS.get(fn, lambda: True)() for fn in get_kernels(op_name, device_type))
 
 
 def _run_traceable(op_name, args):
@@ -169,6 +184,24 @@ def bitmap_linear_op(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor
     return out if out is not NotImplemented else bitmap_linear_host(*args)
 
 
+# ------------------------------------------------------------------ csr_linear
+# Only host kernels (the C++ CSR kernel on the CPU): a plain custom op.
+@torch.library.custom_op("sparsec::csr_linear", mutates_args=())
+def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
+                  row_offsets: torch.Tensor, out_features: int, in_features: int,
+                  bias: Optional[torch.Tensor], activation: str,
+                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_act(activation)
+    return _run_host("csr_linear", reference.csr_linear_ref,
+                     (x, values, col_indices, row_offsets, out_features, in_features, bias,
+                      activation, residual))
+
+
+@csr_linear_op.register_fake
+def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
+    return _fake_linear(x, out_features, in_features)
+
+
 # ------------------------------------------------------------------ helpers
 def bsr_linear(x: torch.Tensor, w: BSRWeight, bias=None, activation: str = "none", residual=None):
     n, k = w.shape
@@ -182,3 +215,9 @@ def bitmap_linear(x: torch.Tensor, w: BitmapWeight, bias=None, activation: str =
     return torch.ops.sparsec.bitmap_linear(x, w.values, w.bitmap, w.tile_offsets, n, k,
                                            w.tile_rows, bias, activation, residual, w.row_perm,
                                            w.col_perm)
+
+
+def csr_linear(x: torch.Tensor, w: CSRWeight, bias=None, activation: str = "none", residual=None):
+    n, k = w.shape
+    return torch.ops.sparsec.csr_linear(x, w.values, w.col_indices, w.row_offsets, n, k, bias,
+                                        activation, residual)

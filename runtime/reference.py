@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .formats import bitmap_to_dense_padded
+from .formats import bitmap_to_dense_padded, csr_to_dense
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 
@@ -77,3 +77,11 @@ def bitmap_linear_ref(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tenso
                       col_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     wp = bitmap_to_dense_padded(values, bitmap, tile_rows)[:out_features, :in_features]
     return _linear(x, wp, bias, activation, residual, row_perm, col_perm)
+
+
+def csr_linear_ref(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
+                   row_offsets: torch.Tensor, out_features: int, in_features: int,
+                   bias: Optional[torch.Tensor] = None, activation: str = "none",
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    wp = csr_to_dense(values, col_indices, row_offsets, int(out_features), int(in_features))
+    return _linear(x, wp, bias, activation, residual, None, None)

@@ -37,16 +37,20 @@ def current_layers(gm: fx.GraphModule) -> dict[str, dict]:
 
 
 class LayerTracker:
-    """Records each layer the first time it is seen (before) and its latest state (after)."""
+    """Records each layer the first time it is seen (before), the last time it was seen on its own
+    (its shape after slicing, before fuse-linears stacks it with its siblings), and the layers of
+    the final graph (after: which kernel runs it)."""
 
     def __init__(self):
         self.before: dict[str, dict] = {}
+        self.last_seen: dict[str, dict] = {}
         self.after: dict[str, dict] = {}
 
     def observe(self, gm: fx.GraphModule) -> None:
         now = current_layers(gm)
         for name, facts in now.items():
             self.before.setdefault(name, facts)
+        self.last_seen.update(now)
         self.after = now
 
     def rows(self, notes: dict) -> list[dict]:
@@ -56,18 +60,19 @@ class LayerTracker:
             if name in fused_targets:
                 continue  # shown on the rows of the layers stacked into it
             fused_into = notes.get(name, {}).get("fused_into")
-            after = self.after.get(name) or self.after.get(fused_into) or before
-            info_before, info_after = before["sparsity"], after["sparsity"]
+            own = self.last_seen.get(name, before)  # the layer itself, after slicing and permuting
+            runs_in = self.after.get(name) or self.after.get(fused_into) or own
+            info_before, info_after = before["sparsity"], own["sparsity"]
             row = {
                 "name": name,
                 "op": before["op"],
                 "shape_before": list(before["shape"]),
-                "shape_after": list(after["shape"]),
+                "shape_after": list(own["shape"]),
                 "density": round(info_before.density, 4),
                 "pattern": info_before.pattern,
                 "tiles_before": dict(info_before.tiles),
                 "tiles_after": dict(info_after.tiles),
-                "kernel": after["kernel"],
+                "kernel": runs_in["kernel"],
             }
             row.update({k: v for k, v in notes.get(name, {}).items() if k not in row})
             rows.append(row)
@@ -95,7 +100,7 @@ class Report:
                 f"{r['density']:.3f}",
                 r["pattern"],
                 f"{r['tiles_before'].get(64, '-')}/{r['tiles_after'].get(64, '-')}",
-                r["kernel"],
+                r["kernel"] + (" (fused)" if r.get("fused_into") else ""),
             )
             for r in self.layers
         ]

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.cpp import build
-from sparsec.codegen.cpp.formats import csr_to_dense, pack_csr
-from sparsec.runtime.formats import pack_bsr
+from sparsec.runtime.formats import csr_to_dense, pack_bsr, pack_csr
 
 HAVE_CXX = build.compiler_available()
 pytestmark = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler (c++ / $CXX) on PATH")
@@ -34,15 +33,7 @@ def lib(tmp_path_factory):
             pytest.skip("C++ kernels failed to build (see the sparsec.codegen.cpp warning)")
         yield lib
     finally:
-        build.reset_loaded()
-        try:  # leave the kernel registry as other test modules expect it
-            from sparsec.codegen.cpp import ops as cops
-            from sparsec.runtime.ops import unregister_kernel
-            for op, fn in (("bsr_linear", cops.bsr_linear_cpu), ("csr_linear", cops.csr_linear_cpu),
-                           ("bitmap_linear", cops.bitmap_linear_cpu)):
-                unregister_kernel(op, "cpu", fn)
-        except ImportError:
-            pass
+        build.reset_loaded()  # the next use loads the library of the default cache
         if old is None:
             os.environ.pop("SPARSEC_CACHE_DIR", None)
         else:
@@ -190,7 +181,7 @@ def test_bsr_through_custom_op(lib):
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 def test_csr(lib, dtype, density, index_dtype):
-    from sparsec.codegen.cpp import csr_linear
+    from sparsec.runtime.ops import csr_linear
     gen = torch.Generator().manual_seed(13)
     n, k = 75, 130
     wd = (torch.randn(n, k, generator=gen, dtype=torch.float64)
@@ -211,7 +202,7 @@ def test_csr(lib, dtype, density, index_dtype):
 
 def test_csr_uint16_indices_wide(lib):
     """K > 32768: int16 storage is read as unsigned."""
-    from sparsec.codegen.cpp import csr_linear
+    from sparsec.runtime.ops import csr_linear
     gen = torch.Generator().manual_seed(17)
     n, k = 8, 40000
     wd = torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) < 0.01)
@@ -224,7 +215,7 @@ def test_csr_uint16_indices_wide(lib):
 
 
 def test_csr_fake_and_compile(lib):
-    from sparsec.codegen.cpp import csr_linear
+    from sparsec.runtime.ops import csr_linear
     gen = torch.Generator().manual_seed(19)
     wd = torch.randn(32, 40, generator=gen) * (torch.rand(32, 40, generator=gen) < 0.3)
     w = pack_csr(wd)

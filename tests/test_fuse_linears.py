@@ -36,5 +36,7 @@ def test_report_rows_point_at_the_fused_layer():
     report = sparsec.explain(model, x, passes="fuse-linears")
     rows = {r["name"]: r for r in report.layers}
     assert rows["query.weight"]["fused_into"] == "{query,key,value}.weight"
-    assert rows["query.weight"]["shape_after"] == [384, 128]
+    # shape_after is the layer's own shape (what slicing left of it), not the stacked weight's
+    assert rows["query.weight"]["shape_after"] == [128, 128]
     assert "{query,key,value}.weight" not in rows
+    assert "(fused)" in str(report).splitlines()[[r["name"] for r in report.layers].index("query.weight") + 2]

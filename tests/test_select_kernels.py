@@ -25,7 +25,9 @@ def cpu_kernels():
 
 @pytest.fixture
 def every_kernel_exists(monkeypatch):
-    monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: True)
+    """The kernels the CUDA (Triton) backend has: block-sparse and bitmap, no CSR."""
+    monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: op in ("bsr_linear", "bitmap_linear"))
+    monkeypatch.setattr(select_kernels, "kernels_ready", lambda op, device: True)
 
 
 def block_sparse(n, k, density, block=64, seed=0):
@@ -130,3 +132,42 @@ def test_autotune_decision_is_cached_on_disk(cpu_kernels, every_kernel_exists, t
     monkeypatch.setattr(select_kernels, "_measure", must_not_measure)
     report = sparsec.explain(model, x, passes="analyze,select-kernels", autotune=True)
     assert all("measured_ms" in row for row in report.layers)
+
+
+needs_cxx = pytest.mark.skipif(not __import__("sparsec.codegen.cpp.build", fromlist=["x"]).compiler_available(),
+                               reason="no C++ compiler (c++ / $CXX) on PATH: the CPU kernels cannot be built")
+
+
+@needs_cxx
+def test_cpu_choices_with_the_cpp_kernels():
+    """On the CPU the C++ kernels are real candidates (nominal 2-core ceilings, fp32)."""
+    def cpu_choice(weight, m):
+        best, _found, _measured = select_kernels.choose(weight, None, m, torch.device("cpu"), autotune=False)
+        return best.kernel
+
+    assert cpu_choice(block_sparse(2048, 2048, 0.1, block=32), m=1) == "bsr_linear"
+    assert cpu_choice(block_sparse(2048, 2048, 0.1, block=32), m=512) == "bsr_linear"
+    assert cpu_choice(unstructured(2048, 2048, 0.1), m=1) == "csr_linear"
+    assert cpu_choice(unstructured(2048, 2048, 0.1), m=32) == "csr_linear"
+    # 50% unstructured with many tokens is compute-bound: CSR and bitmap both lose to dense GEMM.
+    assert cpu_choice(unstructured(2048, 2048, 0.5), m=512) == "dense"
+    assert cpu_choice(torch.randn(2048, 2048), m=1) == "dense"
+
+
+@needs_cxx
+def test_cpp_csr_kernel_chosen_end_to_end_through_inductor(fresh_dynamo):
+    """A 90%-unstructured MLP on the CPU runs sparsec::csr_linear with its fused epilogue, under
+    Inductor, and equals eager on fresh inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    compiled = torch.compile(model, backend="sparsec")
+    with torch.no_grad():
+        for batch in (4, 4, 9):
+            x = torch.randn(batch, 512)
+            assert output_close(compiled(x), model(x))[0]
+    report = sparsec.backend.last_report()
+    kernels = {row["name"]: row["kernel"] for row in report.layers}
+    assert kernels == {"0.weight": "csr_linear", "2.weight": "csr_linear"}, kernels

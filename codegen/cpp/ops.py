@@ -2,8 +2,7 @@
 
   bsr_linear_cpu(...)   same arguments as sparsec::bsr_linear; registered for "cpu"
   bitmap_linear_cpu(...) same arguments as sparsec::bitmap_linear; registered for "cpu"
-  csr_linear_cpu(...)   same arguments as sparsec::csr_linear (defined here)
-  sparsec::csr_linear   custom op (+ fake) for unstructured weights packed by `pack_csr`
+  csr_linear_cpu(...)   same arguments as sparsec::csr_linear; registered for "cpu"
   conv1x1_as_linear / sparse_conv2d   1x1 convolutions as sparse linear; KxK: dense fallback
 
 Each kernel function returns NotImplemented when it cannot run (no compiler, a dtype other
@@ -18,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import build
-from .formats import CSRWeight, csr_to_dense, pack_csr
+from sparsec.runtime.formats import CSRWeight
+from sparsec.runtime.ops import csr_linear
 
 log = logging.getLogger("sparsec.codegen.cpp")
 
@@ -173,55 +173,6 @@ def csr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_feature
     return out.reshape(*lead, N)
 
 
-# ----------------------------------------------------------------------------- csr op
-def csr_linear_ref(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
-                   activation="none", residual=None):
-    """Pure-torch reference of sparsec::csr_linear (fp32 accumulation, fp64 stays fp64)."""
-    from sparsec.runtime.reference import apply_epilogue
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    wp = csr_to_dense(values, col_indices, row_offsets, int(out_features), int(in_features))
-    yp = torch.matmul(x.to(acc), wp.to(acc).t())
-    return apply_epilogue(yp, bias, activation, residual, None, x.dtype)
-
-
-def _csr_dispatch(args):
-    try:
-        from sparsec.runtime.ops import get_kernels
-        fns = get_kernels("csr_linear", args[0].device.type)
-    except ImportError:
-        fns = []
-    if args[0].device.type == "cpu" and csr_linear_cpu not in fns:
-        fns.append(csr_linear_cpu)          # this op's own CPU kernel, registered or not
-    for fn in fns:
-        out = fn(*args)
-        if out is not NotImplemented:
-            return out
-    return csr_linear_ref(*args)
-
-
-@torch.library.custom_op("sparsec::csr_linear", mutates_args=())
-def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
-                  row_offsets: torch.Tensor, out_features: int, in_features: int,
-                  bias: Optional[torch.Tensor], activation: str,
-                  residual: Optional[torch.Tensor]) -> torch.Tensor:
-    if activation not in _ACTS:
-        raise ValueError(f"unknown activation {activation!r}; known: {tuple(_ACTS)}")
-    return _csr_dispatch((x, values, col_indices, row_offsets, out_features, in_features, bias,
-                          activation, residual))
-
-
-@csr_linear_op.register_fake
-def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
-    torch._check(x.shape[-1] == in_features)
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-def csr_linear(x: torch.Tensor, w: CSRWeight, bias=None, activation: str = "none", residual=None):
-    n, k = w.shape
-    return torch.ops.sparsec.csr_linear(x, w.values, w.col_indices, w.row_offsets, n, k, bias,
-                                        activation, residual)
-
-
 # ----------------------------------------------------------------------------- conv
 def conv1x1_as_linear(weight: torch.Tensor) -> torch.Tensor:
     """A 1x1 conv weight [Cout, Cin, 1, 1] as a linear weight [Cout, Cin] (a view)."""
@@ -287,16 +238,15 @@ def _act(y, activation):
 def register_all() -> None:
     """Register the C++ kernels as the "cpu" implementations in sparsec's kernel registry.
 
-    Nothing is compiled here: the library is built (or loaded from the cache) on first use."""
+    Nothing is compiled here: the library is built (or loaded from the cache) on first use, or
+    when `sparsec.runtime.ops.kernels_ready` asks (select-kernels does, before it picks one)."""
     from sparsec.runtime.ops import register_kernel
+    ready = lambda: _lib() is not None  # noqa: E731
     for op, fn in (("bsr_linear", bsr_linear_cpu), ("csr_linear", csr_linear_cpu),
                    ("bitmap_linear", bitmap_linear_cpu)):
-        try:  # built-in kernels go last, so a user's own registration takes precedence
-            register_kernel(op, "cpu", fn, last=True)
-        except TypeError:
-            register_kernel(op, "cpu", fn)
+        # built-in kernels go last, so a user's own registration takes precedence
+        register_kernel(op, "cpu", fn, last=True, ready=ready)
 
 
-__all__ = ["bsr_linear_cpu", "bitmap_linear_cpu", "csr_linear_cpu", "csr_linear_ref", "csr_linear", "csr_linear_op",
-           "conv1x1_as_linear", "is_conv1x1_linear", "sparse_conv2d", "register_all",
-           "CSRWeight", "pack_csr"]
+__all__ = ["bsr_linear_cpu", "bitmap_linear_cpu", "csr_linear_cpu", "conv1x1_as_linear", "is_conv1x1_linear",
+           "sparse_conv2d", "register_all"]
