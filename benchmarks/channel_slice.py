@@ -173,8 +173,8 @@ def _sync(device):
 
 def paired_median_ms(fns, inputs, device, warmup, reps) -> list[tuple[float, float]]:
     """(median, min) ms per call of each fn. On the CPU the fns are timed in alternation, so that load on
-    a shared machine hits both sides alike; on CUDA one after the other (CUDA graphs of one side
-    are not interleaved with the other's)."""
+    a shared machine hits both sides alike; on CUDA with `triton.testing.do_bench` (device events,
+    L2 flushed between calls), one side after the other."""
     times = [[] for _ in fns]
     with torch.no_grad():
         if device.type == "cpu":
@@ -187,15 +187,10 @@ def paired_median_ms(fns, inputs, device, warmup, reps) -> list[tuple[float, flo
                     fn(*inputs)
                     t.append((time.perf_counter() - start) * 1e3)
         else:
+            from triton.testing import do_bench
+
             for fn, t in zip(fns, times):
-                for _ in range(warmup):
-                    fn(*inputs)
-                _sync(device)
-                for _ in range(reps):
-                    start = time.perf_counter()
-                    fn(*inputs)
-                    _sync(device)
-                    t.append((time.perf_counter() - start) * 1e3)
+                t.extend(do_bench(lambda: fn(*inputs), warmup=warmup, rep=reps, return_mode="all"))
     return [(statistics.median(t), min(t)) for t in times]
 
 
@@ -214,44 +209,54 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    reps = args.reps or (10 if device.type == "cpu" else 50)
-    warmup = 3 if device.type == "cpu" else 10
+    # CPU: calls; CUDA: milliseconds of do_bench warm-up and repetition
+    reps = args.reps or (10 if device.type == "cpu" else 200)
+    warmup = 3 if device.type == "cpu" else 25
     torch.manual_seed(0)
     rows = []
     for name, shape, build, mode, target, tokens in cases(device.type == "cpu"):
         if args.only and args.only.lower() not in name.lower():
             continue
-        model, inputs = build()
-        model = model.eval()
-        model = model.to(device=device, dtype=dtype)
-        inputs = tuple(x.to(device=device, dtype=dtype) for x in inputs)
-        if "ResNet" in name:
-            model = model.to(memory_format=torch.channels_last)
-            inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
-        floor, stats = floor_ratio(model, inputs, tokens)
-        with torch.no_grad():
-            ref = model(*inputs)
-            torch._dynamo.reset()
-            inductor = torch.compile(model, backend="inductor", mode=mode)
-            inductor(*inputs)
-            options = {"passes": args.passes} if args.passes else {}
-            ours = sparsec.compile(model, *inputs, mode=mode, **options)
-            err = max_error(ours(*inputs), ref)
-            (t_ind, min_ind), (t_ours, min_ours) = paired_median_ms([inductor, ours], inputs, device, warmup, reps)
-        rows.append((name + (" [CUDA graphs]" if mode and device.type == "cuda" else ""), shape, f"{t_ind:.3f}",
-                     f"{t_ours:.3f}", f"{t_ind / t_ours:.2f}x", f"{min_ind / min_ours:.2f}x", f"{floor:.2f}x", target,
-                     f"{stats.get('channels_removed', 0)}", f"{err:.1e}"))
-        print(f"done: {name} {shape}: inductor {t_ind:.3f} ms, sparsec {t_ours:.3f} ms", file=sys.stderr, flush=True)
-        del model, inductor, ours
+        try:
+            rows.append(run_case(name, shape, build, mode, target, tokens, device, dtype, warmup, reps, args.passes))
+        except Exception as exc:  # one case failing (out of memory, a compile error) must not hide the others
+            print(f"failed: {name} {shape}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            rows.append((name, shape) + ("failed",) * 8)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     header = ("case", "shape", "Inductor ms", "sparsec ms", "speed-up", "(of mins)", "floor", "target (GPU)", "ch. removed", "rel err")
-    title = f"channel-slice: sparsec vs Inductor, {device.type} {str(dtype).replace('torch.', '')}, median of {reps}"
+    title = f"channel-slice: sparsec vs Inductor, {device.type} {str(dtype).replace('torch.', '')}, median of " + \
+        (f"{reps} calls" if device.type == "cpu" else f"do_bench over {reps} ms")
     if device.type == "cuda":
         title += f", {torch.cuda.get_device_name()}"
     print(title)
     print(_markdown(header, rows))
     return rows
+
+
+def run_case(name, shape, build, mode, target, tokens, device, dtype, warmup, reps, passes) -> tuple:
+    """One row: both sides compiled on the same pruned model, checked against eager, timed."""
+    model, inputs = build()
+    model = model.eval()
+    model = model.to(device=device, dtype=dtype)
+    inputs = tuple(x.to(device=device, dtype=dtype) for x in inputs)
+    if "ResNet" in name:
+        model = model.to(memory_format=torch.channels_last)
+        inputs = tuple(x.contiguous(memory_format=torch.channels_last) for x in inputs)
+    floor, stats = floor_ratio(model, inputs, tokens)
+    with torch.no_grad():
+        ref = model(*inputs)
+        torch._dynamo.reset()
+        inductor = torch.compile(model, backend="inductor", mode=mode)
+        inductor(*inputs)
+        options = {"passes": passes} if passes else {}
+        ours = sparsec.compile(model, *inputs, mode=mode, **options)
+        err = max_error(ours(*inputs), ref)
+        (t_ind, min_ind), (t_ours, min_ours) = paired_median_ms([inductor, ours], inputs, device, warmup, reps)
+    print(f"done: {name} {shape}: inductor {t_ind:.3f} ms, sparsec {t_ours:.3f} ms", file=sys.stderr, flush=True)
+    return (name + (" [CUDA graphs]" if mode and device.type == "cuda" else ""), shape, f"{t_ind:.3f}",
+            f"{t_ours:.3f}", f"{t_ind / t_ours:.2f}x", f"{min_ind / min_ours:.2f}x", f"{floor:.2f}x", target,
+            f"{stats.get('channels_removed', 0)}", f"{err:.1e}")
 
 
 def _markdown(header, rows) -> str:
