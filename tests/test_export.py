@@ -8,7 +8,6 @@ has pickle/torch.load patched to raise: outputs must equal what the eager model 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -467,8 +466,7 @@ def test_cli_export_and_run(tmp_path):
     assert "sparsec run: error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("SPARSEC_SLOW_TESTS"), reason="AOTInductor compile takes ~30-60 s on 2 cores; set SPARSEC_SLOW_TESTS=1")
+@pytest.mark.slow  # AOTInductor compiles C++: ~30-40 s on 2 cores
 def test_aot_inductor_package(tmp_path):
     from sparsec.export import load_aot_inductor
 
