@@ -205,6 +205,8 @@ def build_library(source: str, name: str, flag_sets: Sequence[Sequence[str]]) ->
                      "(compiled once in %.1f s)", name, bdir, got.load_seconds, got.compile_seconds)
             return got
         try:
+            # Seconds of silence inside torch.compile would look like a hang: say what happens.
+            log.warning("sparsec: compiling its C++ CPU kernels (%s), once; cached in %s", name, bdir)
             got = _compile(source, full, bdir, flags)
             log.info("sparsec C++ kernel %s: compiled in %.1f s with %s", name,
                      got.compile_seconds, " ".join(flags))
