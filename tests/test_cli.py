@@ -111,6 +111,19 @@ def test_opt_prints_ir_before_and_after_with_stats_emits_python_and_logs(tmp_pat
     assert code.startswith("def forward") and "torch.ops.aten.linear.default" in code
 
 
+def test_opt_print_ir_after_channel_slice_shows_the_sliced_shapes():
+    """The built-in llama demo has half of each FFN's 1536 channels pruned: after channel-slice the
+    IR shows gate/up with 768 rows and down with 768 columns, and nothing before it is printed."""
+    proc = run_cli("opt", "llama", "--passes", "mask-fold,analyze,channel-slice", "--print-ir-after", "channel-slice",
+                   "--emit", "none")
+    ir_text = proc.stderr.split("// IR after channel-slice")[1]
+    lines = {name: next(l for l in ir_text.splitlines() if f"constant layers.0.mlp.{name}.weight " in l)
+             for name in ("gate_proj", "up_proj", "down_proj")}
+    assert "float32[768, 512]" in lines["gate_proj"] and "float32[768, 512]" in lines["up_proj"]
+    assert "float32[512, 768]" in lines["down_proj"]
+    assert "// IR after mask-fold" not in proc.stderr and "// IR after analyze" not in proc.stderr
+
+
 def test_opt_emits_ir_to_stdout_by_default(capsys):
     out, _ = run_here(capsys, "opt", "mlp", "--passes", "mask-fold")
     assert out.startswith("graph {") and "aten.linear(" in out and out.rstrip().endswith("}")

@@ -22,6 +22,7 @@ import torch.nn.utils.prune as prune
 from safetensors.torch import save_file
 
 import sparsec
+from sparsec.codegen.cpp import build as cpp_build
 from sparsec import ir, models
 from sparsec.export import InputMismatchError, batch_dynamic_shapes
 from sparsec.pass_manager import PassResult, register_pass, unregister_pass, tolerance
@@ -62,6 +63,15 @@ def pruned_llama():
         for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj):
             prune.l1_unstructured(proj, "weight", amount=0.9)
     return m, (torch.randn(2, 8, 64),)
+
+
+def unstructured_mlp():
+    """90% unstructured weights big enough that select-kernels picks the CPU's CSR kernel."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
+    for layer in (m[0], m[2]):
+        prune.l1_unstructured(layer, "weight", amount=0.9)
+    return m, (torch.randn(4, 256),)
 
 
 def pruned_resnet():
@@ -141,6 +151,7 @@ CASES = {
     "resnet": (pruned_resnet, False, {}, [2]),
     "mlp_bsr": (pruned_mlp, True, {"passes": "mask-fold,test-bsr-export"}, [2, 5]),
     "llama_bsr": (pruned_llama, False, {"passes": "mask-fold,test-bsr-export"}, [2]),
+    "mlp_csr": (unstructured_mlp, True, {}, [1, 4, 9]),  # the default pipeline's own choice
 }
 
 
@@ -244,6 +255,12 @@ def test_packed_formats_and_custom_op_round_trip(fresh_results, exported):
         program = json.loads(z.read(pkg.PROGRAM))
     names = set(program["constants"])
     assert any(n.endswith("bsr_values") for n in names) and any(n.endswith("bsr_row_perm") for n in names)
+
+
+@pytest.mark.skipif(not cpp_build.compiler_available(), reason="no C++ compiler: the CPU CSR kernel cannot be built")
+def test_default_pipeline_package_with_the_cpu_csr_kernel(fresh_results):
+    assert fresh_results["mlp_csr"]["custom_ops"] == ["sparsec::csr_linear"]
+    assert fresh_results["mlp_csr"]["kernels"] == ["csr_linear", "csr_linear"]
 
 
 def test_missing_custom_op_is_clear_error(fresh_results):
