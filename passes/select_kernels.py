@@ -1,6 +1,7 @@
 """select-kernels: per linear layer pick dense, block-sparse, bitmap or CSR by a cost model (and timing).
 
-For each `aten.linear` with a constant 2-D weight, the candidates are dense and every sparse
+For each `aten.linear` with a constant 2-D weight, and each 1x1 convolution (a linear over pixels,
+`LINEAR_FORMS`), the candidates are dense and every sparse
 format with a real kernel on the device (the reference implementation in runtime/ never counts).
 The cost model (codegen/cost_model.py) predicts each one's time from bytes and flops; with
 `autotune=True` the best candidates are also timed once on the device and the decision is cached
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -31,6 +33,50 @@ MIN_GAIN = 1.1
 MIN_WEIGHT_ELEMENTS = 64 * 64
 # Epilogue activations the kernels implement, keyed by the ATen op that follows the linear.
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.gelu.default: "gelu"}
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """A weight op as a linear over tokens: its weight as a matrix [out, in], and the permutations
+    that move the input's channel dim last and the kernel output's back (None: already last)."""
+
+    op: str
+    matrix: torch.Tensor
+    to_rows: tuple | None = None
+    from_rows: tuple | None = None
+    pixel_step: tuple | None = None  # a strided 1x1 conv reads every step-th pixel of (H, W)
+
+
+def _conv_args(op: fx.Node) -> tuple:
+    """(stride, padding, dilation, groups) of an aten.conv2d node, defaults filled in."""
+    defaults = ([1, 1], [0, 0], [1, 1], 1)
+    given = list(op.args[3:7]) + [None] * (4 - len(op.args[3:7]))
+    return tuple(d if g is None else g for g, d in zip(given, defaults))
+
+
+def _pointwise_conv(op: fx.Node, weight: torch.Tensor) -> LinearForm | None:
+    """A 1x1 convolution with no padding and one group is a linear over pixels (every stride-th
+    one): channels last (free for channels_last activations), the kernel, channels back."""
+    x = op.args[0].meta.get("val") if isinstance(op.args[0], fx.Node) else None
+    stride, padding, _dilation, groups = _conv_args(op)  # dilation does nothing to a 1x1 kernel
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or x is None or x.dim() != 4:
+        return None
+    if list(padding) != [0, 0] or groups != 1:
+        return None
+    step = tuple(stride) if list(stride) != [1, 1] else None
+    return LinearForm("conv2d", weight.reshape(weight.shape[0], weight.shape[1]), (0, 2, 3, 1), (0, 3, 1, 2), step)
+
+
+# The weight ops select-kernels can run as a sparse linear, keyed by ATen op.
+LINEAR_FORMS = {
+    aten.linear.default: lambda op, weight: LinearForm("linear", weight) if weight.dim() == 2 else None,
+    aten.conv2d.default: _pointwise_conv,
+}
+
+
+def linear_form(op: fx.Node, weight: torch.Tensor) -> LinearForm | None:
+    rule = LINEAR_FORMS.get(op.target)
+    return rule(op, weight) if rule is not None else None
 
 
 def count_nonzero_blocks(nonzero: torch.Tensor, block: tuple[int, int]) -> int:
@@ -189,23 +235,44 @@ def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
     return target, nodes, extra, perms
 
 
-def rewrite(gm: fx.GraphModule, op: fx.Node, weight_node, bias_node, weight, choice, row_perm, col_perm) -> dict:
+def _view_op(gm, target, args: tuple, after: fx.Node) -> fx.Node:
+    """`target(*args)` (a view: permute, slice) inserted after `after`, with its meta value."""
+    with gm.graph.inserting_after(after):
+        out = gm.graph.call_function(target, args)
+    out.meta["val"] = target(args[0].meta["val"], *args[1:])
+    return out
+
+
+def _to_rows(gm, x: fx.Node, form: LinearForm, after: fx.Node) -> fx.Node:
+    """The op's input as rows of channels: every step-th pixel, channels last."""
+    for dim, step in zip((2, 3), form.pixel_step or ()):
+        if step != 1:
+            x = after = _view_op(gm, aten.slice.Tensor, (x, dim, 0, None, step), after)
+    return _view_op(gm, aten.permute.default, (x, list(form.to_rows)), after)
+
+
+def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias_node, choice, row_perm, col_perm) -> dict:
     """Replace `op` (and its fusable activation / residual add) by the chosen sparse kernel."""
+    weight = form.matrix
     x = op.args[0]
     target, format_nodes, extra, perm_nodes = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm)
     last, activation, residual = op, "none", None
     act = _activation_user(op)
     if act is not None:
         last, activation = act, FUSABLE_ACTIVATIONS[act.target]
-    add, other = _residual_user(last)
+    add, other = _residual_user(last) if form.to_rows is None else (None, None)  # residuals: tokens-major only
     if add is not None:
         last, residual = add, other
+    if form.to_rows is not None:
+        x = _to_rows(gm, x, form, after=format_nodes[-1])
     n, k = weight.shape
     args = (x, *format_nodes, n, k, *extra, bias_node, activation, residual, *(perm_nodes or ()))
     with gm.graph.inserting_after(last):
         new = gm.graph.call_function(target, args)
-    new.meta["val"] = last.meta.get("val")
-    last.replace_all_uses_with(new)
+    out_val = last.meta.get("val")
+    new.meta["val"] = out_val if form.to_rows is None else out_val.permute(*form.to_rows)
+    result = new if form.from_rows is None else _view_op(gm, aten.permute.default, (new, list(form.from_rows)), after=new)
+    last.replace_all_uses_with(result)
     for node in dict.fromkeys((last, act, op)):  # consumers first, so each is unused when erased
         if node is not None and not node.users:
             gm.graph.erase_node(node)
@@ -219,7 +286,7 @@ def _tokens(op: fx.Node, k: int) -> int:
     return max(1, math.prod(val.shape) // k)
 
 
-@register_pass("select-kernels", "Pick dense, block-sparse, bitmap or CSR per linear by cost model (and timing); fuse epilogues")
+@register_pass("select-kernels", "Pick dense, block-sparse, bitmap or CSR per linear / 1x1 conv by cost model (and timing); fuse epilogues")
 def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"sparse_kernels": 0, "kept_dense": 0}
     device = ctx.device
@@ -228,9 +295,11 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
     for op, weight_node, bias_node in list(ir.weight_ops(gm)):
         name = ir.display_name(weight_node)
         weight = ir.get_constant(gm, weight_node)
-        if op.target is not aten.linear.default or weight.dim() != 2 or not weight.is_floating_point():
-            ctx.note(name, kernel_reason="only linear layers have sparse kernels yet")
+        form = linear_form(op, weight) if weight.is_floating_point() else None
+        if form is None:
+            ctx.note(name, kernel_reason="sparse kernels run linears and 1x1 convolutions (stride 1, no padding) only")
             continue
+        weight = form.matrix
         if weight.numel() < MIN_WEIGHT_ELEMENTS:
             ctx.note(name, kernel_reason="too small to pay for a sparse kernel")
             stats["kept_dense"] += 1
@@ -249,9 +318,9 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
             ctx.note(name, choice="dense", **facts)
             continue
         info = weight_node.meta.get("sparsity")
-        fused = rewrite(gm, op, weight_node, bias_node, weight, choice, row_perm, col_perm)
+        fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm)
         fused["node"].meta["sparsec_layer"] = {
-            "name": name, "op": "linear", "shape": tuple(weight.shape), "sparsity": info,
+            "name": name, "op": form.op, "shape": tuple(ir.get_constant(gm, weight_node).shape), "sparsity": info,
             "kernel": choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
         }
         fused["node"].meta["sparsec_kernel"] = choice.label

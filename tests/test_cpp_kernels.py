@@ -262,26 +262,6 @@ def test_bitmap_through_custom_op(lib):
     _close(ops.bitmap_linear(x, w, None, "gelu"), _ref(x, wd, None, "gelu", None), torch.float32)
 
 
-# ------------------------------------------------------------------------------ conv
-def test_conv1x1_as_sparse_linear(lib):
-    from sparsec.codegen.cpp import conv1x1_as_linear, sparse_conv2d
-    gen = torch.Generator().manual_seed(23)
-    wl = _block_sparse(48, 32, 16, 16, 0.5, gen).float()
-    w = wl.reshape(48, 32, 1, 1)
-    assert torch.equal(conv1x1_as_linear(w), wl)
-    x = torch.randn(2, 32, 5, 7, generator=gen)
-    b = torch.randn(48, generator=gen)
-    for stride in (1, 2):
-        ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride))
-        y = sparse_conv2d(x, w, b, stride=stride, activation="relu", block=(16, 16))
-        _close(y, ref, torch.float32)
-    w3 = torch.randn(8, 32, 3, 3, generator=gen)                   # KxK: dense fallback
-    _close(sparse_conv2d(x, w3, None, padding=1), F.conv2d(x.double(), w3.double(), None, 1, 1),
-           torch.float32)
-    with pytest.raises(ValueError):
-        conv1x1_as_linear(w3)
-
-
 # ------------------------------------------------------------------------------ baked
 def test_specialized_small_layer(lib):
     """A small layer's pattern baked into its own kernel; over the size limit: None."""

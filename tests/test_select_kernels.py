@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import sparsec
+from sparsec import models
 from sparsec.codegen import cost_model
 from sparsec.pass_manager import output_close
 from sparsec.passes import select_kernels
@@ -171,3 +172,44 @@ def test_cpp_csr_kernel_chosen_end_to_end_through_inductor(fresh_dynamo):
     report = sparsec.backend.last_report()
     kernels = {row["name"]: row["kernel"] for row in report.layers}
     assert kernels == {"0.weight": "csr_linear", "2.weight": "csr_linear"}, kernels
+
+
+class Bottleneck(nn.Module):
+    """ResNet-style: 1x1 reduce, 3x3, 1x1 expand with BN and ReLU, and a strided 1x1 downsample."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce, self.bn1 = nn.Conv2d(256, 256, 1, bias=False), nn.BatchNorm2d(256)
+        self.spatial = nn.Conv2d(256, 256, 3, padding=1)
+        self.expand = nn.Conv2d(256, 512, 1)
+        self.down = nn.Conv2d(256, 512, 1, stride=2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.reduce(x)))
+        y = self.expand(torch.relu(self.spatial(y)))
+        return torch.relu(y[:, :, ::2, ::2] + self.down(x))
+
+
+@needs_cxx
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_pointwise_convs_run_as_sparse_linears_over_pixels(memory_format, fresh_dynamo):
+    """1x1 convolutions (stride 1 and 2) with 90%-unstructured weights become sparse linears over
+    pixels; the 3x3 conv has no sparse kernel and stays dense, saying why. Equal to eager on fresh
+    inputs in both memory formats."""
+    torch.manual_seed(0)
+    model = models.randomize_batchnorm(Bottleneck()).eval().to(memory_format=memory_format)
+    with torch.no_grad():
+        for conv in (model.reduce, model.spatial, model.expand, model.down):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.1)
+    x = torch.randn(2, 256, 8, 8).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        compiled = sparsec.compile(model, x)
+        for seed in range(2):
+            torch.manual_seed(seed)
+            fresh = torch.randn_like(x)
+            assert output_close(compiled(fresh), model(fresh))[0]
+    rows = {row["name"]: row for row in compiled.report.layers}
+    for name in ("reduce.weight", "expand.weight", "down.weight"):
+        assert rows[name]["kernel"] == "csr_linear" and rows[name]["op"] == "conv2d", rows[name]
+    assert rows["spatial.weight"]["kernel"] == "dense"
+    assert "1x1 convolutions" in rows["spatial.weight"]["kernel_reason"]

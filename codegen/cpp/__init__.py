@@ -5,16 +5,14 @@
     load_kernels()            # build (or load from $SPARSEC_CACHE_DIR) now; None if no compiler
 
 Functions: bsr_linear_cpu, bitmap_linear_cpu, csr_linear_cpu (the op kernels; the ops and the CSR
-format are in sparsec.runtime), conv1x1_as_linear / sparse_conv2d (1x1 conv as sparse linear,
-KxK dense fallback), specialize_bsr (a small layer's pattern baked into its own kernel). Compile times are logged on "sparsec.codegen.cpp" and kept on the returned
-CppLibrary (compile_seconds, cached).
+format are in sparsec.runtime; select-kernels runs 1x1 convolutions through them as linears over
+pixels), specialize_bsr (a small layer's pattern baked into its own kernel). Compile times are
+logged on "sparsec.codegen.cpp" and kept on the returned CppLibrary (compile_seconds, cached).
 """
 from .build import CppLibrary, cache_dir, generate_source, load_kernels, stats
 from .specialize import SpecializedBSR, specialize_bsr
-from .ops import (bitmap_linear_cpu, bsr_linear_cpu, conv1x1_as_linear, csr_linear_cpu, is_conv1x1_linear,
-                  register_all, sparse_conv2d)
+from .ops import bitmap_linear_cpu, bsr_linear_cpu, csr_linear_cpu, register_all
 
 __all__ = ["CppLibrary", "cache_dir", "generate_source", "load_kernels", "stats",
-           "bsr_linear_cpu", "bitmap_linear_cpu", "csr_linear_cpu",
-           "conv1x1_as_linear", "is_conv1x1_linear", "sparse_conv2d", "register_all",
+           "bsr_linear_cpu", "bitmap_linear_cpu", "csr_linear_cpu", "register_all",
            "specialize_bsr", "SpecializedBSR"]

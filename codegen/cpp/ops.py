@@ -3,7 +3,6 @@
   bsr_linear_cpu(...)   same arguments as sparsec::bsr_linear; registered for "cpu"
   bitmap_linear_cpu(...) same arguments as sparsec::bitmap_linear; registered for "cpu"
   csr_linear_cpu(...)   same arguments as sparsec::csr_linear; registered for "cpu"
-  conv1x1_as_linear / sparse_conv2d   1x1 convolutions as sparse linear; KxK: dense fallback
 
 Each kernel function returns NotImplemented when it cannot run (no compiler, a dtype other
 than fp32/bf16, a non-CPU tensor), so the op's dispatcher falls back to the torch reference.
@@ -14,11 +13,8 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import build
-from sparsec.runtime.formats import CSRWeight
-from sparsec.runtime.ops import csr_linear
 
 log = logging.getLogger("sparsec.codegen.cpp")
 
@@ -173,67 +169,6 @@ def csr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_feature
     return out.reshape(*lead, N)
 
 
-# ----------------------------------------------------------------------------- conv
-def conv1x1_as_linear(weight: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv weight [Cout, Cin, 1, 1] as a linear weight [Cout, Cin] (a view)."""
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
-        raise ValueError(f"not a 1x1 conv weight: shape {tuple(weight.shape)}")
-    return weight.reshape(weight.shape[0], weight.shape[1])
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def is_conv1x1_linear(weight, stride=1, padding=0, dilation=1, groups=1) -> bool:
-    """True when the conv is a per-pixel linear map (1x1 kernel, no padding, groups=1)."""
-    return (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and groups == 1
-            and _pair(padding) == (0, 0))
-
-
-def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0,
-                  dilation=1, groups=1, packed=None, activation: str = "none", block=(32, 32)):
-    """conv2d for pruned weights on the CPU.
-
-    1x1 convolutions (no padding, groups=1; any stride: it only subsamples pixels) run as a
-    sparse linear over the pixels (NCHW -> [pixels, Cin] -> bsr/csr linear -> NCHW), with the
-    bias and activation fused. `packed` may be a BSRWeight (runtime.formats) or a CSRWeight of
-    the [Cout, Cin] matrix; by default the weight is packed to BSR with `block`.
-    KxK convolutions fall back to dense F.conv2d (oneDNN): an im2col-free sparse KxK kernel is
-    not implemented; the activation is then applied after the conv.
-    """
-    if not is_conv1x1_linear(weight, stride, padding, dilation, groups) or x.dim() != 4:
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return _act(y, activation)
-    sh, sw = _pair(stride)
-    if (sh, sw) != (1, 1):
-        x = x[:, :, ::sh, ::sw]
-    n, c, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-    w2 = conv1x1_as_linear(weight)
-    if packed is None:
-        from sparsec.runtime.formats import pack_bsr
-        packed = pack_bsr(w2, block)
-    if isinstance(packed, CSRWeight):
-        y = csr_linear(rows, packed, bias, activation)
-    else:
-        from sparsec.runtime.ops import bsr_linear
-        y = bsr_linear(rows, packed, bias, activation)
-    return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
-
-
-def _act(y, activation):
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "silu":
-        return F.silu(y)
-    if activation != "none":
-        raise ValueError(f"unknown activation {activation!r}")
-    return y
-
-
 # ----------------------------------------------------------------------------- registration
 def register_all() -> None:
     """Register the C++ kernels as the "cpu" implementations in sparsec's kernel registry.
@@ -248,5 +183,4 @@ def register_all() -> None:
         register_kernel(op, "cpu", fn, last=True, ready=ready)
 
 
-__all__ = ["bsr_linear_cpu", "bitmap_linear_cpu", "csr_linear_cpu", "conv1x1_as_linear", "is_conv1x1_linear",
-           "sparse_conv2d", "register_all"]
+__all__ = ["bsr_linear_cpu", "bitmap_linear_cpu", "csr_linear_cpu", "register_all"]
