@@ -213,7 +213,7 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
 
 def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
     """New constant nodes holding the packed weight, and the op's format arguments."""
-    from sparsec.runtime import formats
+    from sparsec.runtime import formats, ops  # noqa: F401  (ops: registers torch.ops.sparsec.*)
 
     name = ir.display_name(weight_node)
     if choice.kernel == "csr_linear":  # no tiles, so no permutation: packed as the weight is

@@ -195,10 +195,33 @@ def build(captured: Captured, options: Options, mode: str | None = None,
     """
     report = optimize(captured, options)
     gm = captured.gm
+    if options.codegen == "mlir":
+        compiled = _mlir_compile(gm, captured.example_inputs, report)
+        if compiled is not None:
+            return compiled, report
     if options.inductor:
         examples = inductor_inputs if inductor_inputs is not None else captured.example_inputs
         return inductor_compile(gm, examples, mode), report
     return gm, report
+
+
+def _mlir_compile(gm: fx.GraphModule, example_inputs, report: Report) -> Callable | None:
+    """The graph through MLIR's sparsifier and execution engine, or None (said in the report)."""
+    try:
+        from .codegen.mlir import MlirFunction
+
+        compiled = MlirFunction(gm, example_inputs)
+    except ImportError as exc:
+        report.notes.append(f"codegen='mlir': {exc}; compiled without MLIR")
+        return None
+    except Exception as exc:  # outside what the MLIR path handles: the usual path runs it
+        log.debug("MLIR compile failure", exc_info=True)
+        report.notes.append(f"codegen='mlir' could not compile this graph ({type(exc).__name__}: {exc}); compiled without MLIR")
+        return None
+    sparse = [f for f in compiled.formats.values() if not f.endswith("(dense)")]
+    report.notes.append("codegen='mlir': compiled by MLIR's sparsifier and execution engine; sparse weights: "
+                        + (", ".join(sparse) if sparse else "none"))
+    return compiled
 
 
 def shape_key(args) -> tuple:

@@ -47,7 +47,7 @@ def _selector(text: str | None, names: list[str], flag: str):
     return lambda name: name in wanted
 
 
-def emit(gm, kind: str) -> str:
+def emit(gm, kind: str, example_inputs=()) -> str:
     from .. import ir
 
     if kind == "ir":
@@ -62,7 +62,7 @@ def emit(gm, kind: str) -> str:
                 "--emit mlir: the MLIR backend is not available in this installation (sparsec.codegen.mlir could not be "
                 f"imported: {exc}); install the mlir extra (pip install 'sparsec[mlir]') or use --emit ir|python"
             ) from None
-        return str(mlir.emit(gm))
+        return mlir.emit(gm, example_inputs)
     return ""
 
 
@@ -77,7 +77,9 @@ def run(args) -> int:
     after = _selector(args.print_ir_after, names, "--print-ir-after")
     err = sys.stderr
     captured = capture_module(model, inputs)
-    ctx = cli_util.make_context(captured, passes=",".join(names), verify_each=args.verify_each)
+    # For MLIR, select-kernels leaves linears as linears: their weights get sparse encodings instead.
+    ctx = cli_util.make_context(captured, passes=",".join(names), verify_each=args.verify_each,
+                                codegen="mlir" if args.emit == "mlir" else "auto")
     ctx.rewrite_limit = args.rewrite_limit
     last = {"name": None}
 
@@ -112,7 +114,7 @@ def run(args) -> int:
         con.print(cli_util.table("pass statistics", ["pass", ">ms", "changed", ">rewrites", "stats"], rows))
     if status:
         return status
-    text = emit(captured.gm, args.emit)
+    text = emit(captured.gm, args.emit, captured.example_inputs)
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.emit} to {args.output}", file=err)

@@ -1,0 +1,154 @@
+"""MLIR emission (the `mlir` extra): sparse weights carry the encoding of their format, sliced layers
+their new shapes; real architectures import and lower to linalg-on-tensors."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from sparsec.capture import capture_module
+from sparsec.pass_manager import PassContext, run_pipeline
+
+mlir = pytest.importorskip("sparsec.codegen.mlir", reason="torch-mlir (the mlir extra) is not installed")
+
+CSR = "map = (d0, d1) -> (d0 : dense, d1 : compressed)"
+BSR16 = "map = (d0, d1) -> (d0 floordiv 16 : dense, d1 floordiv 16 : compressed, d0 mod 16 : dense, d1 mod 16 : dense)"
+PIPELINE = "mask-fold,analyze,channel-slice,select-kernels"
+
+
+def optimized(model, *inputs):
+    """(graph after the pipeline with codegen='mlir', its example inputs)."""
+    captured = capture_module(model.eval(), inputs)
+    ctx = PassContext(options=sparsec.Options(passes=PIPELINE, codegen="mlir"), example_inputs=captured.example_inputs)
+    run_pipeline(captured.gm, ctx)
+    return captured.gm, captured.example_inputs
+
+
+def argument_types(text: str) -> list[str]:
+    signature = re.search(r"func\.func @main\((.*?)\) ->", text).group(1)
+    return re.findall(r"%arg\d+: (!torch\.vtensor<[^>]*>|tensor<[^>]*>)", signature)
+
+
+class ThreeLayers(nn.Module):
+    """Unstructured (CSR), 16x16 blocks (BSR) and dead channels (sliced, then dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unstructured, self.blocks, self.channels = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.channels(torch.relu(self.blocks(torch.relu(self.unstructured(x)))))
+
+
+def arguments(text: str) -> dict[str, str]:
+    """Constant name -> its MLIR argument type, with encoding aliases replaced by their maps."""
+    names = re.findall(r"^//   %arg(\d+) = (\S+) \(", text, flags=re.M)
+    aliases = dict(re.findall(r"^(#sparse\d*) = #sparse_tensor\.encoding<\{ (map = .*?), posWidth", text, flags=re.M))
+    types = argument_types(text)
+    out = {}
+    for index, name in names:
+        t = types[int(index)]
+        for alias, encoding in sorted(aliases.items(), key=lambda kv: -len(kv[0])):
+            t = t.replace(alias + ">", encoding + ">")
+        out[name] = t
+    return out
+
+
+def test_encodings_match_the_formats_and_sliced_shapes_appear():
+    torch.manual_seed(0)
+    model = ThreeLayers()
+    with torch.no_grad():
+        model.unstructured.weight.mul_(torch.rand(128, 64) < 0.1)
+        keep = torch.rand(4, 8) < 0.3
+        keep[torch.arange(8) % 4, torch.arange(8)] = True  # every block row and column keeps a block
+        model.blocks.weight.mul_(keep.repeat_interleave(16, 0).repeat_interleave(16, 1))
+        model.channels.weight[:, 32:] = 0  # channels 32-63 are never read: blocks' rows 32-63 go
+    text = mlir.emit(*optimized(model, torch.randn(4, 64)))
+    args = arguments(text)
+    assert args["unstructured.weight"] == f"!torch.vtensor<[128,64],f32,{CSR}>"
+    assert args["blocks.weight"] == f"!torch.vtensor<[32,128],f32,{BSR16}>"  # sliced, still 16x16 blocks
+    assert args["channels.weight"] == "!torch.vtensor<[32,32],f32>"  # sliced to its live inputs, dense
+    assert args["blocks.bias"] == "!torch.vtensor<[32],f32>"
+
+
+def test_lowers_to_linalg_with_sparse_matmul_operands():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    text = mlir.emit(*optimized(model, torch.randn(2, 5, 64)), output="linalg")
+    matmuls = [line for line in text.splitlines() if "linalg.matmul" in line]
+    assert len(matmuls) == 2 and all("#sparse" in line.split("ins(")[1].split(":")[1] for line in matmuls)
+    assert re.search(r"func\.func @main\(%arg0: tensor<\d+x64xf32, #sparse>", text)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "resnet"])
+def test_real_architectures_import(name):
+    """The built-in demos, pruned as `sparsec demo` prunes them, import after the full pipeline."""
+    from sparsec.demo import pruned_demo_model
+
+    model, inputs = pruned_demo_model(name)
+    text = mlir.emit(*optimized(model, *inputs))
+    assert "func.func @main" in text
+    if name == "llama":
+        assert "self_attn.q_proj.weight (CSR)" in text  # 90% unstructured attention weights
+
+
+def test_graph_with_sparsec_kernels_is_a_clear_error(monkeypatch):
+    from sparsec.passes import select_kernels
+
+    monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: op == "bsr_linear")
+    monkeypatch.setattr(select_kernels, "kernels_ready", lambda op, device: True)
+    torch.manual_seed(0)
+    model = nn.Linear(256, 256)
+    with torch.no_grad():
+        model.weight.mul_((torch.rand(4, 4) < 0.2).repeat_interleave(64, 0).repeat_interleave(64, 1))
+    captured = capture_module(model.eval(), (torch.randn(8, 256),))
+    run_pipeline(captured.gm, PassContext(options=sparsec.Options(passes=PIPELINE), example_inputs=captured.example_inputs))
+    with pytest.raises(ValueError, match="codegen='mlir'"):
+        mlir.emit(captured.gm, captured.example_inputs)
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama", "resnet"])
+def test_mlir_cpu_path_equals_eager(name, fresh_dynamo):
+    """codegen='mlir': MLIR's sparsifier and execution engine run the optimized graph (an MLP and a
+    LLaMA-style stack with CSR weights, a channel-sliced CNN), equal to eager on fresh inputs."""
+    from sparsec.demo import pruned_demo_model
+
+    model, inputs = pruned_demo_model(name)
+    with torch.no_grad():
+        compiled = sparsec.compile(model, *inputs, codegen="mlir")
+        for seed in range(2):
+            torch.manual_seed(seed)
+            fresh = [torch.randn_like(x) for x in inputs]
+            torch.testing.assert_close(compiled(*fresh), model(*fresh), rtol=1e-4, atol=1e-5)
+    note = next(n for n in compiled.report.notes if n.startswith("codegen='mlir'"))
+    assert "compiled by MLIR's sparsifier" in note, note
+    if name != "resnet":  # the CNN's pruned channels are sliced away: nothing sparse is left
+        assert "(CSR)" in note, note
+
+
+def test_mlir_cpu_path_through_torch_compile(fresh_dynamo):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 32)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.2)
+    compiled = torch.compile(model, backend="sparsec", options={"codegen": "mlir"})
+    with torch.no_grad():
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    assert any("compiled by MLIR's sparsifier" in n for n in sparsec.backend.last_report().notes)
+
+
+def test_what_the_mlir_path_cannot_run_goes_the_usual_way(fresh_dynamo):
+    """bf16 is outside the MLIR path: the graph compiles as usual, the report says why."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU()).eval().to(torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled = sparsec.compile(model, x, codegen="mlir")
+        torch.testing.assert_close(compiled(x), model(x))
+    assert any("could not compile this graph" in n and "float32" in n for n in compiled.report.notes)
