@@ -102,6 +102,21 @@ def make_weight(n, k, kind, sparsity, gen):
     return w * mask
 
 
+def mlir_linear(w: torch.Tensor, x: torch.Tensor, ref: torch.Tensor):
+    """F.linear(x, w) compiled with codegen='mlir' (checked against `ref`); a timed callable."""
+    import sparsec
+
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).eval()
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        compiled = sparsec.compile(layer, x, codegen="mlir", passes="analyze")
+        if not any("compiled by MLIR" in note for note in compiled.report.notes):
+            sys.exit(f"codegen='mlir' did not compile the layer: {compiled.report.notes}")
+        err = ((compiled(x) - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+    assert err < 1e-4, f"MLIR result wrong: rel err {err}"
+    return lambda: compiled(x)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, M in {1, 32}")
@@ -109,6 +124,8 @@ def main(argv=None):
     ap.add_argument("--no-inductor", action="store_true")
     ap.add_argument("--shapes", help="comma-separated OUTxIN subset, e.g. 4096x11008")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--mlir", action="store_true",
+                    help="also time codegen='mlir' (MLIR's sparsifier and execution engine; needs the mlir extra)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="1 thread, time the calling thread's CPU time instead of wall time (a "
                          "machine shared with other jobs: scheduling delays drop out, cache "
@@ -198,6 +215,8 @@ def main(argv=None):
                 fns["torch_csr"] = lambda: (w_csr @ x.t()).t()
                 if w_bsr is not None:
                     fns["torch_bsr"] = lambda: (w_bsr @ x.t()).t()
+                if args.mlir:
+                    fns["mlir"] = mlir_linear(w, x, ref)
                 tm = time_interleaved(fns, budget)
                 t_sc, t_bm = tm["sparsec"], tm.get("bitmap")
                 t_csr, t_bsr = tm["torch_csr"], tm.get("torch_bsr")
@@ -209,7 +228,7 @@ def main(argv=None):
                                  dense=dense_t[m], sparsec=t_sc, sparsec_bitmap=t_bm,
                                  inductor=ind_t[m][0] if m in ind_t else None,
                                  inductor_compile_s=ind_t[m][1] if m in ind_t else None,
-                                 torch_csr=t_csr, torch_bsr=t_bsr, floor=floor))
+                                 torch_csr=t_csr, torch_bsr=t_bsr, mlir=tm.get("mlir"), floor=floor))
                 r = rows[-1]
                 print(f"  {r['shape']:>10} {r['pattern']:>17} M={m:<3} dense {r['dense']:8.3f} ms"
                       f"  sparsec {t_sc:8.3f} ms ({r['dense'] / t_sc:5.2f}x)  floor {floor:7.3f} ms",
@@ -228,14 +247,16 @@ def main(argv=None):
     print("sparsec = BSR kernel (block rows) / CSR kernel (unstructured rows); sparsec bitmap = "
           "bitmap kernel (unstructured rows)")
     print()
+    mlir_column = " MLIR (codegen='mlir') |" if args.mlir else ""
     print("| W (out x in) | pattern | M | torch dense | sparsec | sparsec bitmap | Inductor | "
-          "torch CSR | torch BSR | floor |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"torch CSR | torch BSR |{mlir_column} floor |")
+    print("| --- " * (11 if args.mlir else 10) + "|")
     for r in rows:
         d = r["dense"]
+        mlir_cell = f" {cell(r['mlir'], d)} |" if args.mlir else ""
         print(f"| {r['shape']} | {r['pattern']} | {r['M']} | {d:.3f} | {cell(r['sparsec'], d)} | "
-              f"{cell(r['sparsec_bitmap'], d)} | {cell(r['inductor'], d)} | {cell(r['torch_csr'], d)} | {cell(r['torch_bsr'], d)} | "
-              f"{cell(r['floor'], d)} |")
+              f"{cell(r['sparsec_bitmap'], d)} | {cell(r['inductor'], d)} | {cell(r['torch_csr'], d)} | {cell(r['torch_bsr'], d)} |"
+              f"{mlir_cell} {cell(r['floor'], d)} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
