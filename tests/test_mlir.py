@@ -14,6 +14,7 @@ from sparsec.pass_manager import PassContext, run_pipeline
 mlir = pytest.importorskip("sparsec.codegen.mlir", reason="torch-mlir (the mlir extra) is not installed")
 
 CSR = "map = (d0, d1) -> (d0 : dense, d1 : compressed)"
+STRUCTURED_2_4 = "map = (d0, d1) -> (d0 : dense, d1 floordiv 4 : dense, d1 mod 4 : structured[2, 4])"
 BSR16 = "map = (d0, d1) -> (d0 floordiv 16 : dense, d1 floordiv 16 : compressed, d0 mod 16 : dense, d1 mod 16 : dense)"
 PIPELINE = "mask-fold,analyze,channel-slice,select-kernels"
 
@@ -45,7 +46,7 @@ class ThreeLayers(nn.Module):
 def arguments(text: str) -> dict[str, str]:
     """Constant name -> its MLIR argument type, with encoding aliases replaced by their maps."""
     names = re.findall(r"^//   %arg(\d+) = (\S+) \(", text, flags=re.M)
-    aliases = dict(re.findall(r"^(#sparse\d*) = #sparse_tensor\.encoding<\{ (map = .*?), posWidth", text, flags=re.M))
+    aliases = dict(re.findall(r"^(#sparse\d*) = #sparse_tensor\.encoding<\{ (map = \([^)]*\) -> \([^)]*\))", text, flags=re.M))
     types = argument_types(text)
     out = {}
     for index, name in names:
@@ -71,6 +72,27 @@ def test_encodings_match_the_formats_and_sliced_shapes_appear():
     assert args["blocks.weight"] == f"!torch.vtensor<[32,128],f32,{BSR16}>"  # sliced, still 16x16 blocks
     assert args["channels.weight"] == "!torch.vtensor<[32,32],f32>"  # sliced to its live inputs, dense
     assert args["blocks.bias"] == "!torch.vtensor<[32],f32>"
+
+
+def test_2_4_weights_get_structured_levels_and_run(fresh_dynamo):
+    """An exact 2:4 weight (torch.ao.pruning's WeightNormSparsifier) is typed with MLIR's
+    structured[2, 4] level, and the MLIR CPU path computes it as eager does."""
+    from torch.ao.pruning import WeightNormSparsifier
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    sparsifier.squash_mask()
+    x = torch.randn(4, 64)
+    args = arguments(mlir.emit(*optimized(model, x)))
+    assert args["0.weight"] == f"!torch.vtensor<[96,64],f32,{STRUCTURED_2_4}>"
+    with torch.no_grad():
+        compiled = sparsec.compile(model, x, codegen="mlir")
+        fresh = torch.randn(4, 64)
+        torch.testing.assert_close(compiled(fresh), model(fresh), rtol=1e-4, atol=1e-5)
+    assert any("0.weight (2:4)" in n for n in compiled.report.notes), compiled.report.notes
 
 
 def test_lowers_to_linalg_with_sparse_matmul_operands():

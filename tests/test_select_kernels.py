@@ -150,6 +150,8 @@ def test_cpu_choices_with_the_cpp_kernels():
     assert cpu_choice(block_sparse(2048, 2048, 0.1, block=32), m=512) == "bsr_linear"
     assert cpu_choice(unstructured(2048, 2048, 0.1), m=1) == "csr_linear"
     assert cpu_choice(unstructured(2048, 2048, 0.1), m=32) == "csr_linear"
+    # Half the weights zero, few tokens: the bitmap format (4 bytes + 1 bit per non-zero) streams less.
+    assert cpu_choice(unstructured(2048, 2048, 0.5), m=1) == "bitmap_linear"
     # 50% unstructured with many tokens is compute-bound: CSR and bitmap both lose to dense GEMM.
     assert cpu_choice(unstructured(2048, 2048, 0.5), m=512) == "dense"
     assert cpu_choice(torch.randn(2048, 2048), m=1) == "dense"

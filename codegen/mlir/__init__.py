@@ -11,9 +11,8 @@ names each one), and a sparse linear weight is typed with the encoding of its fo
 
 - a block pattern (`blockBHxBW`, block64, ...) whose blocks tile the weight: BSR with that block,
   `(d0 floordiv BH : dense, d1 floordiv BW : compressed, d0 mod BH : dense, d1 mod BW : dense)`;
-- any other weight at most half non-zero (unstructured, 2:4, channels): CSR,
-  `(d0 : dense, d1 : compressed)`; 2:4 has no torch layout for MLIR's `structured[2, 4]` level, so
-  it is emitted as CSR;
+- an exact 2:4 weight: `(d0 : dense, d1 floordiv 4 : dense, d1 mod 4 : structured[2, 4])`;
+- any other weight at most half non-zero (unstructured, channels): CSR, `(d0 : dense, d1 : compressed)`;
 - everything else (dense weights, biases, norms, conv weights) stays dense.
 
 A linear with a sparse weight is emitted as `(W @ x^T)^T + b`, the sparse operand first, the form

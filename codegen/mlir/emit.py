@@ -29,11 +29,13 @@ OUTPUTS = {"torch": None, "linalg": ("builtin.module(torchdynamo-export-to-torch
 
 
 def sparse_format(weight: torch.Tensor) -> tuple[str, tuple[int, int] | None] | None:
-    """("bsr", block) or ("csr", None) for a 2-D weight worth a sparse encoding, else None."""
+    """("bsr", block), ("2:4", None) or ("csr", None) for a 2-D weight worth a sparse encoding, else None."""
     if weight.dim() != 2 or not weight.is_floating_point():
         return None
     info = analyze(weight)
     block = info.block_shape
+    if info.pattern == "2:4" and info.n_m == (2, 4) and weight.shape[1] % 4 == 0:
+        return "2:4", None
     if info.pattern.startswith("block") and block and weight.shape[0] % block[0] == 0 and weight.shape[1] % block[1] == 0:
         return "bsr", tuple(block)
     if info.density <= MAX_CSR_DENSITY:
@@ -46,7 +48,19 @@ def _to_layout(weight: torch.Tensor, fmt) -> torch.Tensor:
     dense = weight.detach().cpu()
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it only carries the layout here
         warnings.simplefilter("ignore", UserWarning)
-        return dense.to_sparse_bsr(block) if kind == "bsr" else dense.to_sparse_csr()
+        if kind == "bsr":
+            return dense.to_sparse_bsr(block)
+        return dense.to_sparse_csc() if kind == "2:4" else dense.to_sparse_csr()
+
+
+# torch has no layout for MLIR's 2:4 level. A 2:4 weight is imported with the CSC layout, which
+# nothing else uses here, and CSC's encoding is then replaced by the structured one, everywhere.
+CSC_ENCODING = "map = (d0, d1) -> (d1 : dense, d0 : compressed), posWidth = 64, crdWidth = 64"
+STRUCTURED_2_4_ENCODING = "map = (d0, d1) -> (d0 : dense, d1 floordiv 4 : dense, d1 mod 4 : structured[2, 4]), crdWidth = 8"
+
+
+def _with_2_4_levels(text: str) -> str:
+    return text.replace(CSC_ENCODING, STRUCTURED_2_4_ENCODING)
 
 
 def _sparse_weights(gm: fx.GraphModule) -> dict[fx.Node, tuple]:
@@ -113,7 +127,7 @@ class Argument:
         if self.format is None:
             return f"{self.name} (dense)"
         kind, block = self.format
-        return f"{self.name} (BSR {block[0]}x{block[1]})" if kind == "bsr" else f"{self.name} (CSR)"
+        return f"{self.name} (BSR {block[0]}x{block[1]})" if kind == "bsr" else f"{self.name} ({kind.upper()})"
 
 
 @dataclass
@@ -126,7 +140,11 @@ class Program:
     def text(self) -> str:
         names = [f"//   %arg{i} = {a.describe()}" for i, a in enumerate(self.arguments)]
         header = ["// sparsec: @main's arguments are the constants, then the model's inputs:"] + names
-        return "\n".join(header) + "\n" + str(self.module)
+        return "\n".join(header) + "\n" + self.mlir()
+
+    def mlir(self) -> str:
+        """The module as MLIR text, its 2:4 weights with structured levels."""
+        return _with_2_4_levels(str(self.module))
 
 
 def build_program(gm: fx.GraphModule, example_inputs, output: str = "torch") -> Program:

@@ -61,7 +61,7 @@ class MlirFunction:
             raise ValueError("codegen='mlir' runs float32 CPU graphs only")
         program = build_program(gm, example_inputs, "linalg")
         context = mlir_ir.Context()
-        module = mlir_ir.Module.parse(dense_arguments_converted_inside(str(program.module)), context)
+        module = mlir_ir.Module.parse(dense_arguments_converted_inside(program.mlir()), context)
         with context:
             for op in module.body.operations:
                 op.attributes["llvm.emit_c_interface"] = mlir_ir.UnitAttr.get()
