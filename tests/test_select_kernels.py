@@ -215,3 +215,23 @@ def test_pointwise_convs_run_as_sparse_linears_over_pixels(memory_format, fresh_
         assert rows[name]["kernel"] == "csr_linear" and rows[name]["op"] == "conv2d", rows[name]
     assert rows["spatial.weight"]["kernel"] == "dense"
     assert "1x1 convolutions" in rows["spatial.weight"]["kernel_reason"]
+
+
+@needs_cxx
+def test_token_counts_1_7_64_300_are_correct_without_recompiling(fresh_dynamo):
+    """Dynamo compiles the first size static and the second one dynamic; after that no size
+    compiles again, and the sparse kernels stay in place for every size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    compiled = torch.compile(model, backend="sparsec")
+    before = len(sparsec.backend.compiled_graphs())
+    with torch.no_grad():
+        for tokens in (1, 7, 64, 300, 5):
+            x = torch.randn(tokens, 512)
+            assert output_close(compiled(x), model(x))[0], tokens
+    graphs = sparsec.backend.compiled_graphs()[before:]
+    assert len(graphs) == 2 and all(g.compiles == 1 for g in graphs)
+    assert all({r["kernel"] for r in g.report.layers} == {"csr_linear"} for g in graphs)
