@@ -157,15 +157,21 @@ def test_cpu_choices_with_the_cpp_kernels():
     assert cpu_choice(torch.randn(2048, 2048), m=1) == "dense"
 
 
-@needs_cxx
-def test_cpp_csr_kernel_chosen_end_to_end_through_inductor(fresh_dynamo):
-    """A 90%-unstructured MLP on the CPU runs sparsec::csr_linear with its fused epilogue, under
-    Inductor, and equals eager on fresh inputs."""
+def unstructured_mlp() -> nn.Module:
+    """512 -> 1024 -> 512 with 90% of each weight zero at random: CSR territory on the CPU."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    return model
+
+
+@needs_cxx
+def test_cpp_csr_kernel_chosen_end_to_end_through_inductor(fresh_dynamo):
+    """A 90%-unstructured MLP on the CPU runs sparsec::csr_linear with its fused epilogue, under
+    Inductor, and equals eager on fresh inputs."""
+    model = unstructured_mlp()
     compiled = torch.compile(model, backend="sparsec")
     with torch.no_grad():
         for batch in (4, 4, 9):
@@ -221,11 +227,7 @@ def test_pointwise_convs_run_as_sparse_linears_over_pixels(memory_format, fresh_
 def test_token_counts_1_7_64_300_are_correct_without_recompiling(fresh_dynamo):
     """Dynamo compiles the first size static and the second one dynamic; after that no size
     compiles again, and the sparse kernels stay in place for every size."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    model = unstructured_mlp()
     compiled = torch.compile(model, backend="sparsec")
     before = len(sparsec.backend.compiled_graphs())
     with torch.no_grad():

@@ -33,8 +33,12 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def _prep_common(x, values, N, K, bias, activation, residual):
-    """Shared argument preparation; returns None when the C++ path does not apply."""
+    """Shared argument preparation, the library first; None when the C++ path does not apply
+    (a tensor off the CPU, a dtype without a kernel, no library)."""
     if x.device.type != "cpu" or values.device.type != "cpu" or x.dtype not in _DTYPES:
+        return None
+    lib = _lib()
+    if lib is None:
         return None
     if activation not in _ACTS:
         raise ValueError(f"unknown activation {activation!r}; known: {tuple(_ACTS)}")
@@ -56,22 +60,19 @@ def _prep_common(x, values, N, K, bias, activation, residual):
         r = residual.to(rd).expand(*lead, N).reshape(M, N).contiguous()
         r_f32 = int(rd == torch.float32)
     out = torch.empty((M, N), dtype=x.dtype)
-    return lead, x2, M, vals, b, r, r_f32, out
+    return lib, lead, x2, M, vals, b, r, r_f32, out
 
 
 def bsr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
                    activation="none", residual=None, row_perm=None, col_perm=None):
     """sparsec::bsr_linear on the CPU with the C++ kernels (NotImplemented if unavailable)."""
-    if x.device.type != "cpu" or values.dim() != 3:
-        return NotImplemented
-    lib = _lib()
-    if lib is None:
+    if values.dim() != 3:
         return NotImplemented
     N, K = int(out_features), int(in_features)
     prep = _prep_common(x, values, N, K, bias, activation, residual)
     if prep is None:
         return NotImplemented
-    lead, x2, M, vals, b, r, r_f32, out = prep
+    lib, lead, x2, M, vals, b, r, r_f32, out = prep
     _, BH, BW = vals.shape
     nbr = row_offsets.numel() - 1
     if nbr != -(-N // BH):
@@ -101,18 +102,13 @@ def bsr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_feature
 def bitmap_linear_cpu(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows,
                       bias=None, activation="none", residual=None, row_perm=None, col_perm=None):
     """sparsec::bitmap_linear on the CPU with the C++ kernels (NotImplemented if unavailable)."""
-    if x.device.type != "cpu":
-        return NotImplemented
-    lib = _lib()
-    if lib is None:
-        return NotImplemented
     N, K, TR = int(out_features), int(in_features), int(tile_rows)
     if not 0 < TR <= 64:
         return NotImplemented
     prep = _prep_common(x, values, N, K, bias, activation, residual)
     if prep is None:
         return NotImplemented
-    lead, x2, M, vals, b, r, r_f32, out = prep
+    lib, lead, x2, M, vals, b, r, r_f32, out = prep
     n_pad, k_pad = -(-N // TR) * TR, -(-K // 64) * 64
     bm = bitmap.to(torch.int32).contiguous()
     toff = tile_offsets.to(torch.int32).contiguous()
@@ -137,16 +133,11 @@ def bitmap_linear_cpu(x, values, bitmap, tile_offsets, out_features, in_features
 def csr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
                    activation="none", residual=None):
     """sparsec::csr_linear on the CPU with the C++ kernels (NotImplemented if unavailable)."""
-    if x.device.type != "cpu":
-        return NotImplemented
-    lib = _lib()
-    if lib is None:
-        return NotImplemented
     N, K = int(out_features), int(in_features)
     prep = _prep_common(x, values, N, K, bias, activation, residual)
     if prep is None:
         return NotImplemented
-    lead, x2, M, vals, b, r, r_f32, out = prep
+    lib, lead, x2, M, vals, b, r, r_f32, out = prep
     if col_indices.dtype == torch.int16:
         cols, idx16 = col_indices.contiguous(), 1
         if K > 65536:
