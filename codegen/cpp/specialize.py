@@ -84,7 +84,7 @@ class SpecializedBSR:
         prep = _prep_common(x, vals, n, k, bias, activation, residual)
         if prep is None:
             raise TypeError("specialized kernels take fp32/bf16 CPU tensors")
-        lead, x2, M, vals, b, r, r_f32, out = prep
+        _, lead, x2, M, vals, b, r, r_f32, out = prep  # the main library is not used here
         if tuple(vals.shape) != tuple(w.values.shape):
             raise ValueError("values do not match the baked pattern")
         rp = None if w.row_perm is None else w.row_perm.to(torch.int64).contiguous()
