@@ -12,10 +12,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparsec.codegen.cpp import build
 from sparsec.runtime.formats import csr_to_dense, pack_bsr, pack_csr
+from float64_reference import linear64
 
 HAVE_CXX = build.compiler_available()
 pytestmark = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler (c++ / $CXX) on PATH")
@@ -38,17 +38,6 @@ def lib(tmp_path_factory):
             os.environ.pop("SPARSEC_CACHE_DIR", None)
         else:
             os.environ["SPARSEC_CACHE_DIR"] = old
-
-
-def _ref(x, wdense, bias, act, residual):
-    """float64 reference: act(x @ W^T + bias) + residual."""
-    y = x.double() @ wdense.double().t()
-    if bias is not None:
-        y = y + bias.double()
-    y = {"none": lambda t: t, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu}[act](y)
-    if residual is not None:
-        y = y + residual.double()
-    return y
 
 
 def _block_sparse(n, k, bh, bw, density, gen, empty_rows=False):
@@ -87,7 +76,7 @@ def test_bsr_shapes_blocks_dtypes(lib, block, dtype):
     w = pack_bsr(wd, block)
     for m in (1, 3, 33):
         x = torch.randn(m, k, generator=gen).to(dtype)
-        _close(_bsr(x, w), _ref(x, wd, None, "none", None), dtype)
+        _close(_bsr(x, w), linear64(x, wd, None, "none", None), dtype)
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
@@ -102,8 +91,8 @@ def test_bsr_epilogue_perm(lib, act, dtype):
     for m in (1, 3, 33):
         x = torch.randn(m, k, generator=gen).to(dtype)
         res = torch.randn(m, n, generator=gen).to(dtype)
-        _close(_bsr(x, w, bias, act, res), _ref(x, wd, bias, act, res), dtype)
-        _close(_bsr(x, w, None, act, None), _ref(x, wd, None, act, None), dtype)
+        _close(_bsr(x, w, bias, act, res), linear64(x, wd, bias, act, res), dtype)
+        _close(_bsr(x, w, None, act, None), linear64(x, wd, None, act, None), dtype)
 
 
 @pytest.mark.parametrize("perm", ["row", "col", "both"])
@@ -117,7 +106,7 @@ def test_bsr_single_perms(lib, perm):
     bias = torch.randn(n, generator=gen)
     for m in (1, 6, 40):
         x = torch.randn(m, k, generator=gen)
-        _close(_bsr(x, w, bias, "relu"), _ref(x, wd, bias, "relu", None), torch.float32)
+        _close(_bsr(x, w, bias, "relu"), linear64(x, wd, bias, "relu", None), torch.float32)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 1.0])
@@ -131,7 +120,7 @@ def test_bsr_densities(lib, density):
     bias = torch.randn(n, generator=gen)
     for m in (1, 3, 33, 100):
         x = torch.randn(m, k, generator=gen)
-        _close(_bsr(x, w, bias, "silu"), _ref(x, wd, bias, "silu", None), torch.float32)
+        _close(_bsr(x, w, bias, "silu"), linear64(x, wd, bias, "silu", None), torch.float32)
 
 
 def test_bsr_3d_input_and_residual_broadcast(lib):
@@ -143,9 +132,9 @@ def test_bsr_3d_input_and_residual_broadcast(lib):
     res = torch.randn(2, 17, n, generator=gen)
     y = _bsr(x, w, None, "gelu", res)
     assert y.shape == (2, 17, n)
-    _close(y, _ref(x, wd, None, "gelu", res), torch.float32)
+    _close(y, linear64(x, wd, None, "gelu", res), torch.float32)
     xt = torch.randn(k, 5, generator=gen).t()                    # non-contiguous input
-    _close(_bsr(xt, w), _ref(xt, wd, None, "none", None), torch.float32)
+    _close(_bsr(xt, w), linear64(xt, wd, None, "none", None), torch.float32)
 
 
 def test_bsr_bf16_fp32_residual(lib):
@@ -156,7 +145,7 @@ def test_bsr_bf16_fp32_residual(lib):
     res = torch.randn(4, 64, generator=gen)                      # fp32 residual
     y = _bsr(x, w, None, "none", res)
     assert y.dtype == torch.bfloat16
-    _close(y, _ref(x, wd, None, "none", res), torch.bfloat16)
+    _close(y, linear64(x, wd, None, "none", res), torch.bfloat16)
 
 
 def test_bsr_through_custom_op(lib):
@@ -170,10 +159,10 @@ def test_bsr_through_custom_op(lib):
     w = pack_bsr(wd, (16, 16), row_perm=torch.randperm(80, generator=gen))
     x = torch.randn(7, 48, generator=gen)
     bias = torch.randn(80, generator=gen)
-    _close(ops.bsr_linear(x, w, bias, "relu"), _ref(x, wd, bias, "relu", None), torch.float32)
+    _close(ops.bsr_linear(x, w, bias, "relu"), linear64(x, wd, bias, "relu", None), torch.float32)
     compiled = torch.compile(lambda t: ops.bsr_linear(t, w, bias, "relu"), backend="eager",
                              fullgraph=True)
-    _close(compiled(x), _ref(x, wd, bias, "relu", None), torch.float32)
+    _close(compiled(x), linear64(x, wd, bias, "relu", None), torch.float32)
 
 
 # ------------------------------------------------------------------------------ CSR
@@ -195,9 +184,9 @@ def test_csr(lib, dtype, density, index_dtype):
         x = torch.randn(m, k, generator=gen).to(dtype)
         res = torch.randn(m, n, generator=gen).to(dtype)
         for act in ("none", "gelu"):
-            _close(csr_linear(x, w, bias, act, res), _ref(x, wd, bias, act, res), dtype)
+            _close(csr_linear(x, w, bias, act, res), linear64(x, wd, bias, act, res), dtype)
     x3 = torch.randn(2, 3, k, generator=gen).to(dtype)
-    _close(csr_linear(x3, w), _ref(x3, wd, None, "none", None), dtype)
+    _close(csr_linear(x3, w), linear64(x3, wd, None, "none", None), dtype)
 
 
 def test_csr_uint16_indices_wide(lib):
@@ -211,7 +200,7 @@ def test_csr_uint16_indices_wide(lib):
     assert w.col_indices.dtype == torch.int16
     assert torch.equal(csr_to_dense(w.values, w.col_indices, w.row_offsets, n, k), wd)
     x = torch.randn(5, k, generator=gen)
-    _close(csr_linear(x, w), _ref(x, wd, None, "none", None), torch.float32)
+    _close(csr_linear(x, w), linear64(x, wd, None, "none", None), torch.float32)
 
 
 def test_csr_fake_and_compile(lib):
@@ -221,7 +210,7 @@ def test_csr_fake_and_compile(lib):
     w = pack_csr(wd)
     x = torch.randn(6, 40, generator=gen)
     fn = torch.compile(lambda t: csr_linear(t, w, None, "relu"), backend="eager", fullgraph=True)
-    _close(fn(x), _ref(x, wd, None, "relu", None), torch.float32)
+    _close(fn(x), linear64(x, wd, None, "relu", None), torch.float32)
 
 
 # ------------------------------------------------------------------------------ bitmap
@@ -246,7 +235,7 @@ def test_bitmap(lib, tile_rows, dtype):
             for act in ("none", "silu"):
                 y = bitmap_linear_cpu(x, w.values, w.bitmap, w.tile_offsets, n, k, tile_rows,
                                       bias, act, res, w.row_perm, w.col_perm)
-                _close(y, _ref(x, wd, bias, act, res), dtype)
+                _close(y, linear64(x, wd, bias, act, res), dtype)
 
 
 def test_bitmap_through_custom_op(lib):
@@ -259,7 +248,7 @@ def test_bitmap_through_custom_op(lib):
     wd = torch.randn(64, 128, generator=gen) * (torch.rand(64, 128, generator=gen) < 0.2)
     w = pack_bitmap(wd)
     x = torch.randn(2, 5, 128, generator=gen)
-    _close(ops.bitmap_linear(x, w, None, "gelu"), _ref(x, wd, None, "gelu", None), torch.float32)
+    _close(ops.bitmap_linear(x, w, None, "gelu"), linear64(x, wd, None, "gelu", None), torch.float32)
 
 
 # ------------------------------------------------------------------------------ baked
@@ -277,12 +266,12 @@ def test_specialized_small_layer(lib):
     bias = torch.randn(n, generator=gen)
     for m in (1, 3, 33):
         x = torch.randn(m, k, generator=gen)
-        _close(sp(x, bias, "gelu"), _ref(x, wd, bias, "gelu", None), torch.float32)
+        _close(sp(x, bias, "gelu"), linear64(x, wd, bias, "gelu", None), torch.float32)
     w2 = torch.randn(w.values.shape, generator=gen)               # same pattern, new values
     x = torch.randn(4, k, generator=gen)
     wd2 = type(w)(w2, w.col_indices, w.row_offsets, w.shape, w.block, w.row_perm,
                   w.col_perm).to_dense()
-    _close(sp(x, values=w2), _ref(x, wd2, None, "none", None), torch.float32)
+    _close(sp(x, values=w2), linear64(x, wd2, None, "none", None), torch.float32)
     assert specialize_bsr(w).lib.cached                          # second time: from the cache
 
 
@@ -337,7 +326,7 @@ def test_build_failure_falls_back(tmp_path, monkeypatch, caplog):
         assert any("reference" in r.message for r in caplog.records)
         from sparsec.runtime import ops
         x = torch.randn(2, 16)
-        _close(ops.bsr_linear(x, w), _ref(x, wd, None, "none", None), torch.float32)
+        _close(ops.bsr_linear(x, w), linear64(x, wd, None, "none", None), torch.float32)
     finally:
         build.reset_loaded()
 

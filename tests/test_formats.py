@@ -3,10 +3,10 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparsec.runtime import ops, reference
 from sparsec.runtime.formats import BitmapWeight, BSRWeight, pack_bitmap, pack_bsr
+from float64_reference import linear64
 
 
 def sparse_weight(n, k, block, density, gen, dtype=torch.float32, empty_rows=()):
@@ -100,16 +100,6 @@ def test_pack_speed_llama_shape():
     assert t_bsr < 5 and t_bm < 10, (t_bsr, t_bm)  # ~1 s each on a fast machine
 
 
-def _ref64(x, w, bias, act, residual):
-    y = x.double() @ w.double().t()
-    if bias is not None:
-        y = y + bias.double()
-    y = {"none": lambda t: t, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu}[act](y)
-    if residual is not None:
-        y = y + residual.double()
-    return y
-
-
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap"])
 def test_reference_ops(act, fmt):
@@ -124,7 +114,7 @@ def test_reference_ops(act, fmt):
     f = ops.bsr_linear if fmt == "bsr" else ops.bitmap_linear
     y = f(x, p, bias=bias, activation=act, residual=res)
     assert y.shape == (2, 3, n) and y.dtype == x.dtype
-    torch.testing.assert_close(y.double(), _ref64(x, w, bias, act, res), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), linear64(x, w, bias, act, res), rtol=1e-5, atol=1e-5)
 
 
 def test_op_fake_and_compile():

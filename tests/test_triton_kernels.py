@@ -13,7 +13,6 @@ if not ON_GPU:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -21,6 +20,7 @@ from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m  # noqa: E40
 from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from sparsec.runtime import ops  # noqa: E402
 from sparsec.runtime.formats import pack_bitmap, pack_bsr  # noqa: E402
+from float64_reference import linear64  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
 # relative-to-max tolerances: bf16/fp16 outputs are rounded once at the end
@@ -39,16 +39,6 @@ def sparse_weight(n, k, block, density, gen, empty_rows=(), one_per_row=False):
     mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:n, :k]
     w = torch.randn(n, k, generator=gen)
     return w * mask
-
-
-def ref64(x, w, bias, act, residual, row_perm=None):
-    y = x.double() @ w.double().t()
-    if bias is not None:
-        y = y + bias.double()
-    y = {"none": lambda t: t, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu}[act](y)
-    if residual is not None:
-        y = y + residual.double()
-    return y
 
 
 def check(out, ref, dtype):
@@ -94,7 +84,7 @@ def test_bsr_kernels_shapes(case, M):
     w = sparse_weight(N, K, block, density, gen, **extra)
     p = pack_bsr(w, block)
     x = torch.randn(M, K, generator=gen)
-    ref = ref64(x, w, None, "none", None)
+    ref = linear64(x, w, None, "none", None)
     if M <= bsr_small_m.MAX_SMALL_M:
         check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32), ref, torch.float32)
         if M < bsr_small_m.DOT_MIN_M:  # thick slabs too (the default thins them for small N)
@@ -116,7 +106,7 @@ def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
     p = pack_bsr(w, block, row_perm=rp, col_perm=cp)
     x = torch.randn(M, K, generator=gen).to(dtype)
     b, r = epilogue_args(gen, M, N, dtype, True, act, True)
-    ref = ref64(x, w, b, act, r)
+    ref = linear64(x, w, b, act, r)
     cfg = dict(BLOCK_M=32, num_warps=4, num_stages=2) if kern is bsr_large_m else None
     check(run_bsr(kern, x, w, p, b, act, r, dtype, config=cfg), ref, dtype)
 
@@ -146,7 +136,7 @@ def test_bitmap_kernel_shapes(shape, density, M):
     x = torch.randn(M, K, generator=gen)
     cfg = dict(BLOCK_M=64, BLOCK_N=32, USE_DOT=True, num_warps=4, num_stages=2) if M > 64 else None
     check(run_bitmap(x, w, p, None, "none", None, torch.float32, cfg),
-          ref64(x, w, None, "none", None), torch.float32)
+          linear64(x, w, None, "none", None), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -162,7 +152,7 @@ def test_bitmap_epilogue_dtypes_perm(dtype, act, M, tile_rows):
     x = torch.randn(M, K, generator=gen).to(dtype)
     b, r = epilogue_args(gen, M, N, dtype, True, act, True)
     cfg = dict(BLOCK_M=32, BLOCK_N=32, USE_DOT=True, num_warps=4, num_stages=2) if M > 64 else None
-    check(run_bitmap(x, w, p, b, act, r, dtype, cfg), ref64(x, w, b, act, r), dtype)
+    check(run_bitmap(x, w, p, b, act, r, dtype, cfg), linear64(x, w, b, act, r), dtype)
 
 
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap"])
@@ -185,7 +175,7 @@ def test_op_3d_through_registry(fmt, M):
         args = (x, p.values, p.bitmap, p.tile_offsets, N, K, p.tile_rows, b, "silu", r, None, None)
         fn, op = R.bitmap_linear_triton, torch.ops.sparsec.bitmap_linear
     args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
-    ref = ref64(x.reshape(-1, K), w, b, "silu", r.reshape(-1, N)).reshape(2, M, N)
+    ref = linear64(x.reshape(-1, K), w, b, "silu", r.reshape(-1, N)).reshape(2, M, N)
     ops.register_kernel(fmt + "_linear", DEV, fn)
     try:
         y = op(*args)
