@@ -18,11 +18,13 @@ replayed by `test_saved_regressions` from then on (commit the file with the fix)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -35,6 +37,7 @@ from hypothesis import strategies as st
 import sparsec
 import sparsec.backend
 from sparsec.compiler import CompiledVariants
+from sparsec.passes import select_kernels
 from sparsec.pass_manager import output_close
 
 EXAMPLES = int(os.environ.get("SPARSEC_FUZZ_EXAMPLES", "24"))
@@ -325,6 +328,9 @@ def model_specs(draw):
         "size2": draw(st.one_of(st.none(), st.integers(2, 12) if family == "seq" else st.integers(3, 9))),
         "inductor": draw(st.integers(0, 9)) == 0,  # a few with Inductor (slower)
         "entry": draw(st.sampled_from(["dynamo", "dynamo", "api"])),
+        # "sparse": every linear and 1x1 conv with zeros runs a sparse kernel, whatever the cost
+        # model says (the fuzzer's layers are too small for it to choose one by itself)
+        "kernels": draw(st.sampled_from(["auto", "sparse"])),
     }
 
 
@@ -332,8 +338,31 @@ def model_specs(draw):
 # The check
 # ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def kernels_forced(how: str):
+    """With "sparse", select-kernels takes the cheapest sparse candidate of every weight op."""
+    if how != "sparse":
+        yield
+        return
+    choose = select_kernels.choose
+
+    def choose_sparse(*args, **kwargs):
+        best, found, measured = choose(*args, **kwargs)
+        sparse = found[1:]  # found[0] is dense; the rest have a kernel ready on this device
+        return (min(sparse, key=lambda c: c.predicted_s) if sparse else best), found, measured
+
+    with mock.patch.object(select_kernels, "choose", choose_sparse), \
+            mock.patch.object(select_kernels, "MIN_WEIGHT_ELEMENTS", 0):
+        yield
+
+
 def check_spec(spec: dict) -> None:
     """Compile the spec's model with sparsec and compare with eager on one or two input sizes."""
+    with kernels_forced(spec.get("kernels", "auto")):
+        _check_spec(spec)
+
+
+def _check_spec(spec: dict) -> None:
     model = build_model(spec)
     sizes = [spec["size"]] + ([spec["size2"]] if spec.get("size2") else [])
     options = {"inductor": bool(spec["inductor"])}
