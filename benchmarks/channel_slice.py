@@ -206,6 +206,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--passes", default=None, help="sparsec pipeline (default: the full default pipeline)")
     p.add_argument("--only", default=None, help="run the rows whose case name contains this text")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each side's 12 most expensive device kernels (torch.profiler)")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -218,7 +220,8 @@ def main(argv=None):
         if args.only and args.only.lower() not in name.lower():
             continue
         try:
-            rows.append(run_case(name, shape, build, mode, target, tokens, device, dtype, warmup, reps, args.passes))
+            rows.append(run_case(name, shape, build, mode, target, tokens, device, dtype, warmup, reps, args.passes,
+                                 args.profile))
         except Exception as exc:  # one case failing (out of memory, a compile error) must not hide the others
             print(f"failed: {name} {shape}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             rows.append((name, shape) + ("failed",) * 8)
@@ -234,7 +237,7 @@ def main(argv=None):
     return rows
 
 
-def run_case(name, shape, build, mode, target, tokens, device, dtype, warmup, reps, passes) -> tuple:
+def run_case(name, shape, build, mode, target, tokens, device, dtype, warmup, reps, passes, profile=False) -> tuple:
     """One row: both sides compiled on the same pruned model, checked against eager, timed."""
     model, inputs = build()
     model = model.eval()
@@ -253,10 +256,27 @@ def run_case(name, shape, build, mode, target, tokens, device, dtype, warmup, re
         ours = sparsec.compile(model, *inputs, mode=mode, **options)
         err = max_error(ours(*inputs), ref)
         (t_ind, min_ind), (t_ours, min_ours) = paired_median_ms([inductor, ours], inputs, device, warmup, reps)
+        if profile:
+            for side, fn in (("Inductor", inductor), ("sparsec", ours)):
+                print_top_kernels(f"{name} {shape}: {side}", fn, inputs, device)
     print(f"done: {name} {shape}: inductor {t_ind:.3f} ms, sparsec {t_ours:.3f} ms", file=sys.stderr, flush=True)
     return (name + (" [CUDA graphs]" if mode and device.type == "cuda" else ""), shape, f"{t_ind:.3f}",
             f"{t_ours:.3f}", f"{t_ind / t_ours:.2f}x", f"{min_ind / min_ours:.2f}x", f"{floor:.2f}x", target,
             f"{stats.get('channels_removed', 0)}", f"{err:.1e}")
+
+
+def print_top_kernels(title, fn, inputs, device, calls: int = 10, top: int = 12) -> None:
+    """Where one side's time goes: its most expensive kernels over `calls` calls (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn(*inputs)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"-- {title}: top {top} by {key}, {calls} calls", file=sys.stderr)
+    print(prof.key_averages().table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
 
 
 def _markdown(header, rows) -> str:
