@@ -20,7 +20,5 @@ step() {  # step NAME SECONDS COMMAND...
 step triton_tests 150 env SPARSEC_TEST_GPU=1 python3 -m pytest -q -x tests/test_triton_kernels.py -p no:cacheprovider
 # 2. Why the sliced ResNet-50-style model is slower than Inductor (issue 15): kernels of both sides
 step resnet_profile 120 python3 benchmarks/channel_slice.py --only ResNet --profile
-# 3. The FFN row in reduce-overhead mode is not in channel_slice.py yet; the decoder rows are
-step channel_slice 120 python3 benchmarks/channel_slice.py --only LLaMA
-# 4. Issue 14's tables (the longest step; last so the others come back first)
+# 3. Issue 14's tables (the longest step; last so the others come back first)
 step models 420 python3 benchmarks/models.py --skip-other
