@@ -174,3 +174,20 @@ def test_what_the_mlir_path_cannot_run_goes_the_usual_way(fresh_dynamo):
         compiled = sparsec.compile(model, x, codegen="mlir")
         torch.testing.assert_close(compiled(x), model(x))
     assert any("could not compile this graph" in n and "float32" in n for n in compiled.report.notes)
+
+
+def test_a_torch_mlir_failure_in_opt_is_a_clear_error(monkeypatch, capsys):
+    """A torch-mlir that cannot import the graph (built for another torch, say) is named with both
+    versions, not a traceback."""
+    from sparsec import cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported FX node")
+
+    monkeypatch.setattr(mlir, "emit", broken)
+    assert cli.main(["opt", "mlp", "--passes", "analyze", "--emit", "mlir"]) == 2
+    err = capsys.readouterr().err
+    from importlib.metadata import version
+
+    assert f"torch-mlir {version('torch-mlir')}" in err and f"torch {torch.__version__}" in err
+    assert "unsupported FX node" in err

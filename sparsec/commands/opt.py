@@ -62,7 +62,16 @@ def emit(gm, kind: str, example_inputs=()) -> str:
                 "--emit mlir: the MLIR backend is not available in this installation (sparsec.codegen.mlir could not be "
                 f"imported: {exc}); install the mlir extra (pip install 'sparsec[mlir]') or use --emit ir|python"
             ) from None
-        return mlir.emit(gm, example_inputs)
+        try:
+            return mlir.emit(gm, example_inputs)
+        except ValueError:
+            raise
+        except Exception as exc:  # e.g. a torch-mlir built for another torch: say which, not a traceback
+            import torch
+            from importlib.metadata import version
+
+            raise ValueError(f"--emit mlir: torch-mlir {version('torch-mlir')} could not import this graph with torch "
+                             f"{torch.__version__} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
     return ""
 
 
