@@ -30,7 +30,7 @@ def lib(tmp_path_factory):
     try:
         lib = build.load_kernels()
         if lib is None:
-            pytest.skip("C++ kernels failed to build (see the sparsec.codegen.cpp warning)")
+            pytest.fail("a C++ compiler is here but the kernels failed to build (see the sparsec.codegen.cpp warning)")
         yield lib
     finally:
         build.reset_loaded()  # the next use loads the library of the default cache
