@@ -63,6 +63,22 @@ def _prep_common(x, values, N, K, bias, activation, residual):
     return lib, lead, x2, M, vals, b, r, r_f32, out
 
 
+def _index64(perm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A permutation as the contiguous int64 array the kernels read (None stays None)."""
+    return None if perm is None else perm.to(torch.int64).contiguous()
+
+
+def _result(kernel: str, rc: int, out: torch.Tensor, lead: tuple, N: int):
+    """The kernel's output in the caller's shape, or NotImplemented (warned once per code) when
+    the C++ kernel returned an error code, so the op falls back to the reference."""
+    if rc != 0:
+        if (kernel, rc) not in _FAILED_ONCE:
+            _FAILED_ONCE.add((kernel, rc))
+            log.warning("sparsec C++ %s returned %d; using the reference path", kernel, rc)
+        return NotImplemented
+    return out.reshape(*lead, N)
+
+
 def bsr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
                    activation="none", residual=None, row_perm=None, col_perm=None):
     """sparsec::bsr_linear on the CPU with the C++ kernels (NotImplemented if unavailable)."""
@@ -85,18 +101,12 @@ def bsr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_feature
         raise ValueError("block column index out of range")
     if int(ro[0]) != 0 or int(ro[-1]) != cols.numel():
         raise ValueError("row_offsets must start at 0 and end at the number of blocks")
-    rp = None if row_perm is None else row_perm.to(torch.int64).contiguous()
-    cp = None if col_perm is None else col_perm.to(torch.int64).contiguous()
+    rp, cp = _index64(row_perm), _index64(col_perm)
     rc = lib.sparsec_bsr_linear(_DTYPES[x.dtype], x2.data_ptr(), M, K, N, vals.data_ptr(), BH, BW,
                                 cols.data_ptr(), ro.data_ptr(), nbr, _ptr(b), _ACTS[activation],
                                 _ptr(r), r_f32, _ptr(rp), _ptr(cp), out.data_ptr(),
                                 torch.get_num_threads())
-    if rc != 0:
-        if ("bsr", rc) not in _FAILED_ONCE:
-            _FAILED_ONCE.add(("bsr", rc))
-            log.warning("sparsec C++ bsr_linear returned %d; using the reference path", rc)
-        return NotImplemented
-    return out.reshape(*lead, N)
+    return _result("bsr_linear", rc, out, lead, N)
 
 
 def bitmap_linear_cpu(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows,
@@ -116,18 +126,12 @@ def bitmap_linear_cpu(x, values, bitmap, tile_offsets, out_features, in_features
         raise ValueError("bitmap / tile_offsets disagree with the shape")
     if int(toff[0]) != 0 or int(toff[-1]) != vals.numel():
         raise ValueError("tile_offsets must start at 0 and end at nnz")
-    rp = None if row_perm is None else row_perm.to(torch.int64).contiguous()
-    cp = None if col_perm is None else col_perm.to(torch.int64).contiguous()
+    rp, cp = _index64(row_perm), _index64(col_perm)
     rc = lib.sparsec_bitmap_linear(_DTYPES[x.dtype], x2.data_ptr(), M, K, N, vals.data_ptr(),
                                    bm.data_ptr(), toff.data_ptr(), TR, _ptr(b), _ACTS[activation],
                                    _ptr(r), r_f32, _ptr(rp), _ptr(cp), out.data_ptr(),
                                    torch.get_num_threads())
-    if rc != 0:
-        if ("bitmap", rc) not in _FAILED_ONCE:
-            _FAILED_ONCE.add(("bitmap", rc))
-            log.warning("sparsec C++ bitmap_linear returned %d; using the reference path", rc)
-        return NotImplemented
-    return out.reshape(*lead, N)
+    return _result("bitmap_linear", rc, out, lead, N)
 
 
 def csr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_features, bias=None,
@@ -152,12 +156,7 @@ def csr_linear_cpu(x, values, col_indices, row_offsets, out_features, in_feature
     rc = lib.sparsec_csr_linear(_DTYPES[x.dtype], x2.data_ptr(), M, K, N, vals.data_ptr(),
                                 cols.data_ptr(), idx16, ro.data_ptr(), _ptr(b), _ACTS[activation],
                                 _ptr(r), r_f32, out.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        if ("csr", rc) not in _FAILED_ONCE:
-            _FAILED_ONCE.add(("csr", rc))
-            log.warning("sparsec C++ csr_linear returned %d; using the reference path", rc)
-        return NotImplemented
-    return out.reshape(*lead, N)
+    return _result("csr_linear", rc, out, lead, N)
 
 
 # ----------------------------------------------------------------------------- registration
