@@ -191,3 +191,14 @@ def test_a_torch_mlir_failure_in_opt_is_a_clear_error(monkeypatch, capsys):
 
     assert f"torch-mlir {version('torch-mlir')}" in err and f"torch {torch.__version__}" in err
     assert "unsupported FX node" in err
+
+
+def test_the_engine_only_runs_the_shapes_it_was_compiled_for():
+    """MLIR compiles static shapes: another input shape is refused, never run on the wrong sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) < 0.1)
+    function = mlir.MlirFunction(*optimized(model, torch.randn(4, 64)))
+    with pytest.raises(ValueError, match="compiled this graph for inputs"):
+        function(torch.randn(5, 64))

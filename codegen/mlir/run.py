@@ -59,6 +59,10 @@ class MlirFunction:
         tensors = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
             raise ValueError("codegen='mlir' runs float32 CPU graphs only")
+        if any(not isinstance(size, int) for t in tensors for size in t.shape):
+            raise ValueError("codegen='mlir' compiles static shapes only (this graph has dynamic sizes)")
+        # the engine is compiled for these shapes: a call with others must not reach it
+        self.input_shapes = [tuple(x.shape) for x in example_inputs]
         program = build_program(gm, example_inputs, "linalg")
         context = mlir_ir.Context()
         module = mlir_ir.Module.parse(dense_arguments_converted_inside(program.mlir()), context)
@@ -76,6 +80,9 @@ class MlirFunction:
         self.returns_sequence = isinstance(_output_arg(gm), (list, tuple))
 
     def __call__(self, *inputs):
+        shapes = [tuple(x.shape) for x in inputs]
+        if shapes != self.input_shapes:
+            raise ValueError(f"codegen='mlir' compiled this graph for inputs {self.input_shapes}, called with {shapes}")
         arrays = self.constants + [np.ascontiguousarray(x.detach().cpu().numpy()) for x in inputs]
         descriptors = [ctypes.pointer(ctypes.pointer(get_ranked_memref_descriptor(a))) for a in arrays]
         result = ctypes.pointer(ctypes.pointer(make_nd_memref_descriptor(self.output_rank, as_ctype(np.float32))()))
