@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call for the GPU work that is still open: run from the repository root on the
-# GPU machine (`run` with this as the command). Each step has its own time limit so one slow step
-# leaves time for the rest; logs go under $OUT (or ./gpu_logs), the tail of each is printed.
+# GPU machine (`run` with `bash benchmarks/gpu_session.sh STEP...`, default: every step). Each step
+# has its own time limit so one slow step leaves time for the rest; logs go under $OUT (or
+# ./gpu_logs), the tail of each is printed.
 set -u
 export PYTHONUNBUFFERED=1
 LOGS=${OUT:-gpu_logs}
@@ -12,13 +13,39 @@ nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-  echo "   exit $?"; grep -E "^\||passed|failed|Error" "$LOGS/$name.log" | tail -25
+  echo "   exit $? after $((SECONDS - start)) s"; grep -E "^\||passed|failed|Error" "$LOGS/$name.log" | tail -25
 }
 
-# 1. Triton kernels compiled for the GPU (correctness first)
-step triton_tests 150 env SPARSEC_TEST_GPU=1 python3 -m pytest -q -x tests/test_triton_kernels.py -p no:cacheprovider
-# 2. Why the sliced ResNet-50-style model is slower than Inductor (issue 15): kernels of both sides
-step resnet_profile 120 python3 benchmarks/channel_slice.py --only ResNet --profile
-# 3. Issue 14's tables (the longest step; last so the others come back first)
-step models 420 python3 benchmarks/models.py --skip-other
+steps=${*:-"triton resnet ffn csr_sweep csr_table minilm models"}
+for s in $steps; do
+  case $s in
+    # Triton kernels compiled for the GPU (correctness first). `-P`: the installed package, not the
+    # checkout's sparsec/ folder (which lacks the sparsec.runtime/passes/codegen mapping)
+    triton) step triton_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -p no:cacheprovider ;;
+    # Why the sliced ResNet-50-style model is slower than Inductor (issue 15): capture alone, slicing
+    # alone, the full pipeline with both sides' kernels
+    resnet)
+      step resnet_analyze 100 python3 benchmarks/channel_slice.py --only ResNet --passes analyze
+      step resnet_slice 100 python3 benchmarks/channel_slice.py --only ResNet --passes analyze,channel-slice
+      step resnet_full 150 python3 benchmarks/channel_slice.py --only ResNet --profile ;;
+    # The ResNet rows alone (default mode: host-bound on cuDNN's launch path; CUDA graphs)
+    resnet_rows) step resnet_rows 200 python3 benchmarks/channel_slice.py --only ResNet ;;
+    # The Triton CSR kernel (issue 5): config sweep, then the unstructured rows of the kernel table
+    csr_sweep) step csr_sweep 150 python3 benchmarks/kernels.py --sweep-csr ;;
+    csr_table) step kernels_unstr 200 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --rep 20 ;;
+    # co-permute's effect on kernel time with the real MiniLM weights (issue 7; the file is made on
+    # the CPU: permute_minilm.py --sparsity 0.9 --tiles 16 64 --save gpu_inputs/minilm90.safetensors)
+    minilm) step minilm 90 python3 benchmarks/permute_minilm.py --time gpu_inputs/minilm90.safetensors ;;
+    # The FFN rows, with and without CUDA graphs (issue 15)
+    ffn) step ffn 150 python3 benchmarks/channel_slice.py --only SwiGLU ;;
+    # Issue 14's tables (the longest step)
+    models) for shape in decode16 decode1 prefill; do
+              step "models_$shape" 200 python3 benchmarks/models.py --skip-other --shapes $shape
+            done ;;
+    models_decode16|models_decode1|models_prefill)
+      step "$s" 250 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done

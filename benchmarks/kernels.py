@@ -7,8 +7,10 @@ Per cell: median time (ms) and speed-up over dense cuBLAS (F.linear) in the same
 Timing: triton.testing.do_bench_cudagraph (median; a CUDA graph of repeated calls, so
 Python launch overhead is out of every column alike, as in a CUDA-graph deployment).
 Sparse weights are rotated over several copies so that repeated calls stream from HBM,
-not from L2. `floor` = max(bytes / 3.0 TB/s, flops / 790 TFLOP/s) for the sparsec format
-(bytes: packed weight + x + y; flops: only the non-zero blocks / elements).
+not from L2. `floor` = max(bytes / bandwidth, flops / peak) for the sparsec format (bytes: packed
+weight + x + y; flops: only the non-zero blocks / elements), with the bandwidth (a 1 GiB device copy,
+read + write) and the bf16 matrix peak (8192^3) measured at the start of the run; `floor_csr` the
+same for the CSR format (4 bytes per non-zero).
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ if "--smoke" in sys.argv:
 import torch
 import torch.nn.functional as F
 
-from sparsec.runtime.formats import pack_bitmap, pack_bsr
+from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr
 from sparsec.runtime import ops
-from sparsec.runtime.ops import bitmap_linear, bsr_linear
+from sparsec.runtime.ops import bitmap_linear, bsr_linear, csr_linear
 
-HBM_BPS = 3.0e12
+HBM_BPS = 3.0e12     # replaced by the measured ceilings in run_gpu
 MMA_FLOPS = 790e12
 L2_ROTATE_BYTES = 160e6   # rotate weight copies until this many bytes are touched
 
@@ -100,11 +102,14 @@ def run_gpu(args):
         patterns = args.patterns.split(",")
     if args.quick:
         shapes, Ms = shapes[:1], [1, 256]
-    methods = ["sparsec", "sparsec_eager", "cuBLAS", "inductor", "torch_bsr", "torch_2:4",
-               "cusparse_csr", "floor"]
+    methods = ["sparsec", "sparsec_eager", "sparsec_csr", "cuBLAS", "inductor", "torch_bsr", "torch_2:4",
+               "cusparse_csr", "floor", "floor_csr"]
     rows = []
     compiled_linear = torch.compile(lambda a, b: F.linear(a, b))
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    global HBM_BPS, MMA_FLOPS
+    HBM_BPS, MMA_FLOPS = measure_ceilings()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, measured copy "
+          f"{HBM_BPS / 1e12:.2f} TB/s, bf16 matmul {MMA_FLOPS / 1e12:.0f} TFLOP/s", flush=True)
     for (N, K) in shapes:
         for pattern in patterns:
             w = make_weight(N, K, pattern, dtype, dev, gen)
@@ -143,7 +148,17 @@ def run_gpu(args):
                         DENSE_CACHE[key]["inductor"] = f"fails"
                         print("inductor fails:", repr(e)[:200])
                 res.update(DENSE_CACHE[key])
-                res["torch_bsr"] = res["torch_2:4"] = res["cusparse_csr"] = "-"
+                res["torch_bsr"] = res["torch_2:4"] = res["cusparse_csr"] = res["sparsec_csr"] = res["floor_csr"] = "-"
+                if not pattern.startswith("block"):
+                    csr_packs = Rotor([pack_csr(w) for _ in range(n_copies(packs[0].nbytes))])
+                    csr_bytes = csr_packs.items[0].nbytes
+                    csr_err = rel_err(csr_linear(x, csr_packs.items[0]), ref)
+                    if csr_err < 2e-2:
+                        res["sparsec_csr"], _ = bench(lambda: csr_linear(x, csr_packs.next()), True, args.rep)
+                    else:
+                        res["sparsec_csr"] = f"wrong({csr_err:.1e})"
+                    res["floor_csr"] = max((csr_bytes + 2 * M * K + 2 * M * N) / HBM_BPS,
+                                           2.0 * M * N * K * density / MMA_FLOPS) * 1e3
                 if pattern.startswith("block"):
                     res["torch_bsr"] = try_torch(lambda: wd.to_sparse_bsr((64, 64)), x, ref, args)
                 if pattern == "2:4":
@@ -161,6 +176,17 @@ def run_gpu(args):
 
 
 DENSE_CACHE = {}
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(bytes/s of a device copy, read + write; bf16 flop/s of an 8192^3 product), random data."""
+    import triton.testing as tt
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = tt.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = tt.do_bench(lambda: a @ b, warmup=5, rep=50, return_mode="median")
+    return 2 * src.numel() * 4 / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
 
 
 def try_torch(make, x, ref, args):
@@ -273,11 +299,56 @@ def run_sweep(args):
                   flush=True)
 
 
+def run_sweep_csr(args):
+    """Config sweep for the CSR kernel on unstructured weights (to pick its hand table)."""
+    from sparsec.codegen.triton import csr
+    dev, dtype = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(2)
+    for pattern in ("unstr90",):
+        for (N, K) in [(11008, 4096), (4096, 11008)]:
+            w = make_weight(N, K, pattern, dtype, dev, gen)
+            p = pack_csr(w)
+            packs = Rotor([p] + [pack_csr(w) for _ in range(n_copies(p.nbytes) - 1)])
+            for M in [1, 16, 64]:
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                xt = x.t().contiguous()
+                out = torch.empty(M, N, device=dev, dtype=dtype)
+                ref = x.double() @ w.double().t()
+                best = []
+                for rows in [1, 2, 4, 8]:
+                    for chunk in [32, 64, 128, 256]:
+                        bm = 1 if M == 1 else min(64, M)
+                        if bm * rows * chunk > 8192 or bm * rows * chunk < 128:
+                            continue
+                        for nw in [4, 8]:
+                            cfg = dict(ROWS=rows, CHUNK=chunk, num_warps=nw)
+
+                            def f(cfg=cfg):
+                                q = packs.next()
+                                csr.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out,
+                                           config=cfg)
+                            try:
+                                f()
+                                if rel_err(out, ref) > 2e-2:
+                                    print("wrong", cfg)
+                                    continue
+                                t, _ = bench(f, True, 10)
+                            except Exception as e:  # noqa: BLE001
+                                print("fail", cfg, repr(e)[:100])
+                                continue
+                            best.append((t, cfg))
+                best.sort(key=lambda r: r[0])
+                default = csr.pick_config(M, N)
+                print(f"SWEEP-CSR {pattern} {N}x{K} M={M} (default {default}): "
+                      + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()
@@ -285,6 +356,8 @@ def main():
         run_smoke()
     elif args.sweep:
         run_sweep(args)
+    elif args.sweep_csr:
+        run_sweep_csr(args)
     else:
         run_gpu(args)
 

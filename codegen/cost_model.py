@@ -60,6 +60,11 @@ KERNEL_MODELS = {
     ("dense", "cuda"): KernelModel(0.95, 0.95),
     ("bsr_linear", "cuda"): KernelModel(0.75, 0.34, latency_s=1.3e-6),
     ("bitmap_linear", "cuda"): KernelModel(0.05, 0.30, latency_s=1e-6),
+    # Triton CSR (codegen/triton/csr.py), fit to benchmarks/kernels.py on the H200 (2026-12-01):
+    # the non-zeros stream at ~0.35 of the copy bandwidth (13.5 us for 11008x4096 at 90%, 53.5 us
+    # at 50%, M=1); its "flops" are gathers of x^T rows per (token, non-zero), ~0.6% of the Tensor
+    # Core peak (32 us at M=16, 80-92 us at M=64, 90%), so it wins at M=1 only.
+    ("csr_linear", "cuda"): KernelModel(0.35, 0.006, latency_s=1.5e-6),
     ("dense", "cpu"): KernelModel(0.80, 0.80),
     ("bsr_linear", "cpu"): KernelModel(0.60, 0.45),
     # CPU bitmap, fit to benchmarks/cpu_kernels.py of 2026-12-01 (4096x4096, M=1): 50% non-zeros

@@ -9,8 +9,11 @@ Ops (torch.library custom ops with fake implementations, so Dynamo/Inductor/expo
                          int out_features, int in_features, int tile_rows, Tensor? bias,
                          str activation, Tensor? residual, Tensor? row_perm,
                          Tensor? col_perm) -> Tensor
+  sparsec::csr_linear(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets,
+                      int out_features, int in_features, Tensor? bias, str activation,
+                      Tensor? residual) -> Tensor   (no permutations)
 
-Semantics (both): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with fp32 accumulation;
+Semantics (all): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with fp32 accumulation;
 y[..., row_perm[r]] = yp[..., r]; y = act(y + bias) + residual; output dtype = x dtype.
 
 Kernel registry: `register_kernel(op_name, device_type, fn)`; fn takes the op's arguments
@@ -185,21 +188,30 @@ def bitmap_linear_op(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor
 
 
 # ------------------------------------------------------------------ csr_linear
-# Only host kernels (the C++ CSR kernel on the CPU): a plain custom op.
-@torch.library.custom_op("sparsec::csr_linear", mutates_args=())
-def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
-                  row_offsets: torch.Tensor, out_features: int, in_features: int,
-                  bias: Optional[torch.Tensor], activation: str,
-                  residual: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_act(activation)
+@torch.library.custom_op("sparsec::csr_linear_host", mutates_args=())
+def csr_linear_host(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
+                    row_offsets: torch.Tensor, out_features: int, in_features: int,
+                    bias: Optional[torch.Tensor], activation: str,
+                    residual: Optional[torch.Tensor]) -> torch.Tensor:
     return _run_host("csr_linear", reference.csr_linear_ref,
                      (x, values, col_indices, row_offsets, out_features, in_features, bias,
                       activation, residual))
 
 
-@csr_linear_op.register_fake
+@csr_linear_host.register_fake
 def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
     return _fake_linear(x, out_features, in_features)
+
+
+@torch.library.triton_op("sparsec::csr_linear", mutates_args=())
+def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
+                  row_offsets: torch.Tensor, out_features: int, in_features: int,
+                  bias: Optional[torch.Tensor], activation: str,
+                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_act(activation)
+    args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual)
+    out = _run_traceable("csr_linear", args)
+    return out if out is not NotImplemented else csr_linear_host(*args)
 
 
 # ------------------------------------------------------------------ helpers

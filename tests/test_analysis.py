@@ -224,6 +224,8 @@ def test_planted_blocks_are_found(tile, grid_rows, grid_cols, extra_rows, extra_
     live_r, live_c = grid.any(1), grid.any(0)
     assume(0 < grid.sum() < grid.numel())
     assume(not bool((grid == (live_r[:, None] & live_c[None, :])).all()))  # not channel-shaped
+    # an empty row (column) of blocks is dead channels, which the analysis rightly reports first
+    assume(bool(live_r.all()) and bool(live_c.all()))
     assume(float((w != 0).float().mean()) < DENSE_THRESHOLD)  # a few zero blocks in a big matrix: dense
     info = analyze(w)
     assert info.pattern.startswith("block") and info.block_shape is not None

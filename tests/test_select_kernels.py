@@ -70,6 +70,21 @@ def test_cost_model_choices_on_nominal_h100(every_kernel_exists, monkeypatch):
     assert choice(unstructured(4096, 4096, 0.1), m=4096) == "dense"
 
 
+def test_cuda_csr_wins_for_one_token_only(every_kernel_exists, monkeypatch):
+    """The fitted H200 CSR model: 90% unstructured streams at ~2x dense for one token; its per-token
+    gathers lose to cuBLAS from M=16 (benchmarks/RESULTS.md, kernels)."""
+    monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: True)
+    monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
+    for kernel in ("dense", "bsr_linear", "bitmap_linear", "csr_linear"):
+        monkeypatch.setitem(cost_model.KERNEL_MODELS, (kernel, "cpu"), cost_model.KERNEL_MODELS[(kernel, "cuda")])
+    weight = unstructured(11008, 4096, 0.1)
+    assert choice(weight, m=1) == "csr_linear"
+    assert choice(weight, m=16) == "dense"
+    assert choice(weight, m=4096) == "dense"
+    assert choice(unstructured(11008, 4096, 0.5), m=1) == "dense"  # measured 0.48x: dense
+    assert choice(block_sparse(11008, 4096, 0.1), m=1) == "bsr_linear"  # blocks beat CSR
+
+
 def test_no_sparse_kernel_without_a_real_kernel_for_the_device(monkeypatch):
     monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: False)
     assert choice(block_sparse(4096, 4096, 0.05), m=1) == "dense"

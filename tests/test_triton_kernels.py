@@ -16,10 +16,10 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m  # noqa: E402
+from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m, csr  # noqa: E402
 from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from sparsec.runtime import ops  # noqa: E402
-from sparsec.runtime.formats import pack_bitmap, pack_bsr  # noqa: E402
+from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr  # noqa: E402
 from float64_reference import linear64  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
@@ -155,8 +155,61 @@ def test_bitmap_epilogue_dtypes_perm(dtype, act, M, tile_rows):
     check(run_bitmap(x, w, p, b, act, r, dtype, cfg), linear64(x, w, b, act, r), dtype)
 
 
-@pytest.mark.parametrize("fmt", ["bsr", "bitmap"])
-@pytest.mark.parametrize("M", [1, 3, 20, 70])  # 2*70 rows: bitmap decode path
+def run_csr(x, w, packed, bias, act, res, dtype, config=None):
+    N, K = w.shape
+    M = x.shape[0]
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+    d = lambda t: None if t is None else t.to(DEV)
+    csr.launch(d(x).t().contiguous(), d(packed.values), d(packed.col_indices), d(packed.row_offsets), N,
+               d(bias), ACT_CODES[act], d(res), out, config=config)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (70, 100), (33, 200)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("M", [1, 3, 17, 64])
+def test_csr_kernel_shapes(shape, density, M):
+    N, K = shape
+    gen = torch.Generator().manual_seed(N + K + M + 1)
+    w = torch.randn(N, K, generator=gen)
+    w = w * (torch.rand(N, K, generator=gen) < density)
+    w[N // 2] = 0  # an empty row
+    w[1, :] = torch.where(w[1] == 0, 1.0, w[1]) if density > 0 else w[1]  # a full row: the longest
+    p = pack_csr(w)
+    x = torch.randn(M, K, generator=gen)
+    ref = linear64(x, w, None, "none", None)
+    check(run_csr(x, w, p, None, "none", None, torch.float32), ref, torch.float32)
+    # several chunks per row and a row group wider than the rows that are left
+    check(run_csr(x, w, p, None, "none", None, torch.float32, config=dict(CHUNK=16, ROWS=8)), ref, torch.float32)
+
+
+def test_csr_kernel_wide_columns():
+    """K > 32767: 16-bit indices whose top bit is set are columns, not negative offsets."""
+    gen = torch.Generator().manual_seed(15)
+    N, K = 8, 40000
+    w = torch.randn(N, K, generator=gen) * (torch.rand(N, K, generator=gen) < 0.002)
+    w[:, -1] = 1.0  # the last column in every row
+    p = pack_csr(w)
+    assert p.col_indices.dtype == torch.int16
+    x = torch.randn(2, K, generator=gen)
+    check(run_csr(x, w, p, None, "none", None, torch.float32), linear64(x, w, None, "none", None), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("M", [1, 5, 33])
+def test_csr_epilogue_dtypes(dtype, act, M):
+    gen = torch.Generator().manual_seed(16)
+    N, K = 70, 100
+    w = torch.randn(N, K, generator=gen)
+    w = (w * (torch.rand(N, K, generator=gen) < 0.3)).to(dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    b, r = epilogue_args(gen, M, N, dtype, True, act, True)
+    check(run_csr(x, w, pack_csr(w), b, act, r, dtype), linear64(x, w, b, act, r), dtype)
+
+
+@pytest.mark.parametrize("fmt", ["bsr", "bitmap", "csr"])
+@pytest.mark.parametrize("M", [1, 3, 20, 70])  # 2*70 rows: bitmap decode / CSR dense-rebuild path
 def test_op_3d_through_registry(fmt, M):
     """The op on 3-D input [B, S, K] routed to the Triton kernels via the registry."""
     from sparsec.codegen.triton import register as R
@@ -170,10 +223,14 @@ def test_op_3d_through_registry(fmt, M):
         p = pack_bsr(w, (16, 16))
         args = (x, p.values, p.col_indices, p.row_offsets, N, K, b, "silu", r, None, None)
         fn, op = R.bsr_linear_triton, torch.ops.sparsec.bsr_linear
-    else:
+    elif fmt == "bitmap":
         p = pack_bitmap(w)
         args = (x, p.values, p.bitmap, p.tile_offsets, N, K, p.tile_rows, b, "silu", r, None, None)
         fn, op = R.bitmap_linear_triton, torch.ops.sparsec.bitmap_linear
+    else:
+        p = pack_csr(w)
+        args = (x, p.values, p.col_indices, p.row_offsets, N, K, b, "silu", r)
+        fn, op = R.csr_linear_triton, torch.ops.sparsec.csr_linear
     args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
     ref = linear64(x.reshape(-1, K), w, b, "silu", r.reshape(-1, N)).reshape(2, M, N)
     ops.register_kernel(fmt + "_linear", DEV, fn)

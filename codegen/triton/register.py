@@ -7,9 +7,9 @@ import torch
 
 from sparsec.runtime import ops as _ops
 
-from sparsec.runtime import reference
+from sparsec.runtime import formats, reference
 
-from . import bitmap, bitmap_decode, bsr_large_m, bsr_small_m
+from . import bitmap, bitmap_decode, bsr_large_m, bsr_small_m, csr
 from .epilogue import ACT_CODES
 
 BITMAP_DECODE_MIN_M = 64   # above this many tokens: decode to dense + cuBLAS
@@ -85,6 +85,33 @@ def bitmap_linear_triton(x, values, bm, tile_offsets, out_features, in_features,
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def csr_linear_triton(x, values, col_indices, row_offsets, out_features, in_features, bias,
+                      activation, residual):
+    p = _prep(x, out_features, in_features, bias, residual, None, None, values)
+    if p is None or values.numel() >= 2**31:
+        return NotImplemented
+    x2d, out, res2d, bias, _, _ = p
+    M = x2d.shape[0]
+    if M > csr.MAX_M:
+        # many tokens: rebuild the dense weight (no host sync: the row of each non-zero comes from
+        # a search in the offsets, not from counts) and let cuBLAS do the Tensor Core work
+        nnz = values.shape[0]
+        rows = torch.searchsorted(row_offsets[1:], torch.arange(nnz, device=x.device, dtype=row_offsets.dtype),
+                                  right=True)
+        dense = values.new_zeros((out_features, in_features))
+        dense[rows, formats.csr_columns(col_indices)] = values
+        yp = torch.matmul(x2d, dense.t())
+        if yp.dtype != torch.float32 and (bias is not None or activation != "none" or res2d is not None):
+            yp = yp.float()
+        y = reference.apply_epilogue(yp, bias, activation, res2d, None, x.dtype)
+        return y.reshape(*x.shape[:-1], out_features)
+    if M > 0:
+        csr.launch(x2d.t().contiguous(), values, col_indices, row_offsets, out_features, bias,
+                   ACT_CODES[activation], res2d, out)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
 def register_all(device_type: str = "cuda"):
     _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True)
     _ops.register_kernel("bitmap_linear", device_type, bitmap_linear_triton, last=True, traceable=True)
+    _ops.register_kernel("csr_linear", device_type, csr_linear_triton, last=True, traceable=True)
