@@ -84,6 +84,13 @@ class Candidate:
     predicted_s: float = 0.0
     efficiency: float = 1.0  # multiplies the kernel's KernelModel efficiencies (block shape)
 
+    def at_tokens(self, m: int, m_new: int, n: int, k: int, element_size: int) -> "Candidate":
+        """The same format for `m_new` tokens instead of `m` (weight bytes fixed, activations and
+        flops scale with the tokens)."""
+        weight_bytes = self.bytes - (m * k + m * n) * element_size
+        return Candidate(self.kernel, self.block, bytes=weight_bytes + (m_new * k + m_new * n) * element_size,
+                         flops=self.flops / m * m_new, efficiency=self.efficiency)
+
     @property
     def label(self) -> str:
         return self.kernel if self.block is None else f"{self.kernel}[{self.block[0]}x{self.block[1]}]"

@@ -31,6 +31,10 @@ BLOCK_SHAPES = ((16, 16), (32, 32), (64, 64), (16, 64), (32, 64))
 MIN_GAIN = 1.1
 # Weights smaller than this stay dense: a sparse kernel cannot pay for its launch.
 MIN_WEIGHT_ELEMENTS = 64 * 64
+# Token counts a dynamic graph (one compile for every batch size) is checked at: a sparse kernel
+# is kept only if it is predicted no slower than dense at each of them, since the graph may run
+# at any. (Choosing per range of tokens at run time is not implemented.)
+DYNAMIC_TOKEN_PROBES = (1, 16, 256, 4096)
 # Epilogue activations the kernels implement, keyed by the ATen op that follows the linear.
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.gelu.default: "gelu"}
 
@@ -178,8 +182,24 @@ def _measure(candidate, weight, bias, m: int) -> float:
     return cost_model._time(fn, weight.device, repeats=10)
 
 
-def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=None, col_perm=None):
-    """(chosen candidate, all candidates, measured times or {}) for one layer."""
+def _slower_somewhere(candidate, dense, m: int, weight, probes, ceilings, device_type: str) -> bool:
+    """Whether `candidate` is predicted slower than dense at any of the token counts `probes`."""
+    n, k = weight.shape
+    es = weight.element_size()
+    for m_other in probes:
+        mine = cost_model.predict(candidate.at_tokens(m, m_other, n, k, es), ceilings, device_type)
+        theirs = cost_model.predict(dense.at_tokens(m, m_other, n, k, es), ceilings, device_type)
+        if mine > theirs:
+            return True
+    return False
+
+
+def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=None, col_perm=None,
+           token_probes=()):
+    """(chosen candidate, all candidates, measured times or {}) for one layer.
+
+    `token_probes`: other token counts the layer will run at (a dynamic graph); a sparse choice must
+    also be predicted no slower than dense at each of them."""
     ceilings = cost_model.ceilings_for(device, weight.dtype, measure=autotune)
     found = candidates_for(weight, m, device.type, row_perm, col_perm)
     # A format whose kernel cannot run here (a C++ library that failed to build) is no candidate;
@@ -190,6 +210,9 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
         cost_model.predict(c, ceilings, device.type)
     dense = found[0]
     ranked = sorted(found, key=lambda c: c.predicted_s)
+    if token_probes:
+        ranked = [c for c in ranked if c is dense or not _slower_somewhere(c, dense, m, weight, token_probes,
+                                                                          ceilings, device.type)]
     measured = {}
     if autotune and len(found) > 1:
         path = cost_model.cache_dir() / "select.json"
@@ -200,7 +223,7 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
             cache[key] = {c.label: _measure(c, weight, bias, m) for c in top}
             path.write_text(json.dumps(cache, indent=1))
         measured = cache[key]
-        timed = [c for c in found if c.label in measured]
+        timed = [c for c in ranked if c.label in measured]
         best = min(timed, key=lambda c: measured[c.label])
         if best is not dense and measured[best.label] * MIN_GAIN > measured[dense.label]:
             best = dense
@@ -307,10 +330,13 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         row_perm = op.meta.get("sparsec_row_perm")
         col_perm = op.meta.get("sparsec_col_perm")
         m = _tokens(op, weight.shape[1])
+        probes = DYNAMIC_TOKEN_PROBES if ctx.dynamic else ()
         choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
                                          weight.device if weight.device.type != "meta" else device,
-                                         ctx.options.autotune, row_perm, col_perm)
+                                         ctx.options.autotune, row_perm, col_perm, token_probes=probes)
         facts = {"tokens": m, "predicted_ms": {c.label: round(c.predicted_s * 1e3, 5) for c in found}}
+        if probes:
+            facts["dynamic_tokens"] = f"sparse only if no slower than dense at M={list(probes)}"
         if measured:
             facts["measured_ms"] = {label: round(s * 1e3, 5) for label, s in measured.items()}
         if choice.kernel == "dense":

@@ -180,6 +180,7 @@ def optimize(captured: Captured, options: Options, out=None) -> Report:
         example_inputs=captured.example_inputs,
         device=_device_of(captured.example_inputs, captured),
         out=out or sys.stderr,
+        dynamic=captured.dynamic,
     )
     records = run_pipeline(captured.gm, ctx)
     return Report(

@@ -122,6 +122,9 @@ class PassContext:
     reference_outputs: object = None  # outputs of the captured graph before any pass
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     out: object = field(default_factory=lambda: sys.stderr)
+    # The graph serves every input size Dynamo made dynamic (one compile): passes that choose by
+    # size must choose what holds for all of them, not only for the example inputs.
+    dynamic: bool = False
     # Filled by passes for the report: weight name -> dict of facts (kernel, decisions...).
     layer_notes: dict = field(default_factory=dict)
     layers: LayerTracker = field(default_factory=LayerTracker)

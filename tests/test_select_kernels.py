@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import sparsec
-from sparsec import models
+from sparsec import backend, models
 from sparsec.codegen import cost_model
 from sparsec.pass_manager import output_close
 from sparsec.passes import select_kernels
@@ -83,6 +83,38 @@ def test_cuda_csr_wins_for_one_token_only(every_kernel_exists, monkeypatch):
     assert choice(weight, m=4096) == "dense"
     assert choice(unstructured(11008, 4096, 0.5), m=1) == "dense"  # measured 0.48x: dense
     assert choice(block_sparse(11008, 4096, 0.1), m=1) == "bsr_linear"  # blocks beat CSR
+
+
+def test_dynamic_graph_keeps_only_kernels_no_slower_at_any_size(every_kernel_exists, monkeypatch):
+    """One compile serves every batch size: CSR, the winner at one token, loses at 16, so a dynamic
+    graph keeps the layer dense; block-sparse wins at every size and stays."""
+    monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: True)
+    monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
+    for kernel in ("dense", "bsr_linear", "bitmap_linear", "csr_linear"):
+        monkeypatch.setitem(cost_model.KERNEL_MODELS, (kernel, "cpu"), cost_model.KERNEL_MODELS[(kernel, "cuda")])
+    probes = select_kernels.DYNAMIC_TOKEN_PROBES
+
+    def dynamic_choice(weight):
+        best, _, _ = select_kernels.choose(weight.to(torch.bfloat16), None, 1, torch.device("cpu"), autotune=False,
+                                           token_probes=probes)
+        return best.kernel
+
+    assert choice(unstructured(11008, 4096, 0.1), m=1) == "csr_linear"
+    assert dynamic_choice(unstructured(11008, 4096, 0.1)) == "dense"
+    assert dynamic_choice(block_sparse(11008, 4096, 0.1)) == "bsr_linear"
+
+
+def test_dynamic_batch_reaches_select_kernels(cpu_kernels, every_kernel_exists):
+    """torch.compile with dynamic=True: the report says the choice was checked over token counts."""
+    model = pruned_ffn()
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="sparsec", dynamic=True, options={"passes": "analyze,select-kernels"})
+    with torch.no_grad():
+        for m in (3, 5, 9):
+            x = torch.randn(m, 256)
+            assert output_close(fn(x), model(x))[0]
+    rows = {r["name"]: r for r in backend.last_report().layers}
+    assert "M=[1, 16, 256, 4096]" in rows["up.weight"]["dynamic_tokens"]
 
 
 def test_no_sparse_kernel_without_a_real_kernel_for_the_device(monkeypatch):
