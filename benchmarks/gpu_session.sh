@@ -34,10 +34,14 @@ for s in $steps; do
     resnet_rows) step resnet_rows 200 python3 benchmarks/channel_slice.py --only ResNet ;;
     # The Triton CSR kernel (issue 5): config sweep, then the unstructured rows of the kernel table
     csr_sweep) step csr_sweep 150 python3 benchmarks/kernels.py --sweep-csr ;;
+    # The CSR kernel alone: its GPU tests, and the sweep at one and 16 tokens
+    csr_quick)
+      step csr_tests 60 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k csr -p no:cacheprovider
+      step csr_sweep 70 python3 benchmarks/kernels.py --sweep-csr --tokens 1 16 ;;
     csr_table) step kernels_unstr 200 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --rep 20 ;;
     # co-permute's effect on kernel time with the real MiniLM weights (issue 7; the file is made on
     # the CPU: permute_minilm.py --sparsity 0.9 --tiles 16 64 --save gpu_inputs/minilm90.safetensors)
-    minilm) step minilm 90 python3 benchmarks/permute_minilm.py --time gpu_inputs/minilm90.safetensors ;;
+    minilm) step minilm 60 python3 benchmarks/permute_minilm.py --time gpu_inputs/minilm90.safetensors ;;
     # The FFN rows, with and without CUDA graphs (issue 15)
     ffn) step ffn 150 python3 benchmarks/channel_slice.py --only SwiGLU ;;
     # Issue 14's tables (the longest step)
@@ -45,7 +49,7 @@ for s in $steps; do
               step "models_$shape" 200 python3 benchmarks/models.py --skip-other --shapes $shape
             done ;;
     models_decode16|models_decode1|models_prefill)
-      step "$s" 250 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;
+      step "$s" 220 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -309,7 +309,7 @@ def run_sweep_csr(args):
             w = make_weight(N, K, pattern, dtype, dev, gen)
             p = pack_csr(w)
             packs = Rotor([p] + [pack_csr(w) for _ in range(n_copies(p.nbytes) - 1)])
-            for M in [1, 16, 64]:
+            for M in args.tokens:
                 x = torch.randn(M, K, device=dev, dtype=dtype)
                 xt = x.t().contiguous()
                 out = torch.empty(M, N, device=dev, dtype=dtype)
@@ -349,6 +349,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-csr", action="store_true")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep-csr")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()

@@ -75,6 +75,14 @@ KERNEL_MODELS = {
 }
 
 
+# A block-sparse or bitmap kernel packed with row/column permutations (block-reorder) gathers its
+# input columns through `col_perm` and scatters its output rows: measured on the H200 with the
+# MiniLM weights (benchmarks/RESULTS.md, co-permute; median over 17 weights), 1.3x slower per call
+# at one token, 2.4x at 16 and 3.3x at 256 tokens for 15% fewer tiles: a quarter of the per-tile
+# efficiency at the larger token counts.
+PERMUTED_EFFICIENCY = 0.25
+
+
 @dataclass
 class Candidate:
     kernel: str  # "dense", "bsr_linear", "bitmap_linear", "csr_linear"
@@ -83,17 +91,24 @@ class Candidate:
     flops: float
     predicted_s: float = 0.0
     efficiency: float = 1.0  # multiplies the kernel's KernelModel efficiencies (block shape)
+    permuted: bool = False  # packed with block-reorder's row/column permutations
 
     def at_tokens(self, m: int, m_new: int, n: int, k: int, element_size: int) -> "Candidate":
         """The same format for `m_new` tokens instead of `m` (weight bytes fixed, activations and
         flops scale with the tokens)."""
         weight_bytes = self.bytes - (m * k + m * n) * element_size
         return Candidate(self.kernel, self.block, bytes=weight_bytes + (m_new * k + m_new * n) * element_size,
-                         flops=self.flops / m * m_new, efficiency=self.efficiency)
+                         flops=self.flops / m * m_new, efficiency=self.efficiency, permuted=self.permuted)
 
     @property
     def label(self) -> str:
-        return self.kernel if self.block is None else f"{self.kernel}[{self.block[0]}x{self.block[1]}]"
+        label = self.kernel if self.block is None else f"{self.kernel}[{self.block[0]}x{self.block[1]}]"
+        return label + ("+perm" if self.permuted else "")
+
+    def with_permutation(self) -> "Candidate":
+        """The same format packed with row/column permutations (slower per tile, see above)."""
+        return Candidate(self.kernel, self.block, self.bytes, self.flops, efficiency=self.efficiency * PERMUTED_EFFICIENCY,
+                         permuted=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -9,8 +9,10 @@ memory and no change to the graph's function. This pass searches such permutatio
 weight op node as `node.meta["sparsec_row_perm"]` / `node.meta["sparsec_col_perm"]` (int64
 tensors, or absent), which select-kernels hands to `runtime.formats.pack_bsr`.
 
-A permutation is kept only when it pays: at least `MIN_GAIN` fewer non-zero `TILE` x `TILE`
-tiles (the gather/scatter is not free). The tile counts after reordering at 16/32/64 are noted
+A permutation is recorded only when it saves at least `MIN_GAIN` of the non-zero `TILE` x `TILE`
+tiles; select-kernels then weighs the reordered layout against the stored one with the cost of
+the gather/scatter (`cost_model.PERMUTED_EFFICIENCY`: on the H200 a reordered kernel costs about 4x
+per tile), so a permutation reaches a kernel only when it removes most of the tiles. The tile counts after reordering at 16/32/64 are noted
 on the layer (`tiles_after_reorder`), and the weight's SparsityInfo lists `block-reorder` in its
 permutations (its own tile counts stay those of the stored, unpermuted constant).
 """

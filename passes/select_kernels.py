@@ -115,17 +115,22 @@ def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None
         return found
     if has_real_kernel("csr_linear", device_type):  # CSR needs no permutation: counted as is
         found.append(cost_model.csr_candidate(m, n, k, es, nnz))
-    if row_perm is not None:
-        nonzero = nonzero[row_perm]
-    if col_perm is not None:
-        nonzero = nonzero[:, col_perm]
-    if has_real_kernel("bsr_linear", device_type):
-        for block in BLOCK_SHAPES:
-            found.append(cost_model.bsr_candidate(m, n, k, es, block, count_nonzero_blocks(nonzero, block)))
-    if has_real_kernel("bitmap_linear", device_type):
-        tile = (16, 64)
-        occupied = count_nonzero_blocks(nonzero, tile) * tile[0] * tile[1]
-        found.append(cost_model.bitmap_candidate(m, n, k, es, nnz, occupied))
+    # The tiled formats as stored and, when block-reorder found permutations, also packed with them
+    # (fewer tiles, but each costs more: cost_model.PERMUTED_EFFICIENCY).
+    layouts = [(nonzero, False)]
+    if row_perm is not None or col_perm is not None:
+        permuted = nonzero if row_perm is None else nonzero[row_perm]
+        layouts.append((permuted if col_perm is None else permuted[:, col_perm], True))
+    for mask, is_permuted in layouts:
+        tiled = []
+        if has_real_kernel("bsr_linear", device_type):
+            for block in BLOCK_SHAPES:
+                tiled.append(cost_model.bsr_candidate(m, n, k, es, block, count_nonzero_blocks(mask, block)))
+        if has_real_kernel("bitmap_linear", device_type):
+            tile = (16, 64)
+            occupied = count_nonzero_blocks(mask, tile) * tile[0] * tile[1]
+            tiled.append(cost_model.bitmap_candidate(m, n, k, es, nnz, occupied))
+        found += [c.with_permutation() for c in tiled] if is_permuted else tiled
     return found
 
 
@@ -158,26 +163,30 @@ def _residual_user(node: fx.Node):
     return add, other
 
 
-def _decision_key(device: torch.device, weight: torch.Tensor, m: int) -> str:
-    digest = hashlib.sha1((weight != 0).cpu().numpy().tobytes()).hexdigest()[:16]
+def _decision_key(device: torch.device, weight: torch.Tensor, m: int, row_perm=None, col_perm=None) -> str:
+    hasher = hashlib.sha1((weight != 0).cpu().numpy().tobytes())
+    for perm in (row_perm, col_perm):  # a reordered layout is another set of candidates
+        hasher.update(b"-" if perm is None else perm.cpu().numpy().tobytes())
+    digest = hasher.hexdigest()[:16]
     return f"{cost_model.device_key(device, weight.dtype)}|{tuple(weight.shape)}|M={m}|{digest}"
 
 
-def _measure(candidate, weight, bias, m: int) -> float:
+def _measure(candidate, weight, bias, m: int, row_perm=None, col_perm=None) -> float:
     """Time one candidate on random inputs of the layer's shape (median of a few runs)."""
     from sparsec.runtime import formats, ops
 
     x = torch.randn(m, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    perms = dict(row_perm=row_perm, col_perm=col_perm) if candidate.permuted else {}
     if candidate.kernel == "dense":
         fn = lambda: torch.nn.functional.linear(x, weight, bias)  # noqa: E731
     elif candidate.kernel == "bsr_linear":
-        packed = formats.pack_bsr(weight, candidate.block)
+        packed = formats.pack_bsr(weight, candidate.block, **perms)
         fn = lambda: ops.bsr_linear(x, packed, bias)  # noqa: E731
     elif candidate.kernel == "csr_linear":
         packed = formats.pack_csr(weight)
         fn = lambda: ops.csr_linear(x, packed, bias)  # noqa: E731
     else:
-        packed = formats.pack_bitmap(weight)
+        packed = formats.pack_bitmap(weight, **perms)
         fn = lambda: ops.bitmap_linear(x, packed, bias)  # noqa: E731
     return cost_model._time(fn, weight.device, repeats=10)
 
@@ -217,10 +226,10 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
     if autotune and len(found) > 1:
         path = cost_model.cache_dir() / "select.json"
         cache = json.loads(path.read_text()) if path.exists() else {}
-        key = _decision_key(device, weight, m)
+        key = _decision_key(device, weight, m, row_perm, col_perm)
         if key not in cache:
             top = [dense] + [c for c in ranked if c is not dense][:2]
-            cache[key] = {c.label: _measure(c, weight, bias, m) for c in top}
+            cache[key] = {c.label: _measure(c, weight, bias, m, row_perm, col_perm) for c in top}
             path.write_text(json.dumps(cache, indent=1))
         measured = cache[key]
         timed = [c for c in ranked if c.label in measured]
@@ -344,6 +353,8 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
             ctx.note(name, choice="dense", **facts)
             continue
         info = weight_node.meta.get("sparsity")
+        if not choice.permuted:  # the format as stored beat the reordered one
+            row_perm = col_perm = None
         fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm)
         fused["node"].meta["sparsec_layer"] = {
             "name": name, "op": form.op, "shape": tuple(ir.get_constant(gm, weight_node).shape), "sparsity": info,

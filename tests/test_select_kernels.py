@@ -117,6 +117,29 @@ def test_dynamic_batch_reaches_select_kernels(cpu_kernels, every_kernel_exists):
     assert "M=[1, 16, 256, 4096]" in rows["up.weight"]["dynamic_tokens"]
 
 
+def test_permuted_layout_only_when_it_saves_enough_tiles(every_kernel_exists, monkeypatch):
+    """block-reorder's permutations make every tile dearer (input gather, output scatter): a layout
+    that packs scrambled blocks back into 10% of the tiles is worth it, one that saves 15% is not."""
+    monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
+    for kernel in ("dense", "bsr_linear", "bitmap_linear"):
+        monkeypatch.setitem(cost_model.KERNEL_MODELS, (kernel, "cpu"), cost_model.KERNEL_MODELS[(kernel, "cuda")])
+    g = torch.Generator().manual_seed(3)
+    planted = block_sparse(4096, 4096, 0.1)
+    rows, cols = torch.randperm(4096, generator=g), torch.randperm(4096, generator=g)
+    scrambled = planted[rows][:, cols]
+    # undo the scramble: packing scrambled[row_perm][:, col_perm] gives the planted blocks back
+    row_perm, col_perm = torch.argsort(rows), torch.argsort(cols)
+    best, _, _ = select_kernels.choose(scrambled.bfloat16(), None, 1, torch.device("cpu"), autotune=False,
+                                       row_perm=row_perm, col_perm=col_perm)
+    assert best.kernel == "bsr_linear" and best.permuted and best.label.endswith("+perm")
+    # as stored, the blocks are 90% sparse already; a permutation saving few of them loses to no permutation
+    shuffle = torch.arange(4096)
+    shuffle[:64] = shuffle[:64].flip(0)  # reorders rows inside one block row: the same tiles
+    best, _, _ = select_kernels.choose(planted.bfloat16(), None, 1, torch.device("cpu"), autotune=False,
+                                       row_perm=shuffle, col_perm=None)
+    assert best.kernel == "bsr_linear" and not best.permuted
+
+
 def test_no_sparse_kernel_without_a_real_kernel_for_the_device(monkeypatch):
     monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: False)
     assert choice(block_sparse(4096, 4096, 0.05), m=1) == "dense"
