@@ -31,9 +31,11 @@ BLOCK_SHAPES = ((16, 16), (32, 32), (64, 64), (16, 64), (32, 64))
 MIN_GAIN = 1.1
 # Weights smaller than this stay dense: a sparse kernel cannot pay for its launch.
 MIN_WEIGHT_ELEMENTS = 64 * 64
-# Token counts a dynamic graph (one compile for every batch size) is checked at: a sparse kernel
-# is kept only if it is predicted no slower than dense at each of them, since the graph may run
-# at any. (Choosing per range of tokens at run time is not implemented.)
+# Token counts a dynamic graph (one compile for many batch sizes) is checked at: in the range of
+# token counts a graph serves, a sparse kernel is kept only if it is predicted no slower than dense
+# at each probe inside the range and at its ends. Where the best kernel of a layer changes between
+# two probes, the pass reports a boundary (stats "token_boundaries"), and the compiler builds one
+# graph per range and picks one per call by the input's token count (compiler.CompiledVariants).
 DYNAMIC_TOKEN_PROBES = (1, 16, 256, 4096)
 # Epilogue activations the kernels implement, keyed by the ATen op that follows the linear.
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.gelu.default: "gelu"}
@@ -203,6 +205,28 @@ def _slower_somewhere(candidate, dense, m: int, weight, probes, ceilings, device
     return False
 
 
+def best_by_tokens(found, m: int, weight, probes, device: torch.device) -> list[str]:
+    """The label of the format predicted best at each token count of `probes` (dense unless a
+    sparse one wins by MIN_GAIN), from the candidates `found` for `m` tokens, rescaled."""
+    ceilings = cost_model.ceilings_for(device, weight.dtype, measure=False)
+    n, k = weight.shape
+    es = weight.element_size()
+    labels = []
+    for m_other in probes:
+        scaled = [c.at_tokens(m, m_other, n, k, es) for c in found]
+        times = [cost_model.predict(c, ceilings, device.type) for c in scaled]
+        best = min(range(len(scaled)), key=times.__getitem__)
+        labels.append(scaled[best].label if times[best] * MIN_GAIN <= times[0] else scaled[0].label)
+    return labels
+
+
+def probes_for(token_range) -> tuple:
+    """The token counts a graph serving `token_range` (lo, hi or None) is checked at."""
+    lo, hi = token_range
+    inside = {p for p in DYNAMIC_TOKEN_PROBES if p >= lo and (hi is None or p <= hi)}
+    return tuple(sorted(inside | {lo} | ({hi} if hi is not None else set())))
+
+
 def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=None, col_perm=None,
            token_probes=()):
     """(chosen candidate, all candidates, measured times or {}) for one layer.
@@ -321,6 +345,7 @@ def _tokens(op: fx.Node, k: int) -> int:
 @register_pass("select-kernels", "Pick dense, block-sparse, bitmap or CSR per linear / 1x1 conv by cost model (and timing); fuse epilogues")
 def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"sparse_kernels": 0, "kept_dense": 0}
+    boundaries: set[int] = set()
     device = ctx.device
     if ctx.options.codegen == "mlir":
         return PassResult(changed=False, stats={"skipped": "codegen=mlir"})
@@ -339,13 +364,19 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         row_perm = op.meta.get("sparsec_row_perm")
         col_perm = op.meta.get("sparsec_col_perm")
         m = _tokens(op, weight.shape[1])
-        probes = DYNAMIC_TOKEN_PROBES if ctx.dynamic else ()
+        probes = probes_for(ctx.token_range) if ctx.token_range else ()
+        if ctx.token_range:  # decide for a token count the graph serves
+            lo, hi = ctx.token_range
+            m = max(lo, m if hi is None else min(m, hi))
+        layer_device = weight.device if weight.device.type != "meta" else device
         choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
-                                         weight.device if weight.device.type != "meta" else device,
-                                         ctx.options.autotune, row_perm, col_perm, token_probes=probes)
+                                         layer_device, ctx.options.autotune, row_perm, col_perm, token_probes=probes)
         facts = {"tokens": m, "predicted_ms": {c.label: round(c.predicted_s * 1e3, 5) for c in found}}
         if probes:
             facts["dynamic_tokens"] = f"sparse only if no slower than dense at M={list(probes)}"
+            # where this layer's best format changes with the tokens, inside the range
+            labels = best_by_tokens(found, m, weight, probes, layer_device)
+            boundaries.update(p for (p, a), b in zip(zip(probes, labels), labels[1:]) if a != b)
         if measured:
             facts["measured_ms"] = {label: round(s * 1e3, 5) for label, s in measured.items()}
         if choice.kernel == "dense":
@@ -363,4 +394,6 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         fused["node"].meta["sparsec_kernel"] = choice.label
         ctx.note(name, choice=choice.label, epilogue=f"act={fused['activation']} residual={fused['residual']}", **facts)
         stats["sparse_kernels"] += 1
+    if boundaries:
+        stats["token_boundaries"] = sorted(boundaries)
     return PassResult(changed=stats["sparse_kernels"] > 0, stats=stats)

@@ -110,7 +110,8 @@ def sparsec_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
         # Trace Dynamo's fake inputs now (symbolic sizes stay symbolic), and let Inductor see
         # Dynamo's own example inputs so it compiles for the same dynamic sizes.
         captured = capture_dynamo_graph(gm, example_inputs)
-        compiled.install(captured, example_inputs, inductor_inputs=[example_inputs[i] for i in captured.input_indices])
+        compiled.install(captured, example_inputs, inductor_inputs=[example_inputs[i] for i in captured.input_indices],
+                         recapture=lambda: capture_dynamo_graph(gm, example_inputs))
     except (ValueError, VerificationError, WeightChangedError):
         raise  # the user's own error (bad option, a pass caught changing the output): say it
     except Unsupported as why:

@@ -11,8 +11,10 @@ Reliability contract (see DESIGN.md, "Reliability rules"):
   bypass the version counter (`p.data.copy_(...)`, fused optimizers such as `AdamW(fused=True)`) and
   writes straight into a module's `_parameters`/`_buffers` dicts, which bypass torch's
   registration hooks.
-- Shapes: a graph Dynamo made dynamic is compiled once for all sizes (`Captured.dynamic`); otherwise
-  one variant per input-shape signature, at most `MAX_SHAPE_VARIANTS`, then the unoptimized graph.
+- Shapes: a graph Dynamo made dynamic is compiled once for all sizes (`Captured.dynamic`), or, when
+  select-kernels finds that a layer's best kernel changes with the token count, once per range of
+  token counts, picked per call by the first input's token count (`range_variants`); otherwise one
+  variant per input-shape signature, at most `MAX_SHAPE_VARIANTS`, then the unoptimized graph.
 - Whatever sparsec cannot handle (gradients needed, graphs that mutate their weights, unsupported
   dtypes or devices, a failure anywhere in capture, passes or codegen) runs without sparsec's
   passes (through Inductor when the backend can still compile it, else as eager) and is reported
@@ -42,6 +44,9 @@ log = logging.getLogger("sparsec")
 
 # Above this many shape variants sparsec stops specialising and runs the plain fallback.
 MAX_SHAPE_VARIANTS = 16
+# The fewest tokens a dynamic graph serves: Dynamo compiles sizes 0 and 1 as static graphs of their
+# own, so a dynamic size is at least 2.
+DYNAMIC_MIN_TOKENS = 2
 
 # Weight dtypes sparsec's passes handle; a weight op with another dtype (int8, fp8, complex...) leaves
 # the whole graph to Inductor.
@@ -173,14 +178,15 @@ def _mutated_inputs(node: fx.Node) -> list[str]:
 # Optimize and build one captured graph
 # ---------------------------------------------------------------------------------------------
 
-def optimize(captured: Captured, options: Options, out=None) -> Report:
-    """Run the pass pipeline over `captured.gm` in place; returns the report."""
+def optimize(captured: Captured, options: Options, out=None, token_range=None) -> Report:
+    """Run the pass pipeline over `captured.gm` in place; returns the report. `token_range`: the
+    token counts a dynamic graph will serve (default: all of them)."""
     ctx = PassContext(
         options=options,
         example_inputs=captured.example_inputs,
         device=_device_of(captured.example_inputs, captured),
         out=out or sys.stderr,
-        dynamic=captured.dynamic,
+        token_range=(token_range or (DYNAMIC_MIN_TOKENS, None)) if captured.dynamic else None,
     )
     records = run_pipeline(captured.gm, ctx)
     return Report(
@@ -191,13 +197,13 @@ def optimize(captured: Captured, options: Options, out=None) -> Report:
 
 
 def build(captured: Captured, options: Options, mode: str | None = None,
-          inductor_inputs: list | None = None) -> tuple[Callable, Report]:
+          inductor_inputs: list | None = None, token_range=None) -> tuple[Callable, Report]:
     """Optimize and compile one captured graph; returns (callable over the graph inputs, report).
 
     `inductor_inputs`: what Inductor is given as example inputs (for a dynamic graph, Dynamo's own
     example inputs with their SymInts, inside the backend call); default the captured examples.
     """
-    report = optimize(captured, options)
+    report = optimize(captured, options, token_range=token_range)
     gm = captured.gm
     if options.codegen == "mlir":
         compiled = _mlir_compile(gm, captured.example_inputs, report)
@@ -226,6 +232,21 @@ def _mlir_compile(gm: fx.GraphModule, example_inputs, report: Report) -> Callabl
     report.notes.append("codegen='mlir': compiled by MLIR's sparsifier and execution engine; sparse weights: "
                         + (", ".join(sparse) if sparse else "none"))
     return compiled
+
+
+def token_boundaries(report: Report) -> list[int]:
+    """Token counts after which some layer's best kernel changes (select-kernels' statistics)."""
+    return sorted({b for p in report.passes for b in p.get("stats", {}).get("token_boundaries", [])})
+
+
+def token_count(args, indices) -> int:
+    """Tokens of a call: of its first tensor input, all elements over the last dimension (the
+    channels a linear reads), i.e. batch x sequence for `[batch, seq, hidden]`."""
+    for i in indices:
+        value = args[i] if i < len(args) else None
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.numel() // max(1, value.shape[-1])
+    return 1
 
 
 def shape_key(args) -> tuple:
@@ -335,6 +356,8 @@ class CompiledVariants:
         self.variants: dict[tuple, tuple[Callable, list[int]]] = {}
         self.reports: dict[tuple, Report] = {}
         self.dynamic_variant: tuple[Callable, list[int]] | None = None  # serves every size
+        # A dynamic graph built per range of token counts: (highest count served or None, variant).
+        self.range_variants: list[tuple[int | None, tuple[Callable, list[int]]]] = []
         self.guards: dict[str, _Guard] = {}
         self._bulk_guards: _WeightGuards | None = None  # built from `guards` on first use
         # Positions of the arguments that are graph inputs (not weights): the shape key looks only
@@ -412,11 +435,16 @@ class CompiledVariants:
         self.guards.clear()
         self._bulk_guards = None
         self.dynamic_variant = None
+        self.range_variants = []
 
     # -- compiling ---------------------------------------------------------------------------
 
-    def install(self, captured: Captured, args, inductor_inputs: list | None = None) -> tuple[Callable, list[int]]:
-        """Optimize and compile `captured` (taken for `args`) and register it as a variant."""
+    def install(self, captured: Captured, args, inductor_inputs: list | None = None,
+                recapture: Callable[[], Captured] | None = None) -> tuple[Callable, list[int]]:
+        """Optimize and compile `captured` (taken for `args`) and register it as a variant.
+
+        `recapture()` (a dynamic graph, inside the backend call) gives a fresh capture of the same
+        graph: used to build one graph per range of token counts when select-kernels asks for it."""
         reason = inputs_reason(list(captured.sources.values()) + list(captured.example_inputs)) or graph_reason(captured.gm)
         if reason:
             raise Unsupported(reason)
@@ -439,7 +467,30 @@ class CompiledVariants:
         else:
             self.variants[key] = variant
         self.reports[key] = report
+        boundaries = token_boundaries(report) if captured.dynamic else []
+        if boundaries and recapture is not None:
+            self._install_ranges(boundaries, recapture, inductor_inputs)
         return variant
+
+    def _install_ranges(self, boundaries: list[int], recapture: Callable[[], Captured], inductor_inputs) -> None:
+        """One graph per range of token counts between `boundaries`, each optimized for its range."""
+        ranges = list(zip([DYNAMIC_MIN_TOKENS] + [b + 1 for b in boundaries], boundaries + [None]))
+        try:
+            built = []
+            for lo, hi in ranges:
+                captured = recapture()
+                fn, report = build(captured, self.options, self.mode, inductor_inputs, token_range=(lo, hi))
+                built.append((hi, (fn, captured.input_indices), report, (lo, hi)))
+        except Exception as exc:  # the single graph for every size still serves
+            log.debug("per-range compile failure", exc_info=True)
+            self.note(f"could not build one graph per token range ({type(exc).__name__}: {exc}); one graph serves every size")
+            return
+        self.range_variants = [(hi, variant) for hi, variant, _report, _range in built]
+        for _hi, _variant, report, (lo, hi) in built:
+            self.reports[("tokens", lo, hi)] = report
+        described = ", ".join(f"{lo}-{hi if hi is not None else 'any'}" for *_rest, (lo, hi) in built)
+        self.note(f"the best kernels change with the token count: one graph per range of tokens ({described}), "
+                  f"chosen per call by the first input's token count")
 
     def key_of(self, args) -> tuple:
         if self.key_indices is None or max(self.key_indices, default=-1) >= len(args):
@@ -463,6 +514,9 @@ class CompiledVariants:
             if why is not None:
                 self._on_weight_change(why)
         if self.dynamic_variant is not None:
+            if self.range_variants:
+                tokens = token_count(args, self.key_indices or [])
+                return next(v for hi, v in self.range_variants if hi is None or tokens <= hi)
             return self.dynamic_variant
         try:
             return self.compile_for(args)

@@ -122,9 +122,10 @@ class PassContext:
     reference_outputs: object = None  # outputs of the captured graph before any pass
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     out: object = field(default_factory=lambda: sys.stderr)
-    # The graph serves every input size Dynamo made dynamic (one compile): passes that choose by
-    # size must choose what holds for all of them, not only for the example inputs.
-    dynamic: bool = False
+    # A dynamic graph (Dynamo made a size dynamic: one compile serves many sizes) serves the token
+    # counts lo..hi (hi None: no bound); passes that choose by size must choose what holds for all
+    # of them, not only for the example inputs. None: a static graph.
+    token_range: tuple[int, int | None] | None = None
     # Filled by passes for the report: weight name -> dict of facts (kernel, decisions...).
     layer_notes: dict = field(default_factory=dict)
     layers: LayerTracker = field(default_factory=LayerTracker)

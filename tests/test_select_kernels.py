@@ -26,7 +26,7 @@ def cpu_kernels():
 
 @pytest.fixture
 def every_kernel_exists(monkeypatch):
-    """The kernels the CUDA (Triton) backend has: block-sparse and bitmap, no CSR."""
+    """Block-sparse and bitmap kernels exist and are ready (tests that need CSR too say so)."""
     monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: op in ("bsr_linear", "bitmap_linear"))
     monkeypatch.setattr(select_kernels, "kernels_ready", lambda op, device: True)
 
@@ -114,7 +114,7 @@ def test_dynamic_batch_reaches_select_kernels(cpu_kernels, every_kernel_exists):
             x = torch.randn(m, 256)
             assert output_close(fn(x), model(x))[0]
     rows = {r["name"]: r for r in backend.last_report().layers}
-    assert "M=[1, 16, 256, 4096]" in rows["up.weight"]["dynamic_tokens"]
+    assert "M=[2, 16, 256, 4096]" in rows["up.weight"]["dynamic_tokens"]
 
 
 def test_permuted_layout_only_when_it_saves_enough_tiles(every_kernel_exists, monkeypatch):
@@ -138,6 +138,35 @@ def test_permuted_layout_only_when_it_saves_enough_tiles(every_kernel_exists, mo
     best, _, _ = select_kernels.choose(planted.bfloat16(), None, 1, torch.device("cpu"), autotune=False,
                                        row_perm=shuffle, col_perm=None)
     assert best.kernel == "bsr_linear" and not best.permuted
+
+
+def test_dynamic_graph_is_built_per_token_range_and_dispatched(cpu_kernels, every_kernel_exists, monkeypatch):
+    """With the H100 models, 50% blocks win while memory-bound and lose to dense once compute-bound:
+    a dynamic graph gets one compiled graph per range of token counts, chosen per call, with no new
+    Dynamo compile; every range computes the model's function."""
+    monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
+    for kernel in ("dense", "bsr_linear", "bitmap_linear"):
+        monkeypatch.setitem(cost_model.KERNEL_MODELS, (kernel, "cpu"), cost_model.KERNEL_MODELS[(kernel, "cuda")])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 4096, bias=False), nn.ReLU()).eval()  # big enough to pay for a launch
+    with torch.no_grad():
+        model[0].weight.copy_(block_sparse(4096, 4096, 0.5, seed=1))
+    torch._dynamo.reset()
+    before = len(backend.compiled_graphs())
+    fn = torch.compile(model, backend="sparsec", dynamic=True, options={"passes": "analyze,select-kernels"})
+    sizes = (3, 20, 300, 3000, 5)
+    with torch.no_grad():
+        for m in sizes:
+            x = torch.randn(m, 4096)
+            assert output_close(fn(x), model(x))[0]
+    graphs = backend.compiled_graphs()[before:]
+    assert len(graphs) == 1  # one Dynamo graph for every size
+    graph = graphs[0]
+    bounds = [hi for hi, _variant in graph.range_variants]
+    assert len(bounds) >= 2 and bounds[-1] is None
+    kernels = [{r["kernel"] for r in graph.reports[key].layers} for key in graph.reports if key[0] == "tokens"]
+    assert any(k.startswith("bsr_linear") for k in kernels[0]) and kernels[-1] == {"dense"}
+    assert any("one graph per range of tokens (2-" in n for n in graph.report.notes)
 
 
 def test_no_sparse_kernel_without_a_real_kernel_for_the_device(monkeypatch):
