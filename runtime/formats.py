@@ -293,8 +293,10 @@ def csr_columns(col_indices: torch.Tensor) -> torch.Tensor:
 
 
 def csr_to_dense(values, col_indices, row_offsets, n: int, k: int) -> torch.Tensor:
-    counts = (row_offsets[1:] - row_offsets[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(n, device=values.device), counts)
+    # The row of each non-zero by a search in the offsets, not from the counts: no host sync, so the
+    # CUDA kernels' many-token path can rebuild the dense weight inside a CUDA graph.
+    rows = torch.searchsorted(row_offsets[1:], torch.arange(values.shape[0], device=values.device,
+                                                            dtype=row_offsets.dtype), right=True)
     out = values.new_zeros((n, k))
     out[rows, csr_columns(col_indices)] = values
     return out

@@ -60,6 +60,17 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def _dense_linear(x, xk, wp, bias, activation, res2d, row_perm):
+    """The many-token path of the sparse ops: cuBLAS over the rebuilt dense weight `wp`, then the
+    op's epilogue (in fp32 whenever there is one, as the kernels do it), shaped like `x`."""
+    yp = torch.matmul(xk, wp.t())
+    if yp.dtype != torch.float32 and (bias is not None or activation != "none"
+                                     or res2d is not None or row_perm is not None):
+        yp = yp.float()
+    y = reference.apply_epilogue(yp, bias, activation, res2d, row_perm, x.dtype)
+    return y.reshape(*x.shape[:-1], wp.shape[0])
+
+
 def bitmap_linear_triton(x, values, bm, tile_offsets, out_features, in_features, tile_rows,
                          bias, activation, residual, row_perm, col_perm):
     if not _pow2(int(tile_rows)) or tile_rows > 64:
@@ -73,12 +84,7 @@ def bitmap_linear_triton(x, values, bm, tile_offsets, out_features, in_features,
         # many tokens: decode once to dense, then cuBLAS (see bitmap_decode.py for why)
         wp = bitmap_decode.decode(values, bm, tile_offsets, tile_rows)[:out_features, :in_features]
         xk = x2d if col_perm is None else x2d.index_select(1, col_perm)
-        yp = torch.matmul(xk, wp.t())
-        if yp.dtype != torch.float32 and (bias is not None or activation != "none"
-                                         or res2d is not None or row_perm is not None):
-            yp = yp.float()
-        y = reference.apply_epilogue(yp, bias, activation, res2d, row_perm, x.dtype)
-        return y.reshape(*x.shape[:-1], out_features)
+        return _dense_linear(x, xk, wp, bias, activation, res2d, row_perm)
     if M > 0:
         bitmap.launch(x2d, values, bm, tile_offsets, out_features, in_features, tile_rows, bias,
                       ACT_CODES[activation], res2d, row_perm, col_perm, out)
@@ -93,18 +99,9 @@ def csr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
     x2d, out, res2d, bias, _, _ = p
     M = x2d.shape[0]
     if M > csr.MAX_M:
-        # many tokens: rebuild the dense weight (no host sync: the row of each non-zero comes from
-        # a search in the offsets, not from counts) and let cuBLAS do the Tensor Core work
-        nnz = values.shape[0]
-        rows = torch.searchsorted(row_offsets[1:], torch.arange(nnz, device=x.device, dtype=row_offsets.dtype),
-                                  right=True)
-        dense = values.new_zeros((out_features, in_features))
-        dense[rows, formats.csr_columns(col_indices)] = values
-        yp = torch.matmul(x2d, dense.t())
-        if yp.dtype != torch.float32 and (bias is not None or activation != "none" or res2d is not None):
-            yp = yp.float()
-        y = reference.apply_epilogue(yp, bias, activation, res2d, None, x.dtype)
-        return y.reshape(*x.shape[:-1], out_features)
+        # many tokens: rebuild the dense weight (no host sync) and let cuBLAS do the Tensor Core work
+        wp = formats.csr_to_dense(values, col_indices, row_offsets, out_features, in_features)
+        return _dense_linear(x, x2d, wp, bias, activation, res2d, None)
     if M > 0:
         csr.launch(x2d.t().contiguous(), values, col_indices, row_offsets, out_features, bias,
                    ACT_CODES[activation], res2d, out)
