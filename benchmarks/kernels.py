@@ -8,8 +8,8 @@ Timing: triton.testing.do_bench_cudagraph (median; a CUDA graph of repeated call
 Python launch overhead is out of every column alike, as in a CUDA-graph deployment).
 Sparse weights are rotated over several copies so that repeated calls stream from HBM,
 not from L2. `floor` = max(bytes / bandwidth, flops / peak) for the sparsec format (bytes: packed
-weight + x + y; flops: only the non-zero blocks / elements), with the bandwidth (a 1 GiB device copy,
-read + write) and the bf16 matrix peak (8192^3) measured at the start of the run; `floor_csr` the
+weight + x + y; flops: only the non-zero blocks / elements), with the bandwidth (a device copy, read +
+write) and the bf16 matrix peak (8192^3) measured at the start of the run (cost_model's ceilings); `floor_csr` the
 same for the CSR format (4 bytes per non-zero).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ if "--smoke" in sys.argv:
 import torch
 import torch.nn.functional as F
 
+from sparsec.codegen import cost_model
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr
 from sparsec.runtime import ops
 from sparsec.runtime.ops import bitmap_linear, bsr_linear, csr_linear
@@ -107,7 +108,8 @@ def run_gpu(args):
     rows = []
     compiled_linear = torch.compile(lambda a, b: F.linear(a, b))
     global HBM_BPS, MMA_FLOPS
-    HBM_BPS, MMA_FLOPS = measure_ceilings()
+    measured = cost_model.measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    HBM_BPS, MMA_FLOPS = measured.bandwidth, measured.peak_flops
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, measured copy "
           f"{HBM_BPS / 1e12:.2f} TB/s, bf16 matmul {MMA_FLOPS / 1e12:.0f} TFLOP/s", flush=True)
     for (N, K) in shapes:
@@ -176,17 +178,6 @@ def run_gpu(args):
 
 
 DENSE_CACHE = {}
-
-
-def measure_ceilings() -> tuple[float, float]:
-    """(bytes/s of a device copy, read + write; bf16 flop/s of an 8192^3 product), random data."""
-    import triton.testing as tt
-    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    copy_ms = tt.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mm_ms = tt.do_bench(lambda: a @ b, warmup=5, rep=50, return_mode="median")
-    return 2 * src.numel() * 4 / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
 
 
 def try_torch(make, x, ref, args):

@@ -193,30 +193,26 @@ def _measure(candidate, weight, bias, m: int, row_perm=None, col_perm=None) -> f
     return cost_model._time(fn, weight.device, repeats=10)
 
 
+def _predicted_at(candidate, m: int, m_other: int, weight, ceilings, device_type: str) -> float:
+    """Predicted time of `candidate` (made for `m` tokens) at `m_other` tokens."""
+    n, k = weight.shape
+    return cost_model.predict(candidate.at_tokens(m, m_other, n, k, weight.element_size()), ceilings, device_type)
+
+
 def _slower_somewhere(candidate, dense, m: int, weight, probes, ceilings, device_type: str) -> bool:
     """Whether `candidate` is predicted slower than dense at any of the token counts `probes`."""
-    n, k = weight.shape
-    es = weight.element_size()
-    for m_other in probes:
-        mine = cost_model.predict(candidate.at_tokens(m, m_other, n, k, es), ceilings, device_type)
-        theirs = cost_model.predict(dense.at_tokens(m, m_other, n, k, es), ceilings, device_type)
-        if mine > theirs:
-            return True
-    return False
+    return any(_predicted_at(candidate, m, p, weight, ceilings, device_type)
+               > _predicted_at(dense, m, p, weight, ceilings, device_type) for p in probes)
 
 
-def best_by_tokens(found, m: int, weight, probes, device: torch.device) -> list[str]:
-    """The label of the format predicted best at each token count of `probes` (dense unless a
-    sparse one wins by MIN_GAIN), from the candidates `found` for `m` tokens, rescaled."""
-    ceilings = cost_model.ceilings_for(device, weight.dtype, measure=False)
-    n, k = weight.shape
-    es = weight.element_size()
+def best_by_tokens(found, m: int, weight, probes, ceilings, device_type: str) -> list[str]:
+    """The label of the format predicted best at each token count of `probes` (dense, `found[0]`,
+    unless a sparse one wins by MIN_GAIN), from the candidates `found` for `m` tokens."""
     labels = []
     for m_other in probes:
-        scaled = [c.at_tokens(m, m_other, n, k, es) for c in found]
-        times = [cost_model.predict(c, ceilings, device.type) for c in scaled]
-        best = min(range(len(scaled)), key=times.__getitem__)
-        labels.append(scaled[best].label if times[best] * MIN_GAIN <= times[0] else scaled[0].label)
+        times = [_predicted_at(c, m, m_other, weight, ceilings, device_type) for c in found]
+        best = min(range(len(found)), key=times.__getitem__)
+        labels.append(found[best].label if times[best] * MIN_GAIN <= times[0] else found[0].label)
     return labels
 
 
@@ -375,7 +371,8 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         if probes:
             facts["dynamic_tokens"] = f"sparse only if no slower than dense at M={list(probes)}"
             # where this layer's best format changes with the tokens, inside the range
-            labels = best_by_tokens(found, m, weight, probes, layer_device)
+            ceilings = cost_model.ceilings_for(layer_device, weight.dtype, measure=ctx.options.autotune)
+            labels = best_by_tokens(found, m, weight, probes, ceilings, layer_device.type)
             boundaries.update(p for (p, a), b in zip(zip(probes, labels), labels[1:]) if a != b)
         if measured:
             facts["measured_ms"] = {label: round(s * 1e3, 5) for label, s in measured.items()}
