@@ -15,7 +15,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-  echo "   exit $? after $((SECONDS - start)) s"; grep -E "^\||passed|failed|Error" "$LOGS/$name.log" | tail -25
+  echo "   exit $? after $((SECONDS - start)) s"; grep -E "^\||passed|failed|Error|SWEEP|^##|^  " "$LOGS/$name.log" | tail -40
 }
 
 steps=${*:-"triton resnet ffn csr_sweep csr_table minilm models"}
@@ -32,6 +32,12 @@ for s in $steps; do
       step resnet_full 150 python3 benchmarks/channel_slice.py --only ResNet --profile ;;
     # The ResNet rows alone (default mode: host-bound on cuDNN's launch path; CUDA graphs)
     resnet_rows) step resnet_rows 200 python3 benchmarks/channel_slice.py --only ResNet ;;
+    # Where the decode time goes in case (a) (issue 14), and the BSR config sweeps (issue 5): the
+    # stack's decode shapes at 1 and 16 tokens, the issue's weights at 256 and 4096
+    profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
+    bsr_tests) step bsr_tests 100 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k "bsr or op_3d" -p no:cacheprovider ;;
+    bsr_sweep_small) step bsr_sweep_small 330 python3 benchmarks/kernels.py --sweep --tokens 1 16 ;;
+    bsr_sweep_large) step bsr_sweep_large 500 python3 benchmarks/kernels.py --sweep --tokens 256 4096 ;;
     # The Triton CSR kernel (issue 5): config sweep, then the unstructured rows of the kernel table
     csr_sweep) step csr_sweep 150 python3 benchmarks/kernels.py --sweep-csr ;;
     # The CSR kernel alone: its GPU tests, and the sweep at one and 16 tokens

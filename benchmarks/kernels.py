@@ -248,46 +248,73 @@ def run_smoke():
 
 
 def run_sweep(args):
-    """Config sweep for the BSR kernels at 90% 64x64 blocks (to pick the hand tables)."""
+    """Config sweep for the BSR kernels (to pick the hand tables): the decode shapes of the
+    LLaMA-style stack (q/k/v and gate/up stacked by fuse-linears, o, down) at few tokens, the
+    issue's two weights at many; every config checked against float64 first, the launcher's own
+    choice ("default") timed beside the best, and cuBLAS on a dense weight of the same bytes as
+    the speed a streaming kernel can reach."""
     from sparsec.codegen.triton import bsr_large_m, bsr_small_m
+    from sparsec.codegen.triton.epilogue import ACT_CODES
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(1)
-    for (N, K) in [(11008, 4096), (4096, 11008)]:
-        w = make_weight(N, K, "block90", dtype, dev, gen)
+    small = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
+    large = [(11008, 4096), (4096, 11008)]
+    # (pattern, weight shape, tokens, activation): the stacked gate/up also with its SwiGLU epilogue
+    plan = [("block90", nk, M, "none") for nk in small for M in args.tokens if M <= 64]
+    plan += [("block90", (22016, 4096), M, "swiglu") for M in args.tokens]
+    plan += [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in large for M in args.tokens
+             if M > 64]
+    for pattern, (N, K), M, act in plan:
+        w = make_weight(N, K, pattern, dtype, dev, gen)
         p = pack_bsr(w, (64, 64))
         packs = Rotor([p] + [pack_bsr(w, (64, 64)) for _ in range(n_copies(p.nbytes) - 1)])
-        for M in [1, 4, 16, 64, 256]:
-            x = torch.randn(M, K, device=dev, dtype=dtype)
-            out = torch.empty(M, N, device=dev, dtype=dtype)
-            cfgs = []
-            if M <= 64:
-                for rows in ([16, 8, 4] if M < 9 else [16]):
-                    for nw in [2, 4, 8]:
-                        for ns in [2, 4, 6]:
-                            cfgs.append(("small", dict(ROWS=rows, num_warps=nw, num_stages=ns)))
-            if M >= 16:
-                for bm in [16, 32, 64, 128]:
-                    if bm > 2 * M:
-                        continue
-                    for nw, ns in [(4, 3), (4, 4), (8, 3)]:
-                        cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
-            best = []
-            for kind, cfg in cfgs:
-                mod = bsr_small_m if kind == "small" else bsr_large_m
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        ref = x.double() @ w.double().t()
+        n_out = N
+        if act == "swiglu":
+            n_out = N // 2
+            ref = F.silu(ref[:, :n_out]) * ref[:, n_out:]
+        out = torch.empty(M, n_out, device=dev, dtype=dtype)
+        cfgs = [("default", None)]
+        if M <= 64:
+            for rows in [64, 32, 16, 8, 4]:
+                for nw in [4, 8]:
+                    for ns in [3, 6]:
+                        cfgs.append(("small", dict(ROWS=rows, num_warps=nw, num_stages=ns)))
+        else:
+            for bm in [64, 128, 256]:
+                for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
+                    cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
+        best = []
+        default_t = None
+        for kind, cfg in cfgs:
+            mod = bsr_small_m if kind == "small" or (kind == "default" and M <= 64) else bsr_large_m
 
-                def f(cfg=cfg, mod=mod):
-                    q = packs.next()
-                    mod.launch(x, q.values, q.col_indices, q.row_offsets, N, K, None, 0, None,
-                               None, None, out, config=cfg)
-                try:
-                    t, _ = bench(f, True, 15)
-                except Exception as e:  # noqa: BLE001
-                    print("fail", kind, cfg, repr(e)[:100])
+            def f(cfg=cfg, mod=mod):
+                q = packs.next()
+                mod.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None, ACT_CODES[act],
+                           None, None, None, out, config=cfg)
+            try:
+                f()
+                if rel_err(out, ref) > 2e-2:
+                    print("wrong", kind, cfg, flush=True)
                     continue
+                t, _ = bench(f, True, 10)
+            except Exception as e:  # noqa: BLE001
+                print("fail", kind, cfg, repr(e)[:160], flush=True)
+                continue
+            if kind == "default":
+                default_t = t
+            else:
                 best.append((t, kind, cfg))
-            best.sort(key=lambda r: r[0])
-            print(f"SWEEP {N}x{K} M={M}: " + "; ".join(f"{t*1e3:.1f}us {k} {c}" for t, k, c in best[:4]),
-                  flush=True)
+        best.sort(key=lambda r: r[0])
+        same_bytes = max(1, p.values.numel() // K)  # dense rows holding as many values
+        wd = [torch.randn(same_bytes, K, device=dev, dtype=dtype) for _ in range(n_copies(same_bytes * K * 2))]
+        dense = Rotor(wd)
+        t_dense, _ = bench(lambda: F.linear(x, dense.next()), True, 10)
+        print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
+              f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
+              flush=True)
 
 
 def run_sweep_csr(args):
@@ -340,7 +367,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-csr", action="store_true")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep-csr")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()

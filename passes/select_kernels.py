@@ -7,7 +7,9 @@ The cost model (codegen/cost_model.py) predicts each one's time from bytes and f
 `autotune=True` the best candidates are also timed once on the device and the decision is cached
 on disk. A sparse kernel replaces the linear only when it is predicted (or measured) faster than
 dense by `MIN_GAIN`, so select-kernels never picks a kernel slower than dense. The activation
-and residual add right after the linear go into the kernel's epilogue.
+and residual add right after the linear go into the kernel's epilogue; so does SwiGLU's
+`silu(gate) * up` over the two halves of a stacked gate/up linear (fuse-linears makes it), as the
+gated activation "swiglu" (runtime/ops.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +40,11 @@ MIN_WEIGHT_ELEMENTS = 64 * 64
 # two probes, the pass reports a boundary (stats "token_boundaries"), and the compiler builds one
 # graph per range and picks one per call by the input's token count (compiler.CompiledVariants).
 DYNAMIC_TOKEN_PROBES = (1, 16, 256, 4096)
+# SwiGLU goes into the epilogue only where a kernel of the chosen format implements it and from this
+# many tokens on (the Tensor Core path): at one token the gated kernel was slower than the plain one
+# plus Inductor's fused silu*mul kernel (H200, 90% 64x64 blocks, 22016x4096: 15.1 us vs 11.3 + 1.1 us;
+# at 16 tokens 11.3 us vs 9.5 + 1.7 us; `benchmarks/kernels.py --sweep`, profile_decode.py).
+GATED_MIN_TOKENS = 9
 # Epilogue activations the kernels implement, keyed by the ATen op that follows the linear.
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.gelu.default: "gelu"}
 
@@ -100,6 +108,12 @@ def has_real_kernel(op_name: str, device_type: str) -> bool:
     return bool(ops.get_kernels(op_name, device_type))
 
 
+def has_gated_kernel(op_name: str, device_type: str) -> bool:
+    from sparsec.runtime import ops
+
+    return ops.has_gated_kernel(op_name, device_type)
+
+
 def kernels_ready(op_name: str, device_type: str) -> bool:
     from sparsec.runtime import ops
 
@@ -146,6 +160,33 @@ def _activation_user(node: fx.Node):
             return None
         return act
     return None
+
+
+def _swiglu_users(node: fx.Node):
+    """[split, gate, up, silu, mul] when `node` is only split into two equal halves along its last
+    dim and used as silu(gate) * up (a SwiGLU FFN after fuse-linears stacked gate and up); else None."""
+    users = list(node.users)
+    val = node.meta.get("val")
+    if len(users) != 1 or users[0].target is not aten.split_with_sizes.default or val is None:
+        return None
+    split = users[0]
+    sizes = split.args[1]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if len(sizes) != 2 or sizes[0] != sizes[1] or dim not in (-1, val.dim() - 1):
+        return None
+    pieces = sorted(split.users, key=lambda g: g.args[1] if g.target is operator.getitem else -1)
+    if [g.args[1] if g.target is operator.getitem else None for g in pieces] != [0, 1]:
+        return None
+    gate, up = pieces
+    if len(gate.users) != 1 or len(up.users) != 1:
+        return None
+    silu = next(iter(gate.users))
+    if silu.target is not aten.silu.default or len(silu.users) != 1:
+        return None
+    mul = next(iter(silu.users))
+    if mul.target is not aten.mul.Tensor or len(mul.args) != 2 or set(mul.args) != {silu, up}:
+        return None
+    return [split, gate, up, silu, mul]
 
 
 def _residual_user(node: fx.Node):
@@ -303,15 +344,20 @@ def _to_rows(gm, x: fx.Node, form: LinearForm, after: fx.Node) -> fx.Node:
     return _view_op(gm, aten.permute.default, (x, list(form.to_rows)), after)
 
 
-def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias_node, choice, row_perm, col_perm) -> dict:
-    """Replace `op` (and its fusable activation / residual add) by the chosen sparse kernel."""
+def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias_node, choice, row_perm, col_perm,
+            gate_ok: bool = False) -> dict:
+    """Replace `op` (and its fusable activation / residual add, or with `gate_ok` a SwiGLU product)
+    by the chosen sparse kernel."""
     weight = form.matrix
     x = op.args[0]
     target, format_nodes, extra, perm_nodes = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm)
-    last, activation, residual = op, "none", None
+    last, activation, residual, absorbed = op, "none", None, []
     act = _activation_user(op)
+    gated = _swiglu_users(op) if gate_ok and act is None and form.to_rows is None else None
     if act is not None:
-        last, activation = act, FUSABLE_ACTIVATIONS[act.target]
+        last, activation, absorbed = act, FUSABLE_ACTIVATIONS[act.target], [act]
+    elif gated is not None:
+        last, activation, absorbed = gated[-1], "swiglu", gated
     add, other = _residual_user(last) if form.to_rows is None else (None, None)  # residuals: tokens-major only
     if add is not None:
         last, residual = add, other
@@ -325,8 +371,8 @@ def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias
     new.meta["val"] = out_val if form.to_rows is None else out_val.permute(*form.to_rows)
     result = new if form.from_rows is None else _view_op(gm, aten.permute.default, (new, list(form.from_rows)), after=new)
     last.replace_all_uses_with(result)
-    for node in dict.fromkeys((last, act, op)):  # consumers first, so each is unused when erased
-        if node is not None and not node.users:
+    for node in dict.fromkeys((last, *reversed(absorbed), op)):  # consumers first: unused when erased
+        if not node.users:
             gm.graph.erase_node(node)
     return {"activation": activation, "residual": residual is not None, "node": new}
 
@@ -383,7 +429,9 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         info = weight_node.meta.get("sparsity")
         if not choice.permuted:  # the format as stored beat the reordered one
             row_perm = col_perm = None
-        fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm)
+        lowest = ctx.token_range[0] if ctx.token_range else m  # the fewest tokens this graph serves
+        gate_ok = lowest >= GATED_MIN_TOKENS and has_gated_kernel(choice.kernel, layer_device.type)
+        fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok)
         fused["node"].meta["sparsec_layer"] = {
             "name": name, "op": form.op, "shape": tuple(ir.get_constant(gm, weight_node).shape), "sparsity": info,
             "kernel": choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",

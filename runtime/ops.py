@@ -15,12 +15,16 @@ Ops (torch.library custom ops with fake implementations, so Dynamo/Inductor/expo
 
 Semantics (all): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with fp32 accumulation;
 y[..., row_perm[r]] = yp[..., r]; y = act(y + bias) + residual; output dtype = x dtype.
+activation "swiglu" (gated): y = silu(y[..., :N/2]) * y[..., N/2:] before the residual, so the
+output has out_features / 2 features (a SwiGLU FFN's stacked gate/up linear and its product).
 
 Kernel registry: `register_kernel(op_name, device_type, fn)`; fn takes the op's arguments
 (positionally, same order) and returns the output tensor, or NotImplemented to fall back
 to the next candidate (finally the pure-torch reference in runtime/reference.py).
 The built-in kernels register themselves lazily, on the first look-up for their device: Triton
 for "cuda" (triton is optional), the C++ kernels for "cpu" (they need a C++ compiler).
+A kernel registered with `gated=True` implements "swiglu" itself; any other one is called without
+it (activation "none", no residual) and the product and residual follow in torch (`_ungated`).
 `kernels_ready(op_name, device_type)` says whether a real kernel will run (for the C++ kernels
 this builds the library, or loads it from the disk cache): the reference never counts.
 """
@@ -38,6 +42,10 @@ _KERNELS: Dict[Tuple[str, str], List[Callable]] = {}
 # Kernels whose launches torch.compile can trace (Triton through wrap_triton): Inductor inlines
 # them into its generated code. Others (C++, user kernels) run inside an opaque host op.
 _TRACEABLE: set = set()
+# Kernels that implement the gated activation ("swiglu") in their own epilogue.
+_GATED: set = set()
+# Position of the `activation` argument of each op (the residual follows it).
+_ACTIVATION_ARG = {"bsr_linear": 7, "bitmap_linear": 8, "csr_linear": 7}
 # Kernels that are registered but may not be usable yet: fn -> ready() (True once it can run).
 _READY_CHECKS: Dict[Callable, Callable[[], bool]] = {}
 # The built-in kernels of each device type: a module with `register_all()`, imported on first use.
@@ -52,11 +60,13 @@ def _norm(op_name: str) -> str:
 
 
 def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool = False,
-                    traceable: bool = False, ready: Optional[Callable[[], bool]] = None) -> None:
+                    traceable: bool = False, ready: Optional[Callable[[], bool]] = None,
+                    gated: bool = False) -> None:
     """Register `fn` for (op, device). Later registrations are tried first, unless
     `last=True` (used by the built-in kernels so user kernels take precedence).
     `traceable=True` only for functions made of PyTorch ops and `wrap_triton` launches.
-    `ready()`, if given, says whether `fn` can run here (e.g. its library built)."""
+    `ready()`, if given, says whether `fn` can run here (e.g. its library built).
+    `gated=True`: `fn` implements activation "swiglu" itself."""
     lst = _KERNELS.setdefault((_norm(op_name), device_type), [])
     if fn in lst:
         lst.remove(fn)
@@ -66,6 +76,8 @@ def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool 
         lst.insert(0, fn)
     if traceable:
         _TRACEABLE.add(fn)
+    if gated:
+        _GATED.add(fn)
     if ready is not None:
         _READY_CHECKS[fn] = ready
 
@@ -88,9 +100,34 @@ def get_kernels(op_name: str, device_type: str) -> List[Callable]:
     return list(_KERNELS.get((_norm(op_name), device_type), []))
 
 
+def has_gated_kernel(op_name: str, device_type: str) -> bool:
+    """Whether a kernel registered for (op, device) implements the "swiglu" epilogue itself."""
+    return any(fn in _GATED for fn in get_kernels(op_name, device_type))
+
+
 def kernels_ready(op_name: str, device_type: str) -> bool:
     """Whether a real kernel (not the reference) will run `op_name` on `device_type`."""
     return any(_READY_CHECKS.get(fn, lambda: True)() for fn in get_kernels(op_name, device_type))
+
+
+def _ungated(fn, op_name, args):
+    """`fn` on `args` whose activation is "swiglu", for a kernel without that epilogue: the plain
+    linear (bias included), then silu(gate) * up and the residual in torch."""
+    at = _ACTIVATION_ARG[op_name]
+    residual = args[at + 1]
+    y = fn(*args[:at], "none", None, *args[at + 2:])
+    if y is NotImplemented:
+        return y
+    y = reference.swiglu(y)
+    return y if residual is None else y + residual
+
+
+def _call(fn, op_name, args):
+    gated = args[_ACTIVATION_ARG[op_name]] == reference.GATED
+    out = fn(*args) if fn in _GATED or not gated else NotImplemented
+    if out is NotImplemented and gated:  # a gated kernel may decline a shape: run it ungated
+        out = _ungated(fn, op_name, args)
+    return out
 
 
 def _run_traceable(op_name, args):
@@ -98,7 +135,7 @@ def _run_traceable(op_name, args):
     for fn in get_kernels(op_name, args[0].device.type):
         if fn not in _TRACEABLE:
             return NotImplemented
-        out = fn(*args)
+        out = _call(fn, op_name, args)
         if out is not NotImplemented:
             return out
     return NotImplemented
@@ -108,20 +145,21 @@ def _run_host(op_name, ref_fn, args):
     for fn in get_kernels(op_name, args[0].device.type):
         if fn in _TRACEABLE:
             continue
-        out = fn(*args)
+        out = _call(fn, op_name, args)
         if out is not NotImplemented:
             return out
     return ref_fn(*args)
 
 
-def _check_act(activation):
+def _check_act(activation, out_features):
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
+    reference.output_features(out_features, activation)  # raises for an odd gated weight
 
 
-def _fake_linear(x, out_features, in_features):
+def _fake_linear(x, out_features, in_features, activation):
     torch._check(x.shape[-1] == in_features)
-    return x.new_empty((*x.shape[:-1], out_features))
+    return x.new_empty((*x.shape[:-1], reference.output_features(out_features, activation)))
 
 
 # ------------------------------------------------------------------ bsr_linear
@@ -141,7 +179,7 @@ def bsr_linear_host(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Te
 @bsr_linear_host.register_fake
 def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
       residual, row_perm, col_perm):
-    return _fake_linear(x, out_features, in_features)
+    return _fake_linear(x, out_features, in_features, activation)
 
 
 @torch.library.triton_op("sparsec::bsr_linear", mutates_args=())
@@ -149,7 +187,7 @@ def bsr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
                   row_offsets: torch.Tensor, out_features: int, in_features: int,
                   bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
                   row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_act(activation)
+    _check_act(activation, out_features)
     args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
             residual, row_perm, col_perm)
     out = _run_traceable("bsr_linear", args)
@@ -171,7 +209,7 @@ def bitmap_linear_host(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tens
 @bitmap_linear_host.register_fake
 def _(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows, bias, activation,
       residual, row_perm, col_perm):
-    return _fake_linear(x, out_features, in_features)
+    return _fake_linear(x, out_features, in_features, activation)
 
 
 @torch.library.triton_op("sparsec::bitmap_linear", mutates_args=())
@@ -180,7 +218,7 @@ def bitmap_linear_op(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor
                      tile_rows: int, bias: Optional[torch.Tensor], activation: str,
                      residual: Optional[torch.Tensor], row_perm: Optional[torch.Tensor],
                      col_perm: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_act(activation)
+    _check_act(activation, out_features)
     args = (x, values, bitmap, tile_offsets, out_features, in_features, tile_rows, bias,
             activation, residual, row_perm, col_perm)
     out = _run_traceable("bitmap_linear", args)
@@ -200,7 +238,7 @@ def csr_linear_host(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Te
 
 @csr_linear_host.register_fake
 def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
-    return _fake_linear(x, out_features, in_features)
+    return _fake_linear(x, out_features, in_features, activation)
 
 
 @torch.library.triton_op("sparsec::csr_linear", mutates_args=())
@@ -208,7 +246,7 @@ def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
                   row_offsets: torch.Tensor, out_features: int, in_features: int,
                   bias: Optional[torch.Tensor], activation: str,
                   residual: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_act(activation)
+    _check_act(activation, out_features)
     args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual)
     out = _run_traceable("csr_linear", args)
     return out if out is not NotImplemented else csr_linear_host(*args)

@@ -13,7 +13,25 @@ import torch.nn.functional as F
 
 from .formats import bitmap_to_dense_padded, csr_to_dense
 
-ACTIVATIONS = ("none", "relu", "gelu", "silu")
+ACTIVATIONS = ("none", "relu", "gelu", "silu", "swiglu")
+# "swiglu": the weight's rows are [gate; up] (two equal halves) and the op returns
+# silu(gate) * up, half as many features: a SwiGLU FFN's gate/up linear and its product in one op.
+GATED = "swiglu"
+
+
+def output_features(out_features: int, activation: str) -> int:
+    """Features of the op's output: half the weight's rows for the gated activation."""
+    if activation == GATED:
+        if out_features % 2:
+            raise ValueError(f"activation {GATED!r} needs an even number of weight rows, got {out_features}")
+        return out_features // 2
+    return out_features
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of y = [..., gate | up]."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _acc_dtype(dtype):
@@ -32,6 +50,8 @@ def apply_epilogue(yp: torch.Tensor, bias, activation: str, residual, row_perm, 
         yp = F.gelu(yp)
     elif activation == "silu":
         yp = F.silu(yp)
+    elif activation == GATED:
+        yp = swiglu(yp)
     elif activation != "none":
         raise ValueError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
     if residual is not None:

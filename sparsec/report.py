@@ -75,6 +75,8 @@ class LayerTracker:
                 "kernel": runs_in["kernel"],
             }
             row.update({k: v for k, v in notes.get(name, {}).items() if k not in row})
+            # a stacked layer's decision (choice, epilogue, predicted times) shows on its members
+            row.update({k: v for k, v in notes.get(fused_into, {}).items() if k not in row})
             rows.append(row)
         return rows
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsec.runtime import ops, reference
-from sparsec.runtime.formats import BitmapWeight, BSRWeight, pack_bitmap, pack_bsr
+from sparsec.runtime.formats import BitmapWeight, BSRWeight, pack_bitmap, pack_bsr, pack_csr
 from float64_reference import linear64
 
 
@@ -110,6 +110,36 @@ def test_reference_ops(act, fmt):
     y = f(x, p, bias=bias, activation=act, residual=res)
     assert y.shape == (2, 3, n) and y.dtype == x.dtype
     torch.testing.assert_close(y.double(), linear64(x, w, bias, act, res), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bsr", "bitmap", "csr"])
+def test_gated_swiglu_ops(fmt):
+    """activation "swiglu": silu(gate) * up over the weight's two row halves, then the residual; the
+    CPU kernels have no gated epilogue, so the op runs them plain and finishes in torch."""
+    gen = torch.Generator().manual_seed(9)
+    half, k = 23, 70
+    w = sparse_weight(2 * half, k, (16, 16), 0.5, gen)
+    x = torch.randn(2, 3, k, generator=gen)
+    bias = torch.randn(2 * half, generator=gen)
+    res = torch.randn(2, 3, half, generator=gen)
+    packed = {"bsr": lambda: pack_bsr(w, (16, 16)), "bitmap": lambda: pack_bitmap(w, 16), "csr": lambda: pack_csr(w)}[fmt]()
+    f = {"bsr": ops.bsr_linear, "bitmap": ops.bitmap_linear, "csr": ops.csr_linear}[fmt]
+    y = f(x, packed, bias=bias, activation="swiglu", residual=res)
+    assert y.shape == (2, 3, half)
+    torch.testing.assert_close(y.double(), linear64(x, w, bias, "swiglu", res), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(lambda t: f(t, packed, bias=bias, activation="swiglu", residual=res),
+                             backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), y)
+
+
+def test_gated_op_fake_shape_and_odd_weight():
+    p = pack_bsr(torch.randn(32, 16), (16, 16))
+    torch.library.opcheck(torch.ops.sparsec.bsr_linear.default,
+                          (torch.randn(3, 16), p.values, p.col_indices, p.row_offsets, 32, 16, None,
+                           "swiglu", None, None, None))
+    odd = pack_bsr(torch.randn(15, 16), (16, 16))
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        ops.bsr_linear(torch.randn(1, 16), odd, activation="swiglu")
 
 
 def test_op_fake_and_compile():

@@ -207,6 +207,47 @@ def test_rewrite_fuses_activation_and_residual_and_stays_exact(cpu_kernels, ever
             assert output_close(compiled(fresh), model(fresh))[0]
 
 
+@pytest.fixture
+def gated_cpu_kernel():
+    """The reference as a CPU block-sparse kernel with the gated epilogue (as the CUDA one has)."""
+    ops.register_kernel("bsr_linear", "cpu", reference.bsr_linear_ref, gated=True)
+    yield
+    ops.unregister_kernel("bsr_linear", "cpu", reference.bsr_linear_ref)
+
+
+def test_swiglu_product_goes_into_the_stacked_gate_up_kernel(gated_cpu_kernel, every_kernel_exists):
+    """LLaMA-style block, gate/up 90% block-sparse: fuse-linears stacks them, select-kernels runs the
+    stacked weight as one block-sparse op whose gated epilogue computes silu(gate) * up, exact
+    against eager; with fewer than GATED_MIN_TOKENS tokens, or with no gated kernel for the device,
+    the product stays outside the kernel."""
+    torch.manual_seed(0)
+    model = models.LlamaStack(hidden=128, heads=4, intermediate=256, layers=1).eval()
+    mlp = model.layers[0].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(block_sparse(256, 128, 0.1, seed=3))
+        mlp.up_proj.weight.copy_(block_sparse(256, 128, 0.1, seed=4))
+    x = torch.randn(2, 5, 128)
+    passes = "analyze,fuse-linears,select-kernels"
+    report = sparsec.explain(model, x, passes=passes, verify_each=True)
+    rows = {r["name"]: r for r in report.layers}
+    for member in ("gate_proj", "up_proj"):  # the stacked layer's decision shows on both members
+        row = rows[f"layers.0.mlp.{member}.weight"]
+        assert row["fused_into"] == "layers.0.mlp.{gate_proj,up_proj}.weight"
+        assert row["kernel"].startswith("bsr_linear") and row["epilogue"] == "act=swiglu residual=False"
+        assert "bsr_linear[64x64]" in row["predicted_ms"]
+    compiled = sparsec.compile(model, x, passes=passes, inductor=False)
+    for shape in [(1, 1, 128), (3, 7, 128)]:
+        fresh = torch.randn(shape)
+        with torch.no_grad():
+            assert output_close(compiled(fresh), model(fresh))[0]
+    decode = torch.randn(1, 1, 128)
+    rows = {r["name"]: r for r in sparsec.explain(model, decode, passes=passes).layers}
+    assert rows["layers.0.mlp.gate_proj.weight"]["epilogue"] == "act=none residual=False"
+    ops.unregister_kernel("bsr_linear", "cpu", reference.bsr_linear_ref)  # the C++ kernel: not gated
+    rows = {r["name"]: r for r in sparsec.explain(model, x, passes=passes).layers}
+    assert rows["layers.0.mlp.gate_proj.weight"]["epilogue"] == "act=none residual=False"
+
+
 @pytest.mark.filterwarnings("error:sparsec could not compile")
 def test_torch_compile_backend_with_sparse_kernels_under_inductor(cpu_kernels, every_kernel_exists):
     model = pruned_ffn()

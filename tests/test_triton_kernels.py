@@ -111,6 +111,27 @@ def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
     check(run_bsr(kern, x, w, p, b, act, r, dtype, config=cfg), ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kern,M", [(bsr_small_m, 1), (bsr_small_m, 3), (bsr_small_m, 17), (bsr_large_m, 69)])
+def test_bsr_gated_epilogue(dtype, kern, M):
+    """SwiGLU in the epilogue: the weight's rows are [gate; up] and each program reads the up block
+    row N/BH below its gate block row; an empty gate row and an empty up row are in the weight."""
+    gen = torch.Generator().manual_seed(12)
+    half, K, block = 64, 100, (32, 32)
+    w = sparse_weight(2 * half, K, block, 0.5, gen, empty_rows=(0, 3)).to(dtype)
+    p = pack_bsr(w, block)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    b = torch.randn(2 * half, generator=gen).to(dtype)  # gate and up biases
+    r = torch.randn(M, half, generator=gen).to(dtype)
+    ref = linear64(x, w, b, "swiglu", r)
+    out = torch.full((M, half), float("nan"), dtype=dtype, device=DEV)
+    d = lambda t: t.to(DEV)
+    cfg = dict(BLOCK_M=32, num_warps=4, num_stages=2) if kern is bsr_large_m else None
+    kern.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), half, K, d(b),
+                ACT_CODES["swiglu"], d(r), None, None, out, config=cfg)
+    check(out, ref, dtype)
+
+
 def run_bitmap(x, w, packed, bias, act, res, dtype, config=None):
     N, K = w.shape
     M = x.shape[0]
@@ -210,35 +231,39 @@ def test_csr_epilogue_dtypes(dtype, act, M):
 
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap", "csr"])
 @pytest.mark.parametrize("M", [1, 3, 20, 70])  # 2*70 rows: bitmap decode / CSR dense-rebuild path
-def test_op_3d_through_registry(fmt, M):
+# swiglu: 64 weight rows give whole 16-row block rows per half (the BSR kernel's gated epilogue),
+# 48 do not (the BSR kernel declines and the op runs it ungated); bitmap and CSR always ungated
+@pytest.mark.parametrize("act,N", [("silu", 48), ("swiglu", 64), ("swiglu", 48)])
+def test_op_3d_through_registry(fmt, M, act, N):
     """The op on 3-D input [B, S, K] routed to the Triton kernels via the registry."""
     from sparsec.codegen.triton import register as R
     gen = torch.Generator().manual_seed(13)
-    N, K = 48, 80
+    K = 80
+    n_out = N // 2 if act == "swiglu" else N
     w = sparse_weight(N, K, (16, 16), 0.5, gen)
     x = torch.randn(2, M, K, generator=gen)
     b = torch.randn(N, generator=gen)
-    r = torch.randn(2, M, N, generator=gen)
+    r = torch.randn(2, M, n_out, generator=gen)
     if fmt == "bsr":
         p = pack_bsr(w, (16, 16))
-        args = (x, p.values, p.col_indices, p.row_offsets, N, K, b, "silu", r, None, None)
+        args = (x, p.values, p.col_indices, p.row_offsets, N, K, b, act, r, None, None)
         fn, op = R.bsr_linear_triton, torch.ops.sparsec.bsr_linear
     elif fmt == "bitmap":
         p = pack_bitmap(w)
-        args = (x, p.values, p.bitmap, p.tile_offsets, N, K, p.tile_rows, b, "silu", r, None, None)
+        args = (x, p.values, p.bitmap, p.tile_offsets, N, K, p.tile_rows, b, act, r, None, None)
         fn, op = R.bitmap_linear_triton, torch.ops.sparsec.bitmap_linear
     else:
         p = pack_csr(w)
-        args = (x, p.values, p.col_indices, p.row_offsets, N, K, b, "silu", r)
+        args = (x, p.values, p.col_indices, p.row_offsets, N, K, b, act, r)
         fn, op = R.csr_linear_triton, torch.ops.sparsec.csr_linear
     args = tuple(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args)
-    ref = linear64(x.reshape(-1, K), w, b, "silu", r.reshape(-1, N)).reshape(2, M, N)
-    ops.register_kernel(fmt + "_linear", DEV, fn)
+    ref = linear64(x.reshape(-1, K), w, b, act, r.reshape(-1, n_out)).reshape(2, M, n_out)
+    ops.register_kernel(fmt + "_linear", DEV, fn, gated=fmt == "bsr")
     try:
         y = op(*args)
     finally:
         ops.unregister_kernel(fmt + "_linear", DEV, fn)
-    assert y.shape == (2, M, N)
+    assert y.shape == (2, M, n_out)
     check(y, ref, torch.float32)
 
 

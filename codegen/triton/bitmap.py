@@ -86,7 +86,7 @@ def bitmap_kernel(x_ptr, v_ptr, bm_ptr, to_ptr, bias_ptr, res_ptr, rperm_ptr, cp
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT)
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT, acc)
 
 
 def pick_config(M, TR):

@@ -9,11 +9,11 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
-from .epilogue import fused_epilogue
+from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
 
 # (BLOCK_M, num_warps, num_stages): a small hand-picked set; the autotuner keys on
-# the shape class, so it runs once per (M bucket, N, K, block).
+# the shape class, so it runs once per (M bucket, N, K, block, epilogue: gated holds two tiles).
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
@@ -23,17 +23,10 @@ LARGE_M_CONFIGS = [
 
 
 @triton.jit
-def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
-                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
-                       BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)  # fastest: neighbouring programs share the same weight blocks
-    br = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
+def block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
+                   BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_M, BH] fp32: tokens x the rows of block row `br`, over its non-zero blocks."""
     rr = tl.arange(0, BH)
     cc = tl.arange(0, BW)
     start = tl.load(ro_ptr + br)
@@ -49,9 +42,31 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
         # int32 offsets: the launcher checks values.numel() < 2**31
         wt = tl.load(v_ptr + i * (BH * BW) + rr[None, :] * BW + cc[:, None])
         acc = mma(xt, wt, acc, IEEE, UPCAST)
-    n = br * BH + rr
+    return acc
+
+
+@triton.jit
+def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
+                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
+                       BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
+    pid_m = tl.program_id(0)  # fastest: neighbouring programs share the same weight blocks
+    br = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
+    acc = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K, BH, BW, BLOCK_M,
+                         HAS_CPERM, IEEE, UPCAST)
+    up = acc
+    if ACT == 4:  # ACT_SWIGLU
+        up = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br + N // BH, K, BH, BW,
+                            BLOCK_M, HAS_CPERM, IEEE, UPCAST)
+    n = br * BH + tl.arange(0, BH)
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT)
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
 _autotuned = None
@@ -59,11 +74,12 @@ _autotuned = None
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
            col_perm, out, config=None):
-    """x2d [M, K] (row stride any, unit col stride), out [M, N]. No host syncs."""
+    """x2d [M, K] (row stride any, unit col stride), out [M, N] (N output features: half the
+    weight's rows when gated). No host syncs."""
     global _autotuned
     M = x2d.shape[0]
     _, BH, BW = values.shape
-    nbr = row_offsets.shape[0] - 1
+    nbr = N // BH if act_code == ACT_SWIGLU else row_offsets.shape[0] - 1  # block rows with programs
     dummy = out
     args = (x2d, values, col_indices, row_offsets,
             dummy if bias is None else bias, dummy if res2d is None else res2d,
@@ -82,7 +98,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
                                  num_stages=config.get("num_stages", 3))
         return out
     if _autotuned is None:
-        _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW"])(
+        _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(
             bsr_large_m_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
     traceable(_autotuned)[grid](*args, **kw)

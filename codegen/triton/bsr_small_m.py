@@ -12,14 +12,98 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
-from .epilogue import fused_epilogue
+from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
 
 ROWS = 16          # output features per program (a slab of 16 x BW per block: 2 KB in bf16)
+# With tl.dot (M >= DOT_MIN_M) twice as many: swept on an H200 at 16 tokens, 90% 64x64 blocks, the
+# LLaMA-style decode shapes (benchmarks/kernels.py --sweep): 22016x4096 12.5 -> 9.4 us,
+# 12288x4096 8.1 -> 7.6 us, 4096x4096 and 4096x11008 within 0.2 us.
+DOT_ROWS = 32
 MAX_SMALL_M = 64   # beyond this, the large-M Tensor Core kernel wins
 TARGET_PROGRAMS = 1024  # ~8 per SM on an H100: keeps enough weight loads in flight (swept)
 MIN_ROWS = 4
 DOT_MIN_M = 9      # from here tl.dot (M padded to 16) beats broadcast-multiply-sum
+
+
+@triton.jit
+def add_block(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+              BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, USE_DOT: tl.constexpr,
+              HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + non-zero block i's slab (weight rows `rr`) times its x columns; acc as is when
+    i >= i_end (the loads are predicated off; the tile masks compare a splat of i, one uniform
+    predicate on the GPU, because the interpreter cannot broadcast a scalar mask). acc: [BLOCK_M, ROWS] with tl.dot, else
+    [BLOCK_M, ROWS, BW] (broadcast-multiply, reduced once by finish_slab)."""
+    cc = tl.arange(0, BW)
+    valid = i < i_end
+    kcol = tl.load(ci_ptr + i, mask=valid, other=0) * BW + cc
+    k_ok = (kcol < K) & (tl.full((BW,), i, tl.int32) < i_end)
+    if HAS_CPERM:
+        kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
+    xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    blk = v_ptr + i * (BH * BW)  # int32: launcher checks values.numel() < 2**31
+    if USE_DOT:
+        wt = tl.load(blk + rr[None, :] * BW + cc[:, None], mask=tl.full((BW, ROWS_), i, tl.int32) < i_end,
+                     other=0.0)  # [BW, ROWS]
+        acc = mma(xt, wt, acc, IEEE, UPCAST)
+    else:
+        w = tl.load(blk + rr[:, None] * BW + cc[None, :], mask=tl.full((ROWS_, BW), i, tl.int32) < i_end,
+                    other=0.0).to(tl.float32)  # [ROWS, BW]
+        acc += xt.to(tl.float32)[:, None, :] * w[None, :, :]
+    return acc
+
+
+@triton.jit
+def zero_slab(BLOCK_M: tl.constexpr, ROWS_: tl.constexpr, BW: tl.constexpr, USE_DOT: tl.constexpr):
+    if USE_DOT:
+        return tl.zeros((BLOCK_M, ROWS_), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, ROWS_, BW), dtype=tl.float32)
+
+
+@triton.jit
+def finish_slab(acc, USE_DOT: tl.constexpr):
+    """[BLOCK_M, ROWS] fp32 from add_block's accumulator."""
+    if USE_DOT:
+        return acc
+    else:
+        return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
+                   BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr,
+                   BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks."""
+    start = tl.load(ro_ptr + br)
+    end = tl.load(ro_ptr + br + 1)
+    acc = zero_slab(BLOCK_M, ROWS_, BW, USE_DOT)
+    for i in range(start, end):
+        acc = add_block(acc, i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, ROWS_,
+                        USE_DOT, HAS_CPERM, IEEE, UPCAST)
+    return finish_slab(acc, USE_DOT)
+
+
+@triton.jit
+def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
+                           BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr,
+                           BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr,
+                           IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams a
+    block of each, so a program keeps twice the bytes in flight instead of running two chains."""
+    start_a = tl.load(ro_ptr + br_a)
+    len_a = tl.load(ro_ptr + br_a + 1) - start_a
+    start_b = tl.load(ro_ptr + br_b)
+    len_b = tl.load(ro_ptr + br_b + 1) - start_b
+    acc_a = zero_slab(BLOCK_M, ROWS_, BW, USE_DOT)
+    acc_b = zero_slab(BLOCK_M, ROWS_, BW, USE_DOT)
+    for j in range(0, tl.maximum(len_a, len_b)):
+        acc_a = add_block(acc_a, start_a + j, start_a + len_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH,
+                          BW, ROWS_, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+        acc_b = add_block(acc_b, start_b + j, start_b + len_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH,
+                          BW, ROWS_, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+    return finish_slab(acc_a, USE_DOT), finish_slab(acc_b, USE_DOT)
 
 
 @triton.jit
@@ -30,6 +114,7 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
                        UPCAST: tl.constexpr):
+    # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
     br = pid // SUBS
@@ -38,31 +123,16 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     m_ok = m < M
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     rr = sub * ROWS_ + tl.arange(0, ROWS_)
-    cc = tl.arange(0, BW)
-    start = tl.load(ro_ptr + br)
-    end = tl.load(ro_ptr + br + 1)
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_M, ROWS_), dtype=tl.float32)
+    if ACT == 4:  # ACT_SWIGLU
+        acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
+                                         rr, K, BH, BW, ROWS_, BLOCK_M, USE_DOT, HAS_CPERM, IEEE, UPCAST)
     else:
-        acc3 = tl.zeros((BLOCK_M, ROWS_, BW), dtype=tl.float32)
-    for i in range(start, end):
-        kcol = tl.load(ci_ptr + i) * BW + cc
-        k_ok = kcol < K
-        if HAS_CPERM:
-            kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
-        xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        blk = v_ptr + i * (BH * BW)  # int32: launcher checks values.numel() < 2**31
-        if USE_DOT:
-            wt = tl.load(blk + rr[None, :] * BW + cc[:, None])  # [BW, ROWS]
-            acc = mma(xt, wt, acc, IEEE, UPCAST)
-        else:
-            w = tl.load(blk + rr[:, None] * BW + cc[None, :]).to(tl.float32)  # [ROWS, BW]
-            acc3 += xt.to(tl.float32)[:, None, :] * w[None, :, :]
-    if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+        acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_,
+                             BLOCK_M, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+        up = acc
     n = br * BH + rr
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT)
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
 def pick_config(M, BH):
@@ -77,11 +147,12 @@ def pick_config(M, BH):
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
            col_perm, out, config=None):
+    """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated)."""
     M = x2d.shape[0]
     _, BH, BW = values.shape
-    nbr = row_offsets.shape[0] - 1
+    nbr = N // BH if act_code == ACT_SWIGLU else row_offsets.shape[0] - 1  # block rows with programs
     cfg = dict(pick_config(M, BH))
-    rows = min(ROWS, BH)
+    rows = min(DOT_ROWS if cfg["USE_DOT"] else ROWS, BH)
     if not cfg["USE_DOT"]:
         # few block rows (e.g. N=4096): thinner slabs, so that enough programs stream at once
         while rows > MIN_ROWS and nbr * (BH // rows) < TARGET_PROGRAMS:

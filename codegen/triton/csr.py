@@ -50,7 +50,7 @@ def csr_kernel(xt_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr,
         acc += xv.to(tl.float32) * w[:, :, None]
     y = tl.trans(tl.sum(acc, axis=1))                           # [BLOCK_M, ROWS]
     fused_epilogue(y, m, rows, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, out_ptr,
-                   HAS_BIAS, HAS_RES, False, ACT)
+                   HAS_BIAS, HAS_RES, False, ACT, y)
 
 
 def pick_config(M, N):

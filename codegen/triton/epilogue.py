@@ -4,13 +4,17 @@ acc [BLOCK_M, BLOCK_N] fp32 holds rows `m` (tokens) and packed output features `
 Writes out[m, orig(n)] = act(acc + bias[orig(n)]) + residual[m, orig(n)], where
 orig(n) = row_perm[n] when the weight rows were permuted: the permutation costs a
 scattered store instead of an extra pass over the output.
+Gated (ACT_SWIGLU): `acc` holds the gate rows and `up` the matching up rows (weight rows n + N, N
+the output features): out = silu(acc + bias[n]) * (up + bias[n + N]) + residual. Other
+activations ignore `up` (callers pass acc).
 """
 import triton
 import triton.language as tl
 
 # activation codes (constexpr): keep in sync with ACT_CODES below
-ACT_NONE, ACT_RELU, ACT_GELU, ACT_SILU = 0, 1, 2, 3
-ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "silu": ACT_SILU}
+ACT_NONE, ACT_RELU, ACT_GELU, ACT_SILU, ACT_SWIGLU = 0, 1, 2, 3, 4
+ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "silu": ACT_SILU,
+             "swiglu": ACT_SWIGLU}
 
 INV_SQRT2 = 0.7071067811865476
 
@@ -18,7 +22,7 @@ INV_SQRT2 = 0.7071067811865476
 @triton.jit
 def fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                   ACT: tl.constexpr):
+                   ACT: tl.constexpr, up):
     n_ok = n < N
     if HAS_RPERM:
         oc = tl.load(rperm_ptr + n, mask=n_ok, other=0)
@@ -27,12 +31,16 @@ def fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, strid
     mask = (m[:, None] < M) & n_ok[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 4:
+            up = up + tl.load(bias_ptr + N + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     elif ACT == 2:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))  # exact (erf) gelu
     elif ACT == 3:
         acc = acc / (1.0 + tl.exp(-acc))
+    elif ACT == 4:
+        acc = acc / (1.0 + tl.exp(-acc)) * up
     m64 = m.to(tl.int64)
     if HAS_RES:
         r = tl.load(res_ptr + m64[:, None] * stride_rm + oc[None, :], mask=mask, other=0.0)

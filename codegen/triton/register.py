@@ -48,16 +48,19 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
     _, BH, BW = values.shape
     if not (_pow2(BH) and _pow2(BW) and BH >= 16 and BW >= 16) or values.numel() >= 2**31:
         return NotImplemented  # tl.dot / power-of-two tiles only
-    p = _prep(x, out_features, in_features, bias, residual, row_perm, col_perm, values)
+    n_out = reference.output_features(out_features, activation)
+    if activation == reference.GATED and (n_out % BH or row_perm is not None):
+        return NotImplemented  # the gate and up halves must be whole block rows, unpermuted
+    p = _prep(x, n_out, in_features, bias, residual, row_perm, col_perm, values)
     if p is None:
         return NotImplemented
     x2d, out, res2d, bias, row_perm, col_perm = p
     M = x2d.shape[0]
     if M > 0:
         launch = bsr_small_m.launch if M <= bsr_small_m.MAX_SMALL_M else bsr_large_m.launch
-        launch(x2d, values, col_indices, row_offsets, out_features, in_features, bias,
+        launch(x2d, values, col_indices, row_offsets, n_out, in_features, bias,
                ACT_CODES[activation], res2d, row_perm, col_perm, out)
-    return out.reshape(*x.shape[:-1], out_features)
+    return out.reshape(*x.shape[:-1], n_out)
 
 
 def _dense_linear(x, xk, wp, bias, activation, res2d, row_perm):
@@ -109,6 +112,6 @@ def csr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
 
 
 def register_all(device_type: str = "cuda"):
-    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True)
+    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True, gated=True)
     _ops.register_kernel("bitmap_linear", device_type, bitmap_linear_triton, last=True, traceable=True)
     _ops.register_kernel("csr_linear", device_type, csr_linear_triton, last=True, traceable=True)
