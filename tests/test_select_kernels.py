@@ -377,3 +377,45 @@ def test_token_counts_1_7_64_300_are_correct_without_recompiling(fresh_dynamo):
     graphs = sparsec.backend.compiled_graphs()[before:]
     assert len(graphs) == 2 and all(g.compiles == 1 for g in graphs)
     assert all({r["kernel"] for r in g.report.layers} == {"csr_linear"} for g in graphs)
+
+
+class GatedFFN(nn.Module):
+    """gate/up linears (stacked by fuse-linears) combined in one of several ways."""
+
+    def __init__(self, form: str, hidden=128, inner=256):
+        super().__init__()
+        self.form = form
+        self.gate = nn.Linear(hidden, inner, bias=False)
+        self.up = nn.Linear(hidden, inner, bias=False)
+        self.down = nn.Linear(inner, hidden, bias=False)
+        with torch.no_grad():
+            self.gate.weight.copy_(block_sparse(inner, hidden, 0.2, seed=5))
+            self.up.weight.copy_(block_sparse(inner, hidden, 0.2, seed=6))
+
+    def forward(self, x):
+        g, u = self.gate(x), self.up(x)
+        if self.form == "up_times_silu_gate":
+            h = u * torch.nn.functional.silu(g)
+        elif self.form == "silu_of_up":  # the second half activated: not SwiGLU's layout
+            h = torch.nn.functional.silu(u) * g
+        elif self.form == "gate_used_again":
+            h = torch.nn.functional.silu(g) * u + g
+        else:  # plain
+            h = torch.nn.functional.silu(g) * u
+        return self.down(h) + x
+
+
+@pytest.mark.parametrize("form,gated", [("plain", True), ("up_times_silu_gate", True),
+                                        ("silu_of_up", False), ("gate_used_again", False)])
+def test_swiglu_is_fused_only_in_its_exact_form(form, gated, gated_cpu_kernel, every_kernel_exists):
+    torch.manual_seed(0)
+    model = GatedFFN(form).eval()
+    x = torch.randn(2, 6, 128)
+    passes = "analyze,fuse-linears,select-kernels"
+    rows = {r["name"]: r for r in sparsec.explain(model, x, passes=passes, verify_each=True).layers}
+    assert rows["gate.weight"]["kernel"].startswith("bsr_linear")
+    assert (rows["gate.weight"]["epilogue"] == "act=swiglu residual=False") == gated
+    compiled = sparsec.compile(model, x, passes=passes, inductor=False)
+    fresh = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        assert output_close(compiled(fresh), model(fresh))[0]
