@@ -7,6 +7,8 @@ becomes
 Exact: each output column is the same dot product as before. It saves launches and input reads
 (attention's q/k/v, SwiGLU's gate/up), and a stacked block-sparse weight is just more block rows.
 It runs after the passes that slice or permute single layers, right before select-kernels.
+On devices not in `STACK_DENSE_ON` a group is stacked only when select-kernels' cost model would
+run the stacked weight with a sparse kernel.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ import torch
 import torch.fx as fx
 
 from sparsec import ir
+from sparsec.analysis import DENSE_THRESHOLD
 from sparsec.pass_manager import PassResult, register_pass
 
 aten = torch.ops.aten
+
+# Devices where stacking linears that stay dense pays by itself: on CUDA the dense LLaMA-style stack
+# gained 1.04-1.09x over Inductor from it at decode (benchmarks/RESULTS.md). On the CPU the same
+# stack at hidden 512 ran 4-10% slower with dense layers stacked than not (2 cores, Inductor's C++
+# GEMMs, timed in alternation), so there a group is stacked only for a sparse kernel.
+STACK_DENSE_ON = ("cuda",)
 
 
 def fused_name(names: list[str]) -> str:
@@ -71,12 +80,31 @@ def fuse_group(gm: fx.GraphModule, members: list[tuple]) -> str:
     return name
 
 
+def stacked_runs_sparse(members: list[tuple], ctx) -> bool:
+    """Whether select-kernels would run the group's stacked weight with a sparse kernel."""
+    from sparsec.passes import select_kernels
+
+    if all(float(torch.count_nonzero(m[3])) >= DENSE_THRESHOLD * m[3].numel() for m in members):
+        return False  # all dense: no need to ask the cost model
+    stacked = torch.cat([m[3] for m in members])
+    op = members[0][0]
+    device = stacked.device if stacked.device.type != "meta" else ctx.device
+    return select_kernels.predicts_sparse(stacked, select_kernels.decision_tokens(op, stacked.shape[1], ctx), device)
+
+
 @register_pass("fuse-linears", "Stack linears that read the same input (q/k/v, gate/up) into one linear")
 def fuse_linears(gm: fx.GraphModule, ctx) -> PassResult:
-    fused = 0
+    fused = skipped = 0
+    stack_dense = ctx.device.type in STACK_DENSE_ON
     for members in sibling_groups(gm):
+        if not stack_dense and not stacked_runs_sparse(members, ctx):
+            skipped += len(members)
+            continue
         name = fuse_group(gm, members)
         for member in members:
             ctx.note(ir.display_name(member[1]), fused_into=name)
         fused += len(members)
-    return PassResult(changed=fused > 0, stats={"linears_fused": fused})
+    stats = {"linears_fused": fused}
+    if skipped:
+        stats["dense_left_apart"] = skipped
+    return PassResult(changed=fused > 0, stats=stats)

@@ -384,6 +384,20 @@ def _tokens(op: fx.Node, k: int) -> int:
     return max(1, math.prod(val.shape) // k)
 
 
+def decision_tokens(op: fx.Node, k: int, ctx) -> int:
+    """The token count a layer's kernel is chosen for: its input's, within the range a dynamic graph serves."""
+    m = _tokens(op, k)
+    if ctx.token_range:
+        lo, hi = ctx.token_range
+        m = max(lo, m if hi is None else min(m, hi))
+    return m
+
+
+def predicts_sparse(weight: torch.Tensor, m: int, device: torch.device) -> bool:
+    """Whether the cost model (no timing) would run this linear weight with a sparse kernel."""
+    return choose(weight, None, m, device, autotune=False)[0].kernel != "dense"
+
+
 @register_pass("select-kernels", "Pick dense, block-sparse, bitmap or CSR per linear / 1x1 conv by cost model (and timing); fuse epilogues")
 def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"sparse_kernels": 0, "kept_dense": 0}
@@ -405,11 +419,8 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
             continue
         row_perm = op.meta.get("sparsec_row_perm")
         col_perm = op.meta.get("sparsec_col_perm")
-        m = _tokens(op, weight.shape[1])
+        m = decision_tokens(op, weight.shape[1], ctx)
         probes = probes_for(ctx.token_range) if ctx.token_range else ()
-        if ctx.token_range:  # decide for a token count the graph serves
-            lo, hi = ctx.token_range
-            m = max(lo, m if hi is None else min(m, hi))
         layer_device = weight.device if weight.device.type != "meta" else device
         choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
                                          layer_device, ctx.options.autotune, row_perm, col_perm, token_probes=probes)

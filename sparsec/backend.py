@@ -7,6 +7,8 @@ when they change). What it returns:
 - a graph sparsec does not handle (meta/mps device, complex/fp8 tensors, non-float weights of a
   linear/conv, in-place updates such as training-mode BatchNorm) or a failure while compiling it:
   the same Inductor fallback (eager if Inductor fails or `inductor=False`), reason in the report;
+- a graph no pass changed (dense weights, nothing to slice, fold or stack): Inductor on Dynamo's
+  graph, as without sparsec (weights stay inputs, so no weight guards), with the passes' report;
 - otherwise a `CompiledVariants`: captured from Dynamo's fake inputs (symbolically when Dynamo
   made a size dynamic, so one compile serves every size), optimized, compiled by Inductor.
 `compiled_graphs()` lists what this process compiled, each with `.report` and `.compiles`.
@@ -26,6 +28,8 @@ from .compiler import (
     TRAINING_MESSAGE,
     CompiledVariants,
     FallbackGraph,
+    NothingToOptimize,
+    UnchangedGraph,
     Unsupported,
     WeightChangedError,
     inductor_compile,
@@ -78,16 +82,17 @@ def _remember(graph):
     return graph
 
 
-def _fallback(gm: fx.GraphModule, example_inputs, opts: Options, mode: str | None, reason: str) -> FallbackGraph:
+def _fallback(gm: fx.GraphModule, example_inputs, opts: Options, mode: str | None, reason: str,
+              report=None, kind=FallbackGraph) -> FallbackGraph:
     """Dynamo's graph without sparsec: through Inductor (in this call, so dynamic sizes stay dynamic)."""
     log.info("sparsec leaves a graph to Inductor: %s", reason)
     if opts.inductor:
         try:
-            return _remember(FallbackGraph(inductor_compile(gm, list(example_inputs), mode), reason, "inductor"))
+            return _remember(kind(inductor_compile(gm, list(example_inputs), mode), reason, "inductor", report))
         except Exception as exc:  # Inductor cannot either (meta device...): eager it is
             log.debug("Inductor fallback failed", exc_info=True)
             reason = f"{reason}; Inductor failed too ({type(exc).__name__})"
-    return _remember(FallbackGraph(gm.forward, reason, "eager"))
+    return _remember(kind(gm.forward, reason, "eager", report))
 
 
 def sparsec_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
@@ -111,7 +116,10 @@ def sparsec_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
         # Dynamo's own example inputs so it compiles for the same dynamic sizes.
         captured = capture_dynamo_graph(gm, example_inputs)
         compiled.install(captured, example_inputs, inductor_inputs=[example_inputs[i] for i in captured.input_indices],
-                         recapture=lambda: capture_dynamo_graph(gm, example_inputs))
+                         recapture=lambda: capture_dynamo_graph(gm, example_inputs), unchanged_raises=True)
+    except NothingToOptimize as nothing:
+        return _fallback(gm, example_inputs, opts, mode, "no pass changed the graph (nothing sparse to exploit)",
+                         nothing.report, kind=UnchangedGraph)
     except (ValueError, VerificationError, WeightChangedError):
         raise  # the user's own error (bad option, a pass caught changing the output): say it
     except Unsupported as why:

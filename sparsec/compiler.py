@@ -74,6 +74,21 @@ class Unsupported(Exception):
     """This graph is outside what sparsec optimizes; the message says why (goes to Report.notes)."""
 
 
+class NothingToOptimize(Exception):
+    """No pass changed the graph: the caller compiles the graph it was given as is (for the
+    torch.compile backend: exactly what Inductor alone would run). Carries the passes' report."""
+
+    def __init__(self, report: Report):
+        super().__init__("no pass changed the graph")
+        self.report = report
+
+
+def changed_anything(report: Report) -> bool:
+    """A pass changed the graph, or select-kernels found token ranges with other kernels (a dynamic
+    graph then gets one graph per range, even when the graph for all of them stays as it is)."""
+    return any(p["changed"] for p in report.passes) or bool(token_boundaries(report))
+
+
 TRAINING_MESSAGE = (
     "sparsec: gradients are required (grad mode is on and a parameter or input requires grad), so this "
     "graph runs without sparsec's optimizations (through Inductor when compiled by torch.compile); "
@@ -197,13 +212,17 @@ def optimize(captured: Captured, options: Options, out=None, token_range=None) -
 
 
 def build(captured: Captured, options: Options, mode: str | None = None,
-          inductor_inputs: list | None = None, token_range=None) -> tuple[Callable, Report]:
+          inductor_inputs: list | None = None, token_range=None,
+          unchanged_raises: bool = False) -> tuple[Callable, Report]:
     """Optimize and compile one captured graph; returns (callable over the graph inputs, report).
 
     `inductor_inputs`: what Inductor is given as example inputs (for a dynamic graph, Dynamo's own
     example inputs with their SymInts, inside the backend call); default the captured examples.
+    `unchanged_raises`: raise NothingToOptimize instead of compiling a graph no pass changed.
     """
     report = optimize(captured, options, token_range=token_range)
+    if unchanged_raises and options.codegen != "mlir" and not changed_anything(report):
+        raise NothingToOptimize(report)  # (the MLIR path compiles the graph its own way: not Inductor's)
     gm = captured.gm
     if options.codegen == "mlir":
         compiled = _mlir_compile(gm, captured.example_inputs, report)
@@ -440,16 +459,18 @@ class CompiledVariants:
     # -- compiling ---------------------------------------------------------------------------
 
     def install(self, captured: Captured, args, inductor_inputs: list | None = None,
-                recapture: Callable[[], Captured] | None = None) -> tuple[Callable, list[int]]:
+                recapture: Callable[[], Captured] | None = None,
+                unchanged_raises: bool = False) -> tuple[Callable, list[int]]:
         """Optimize and compile `captured` (taken for `args`) and register it as a variant.
 
         `recapture()` (a dynamic graph, inside the backend call) gives a fresh capture of the same
-        graph: used to build one graph per range of token counts when select-kernels asks for it."""
+        graph: used to build one graph per range of token counts when select-kernels asks for it.
+        `unchanged_raises`: see `build` (nothing is registered then)."""
         reason = inputs_reason(list(captured.sources.values()) + list(captured.example_inputs)) or graph_reason(captured.gm)
         if reason:
             raise Unsupported(reason)
         versions = {name: (t._version, t.data_ptr()) for name, t in captured.sources.items()}
-        fn, report = build(captured, self.options, self.mode, inductor_inputs)
+        fn, report = build(captured, self.options, self.mode, inductor_inputs, unchanged_raises=unchanged_raises)
         for name, tensor in captured.sources.items():
             if (tensor._version, tensor.data_ptr()) != versions[name]:
                 raise RuntimeError(f"sparsec bug: compiling modified the model's weight {name!r} in place")
@@ -554,19 +575,30 @@ class CompiledVariants:
 class FallbackGraph:
     """A graph sparsec left alone (compiled by Inductor, or run as eager), with the reason as a note."""
 
-    def __init__(self, fn: Callable, reason: str, how: str):
+    def __init__(self, fn: Callable, reason: str, how: str, report: Report | None = None):
         self.fn = fn
         self.reason = reason
         self.how = how  # "inductor" or "eager"
         self.compiles = 0
         self.notes = [f"left to {how}: {reason}"]
+        self._report = report  # what the passes found, when they ran
 
     @property
     def report(self) -> Report:
-        return Report(notes=list(self.notes))
+        if self._report is None:
+            return Report(notes=list(self.notes))
+        return Report(layers=self._report.layers, passes=self._report.passes,
+                      notes=list(self._report.notes) + list(self.notes))
 
     def __call__(self, *args):
         return self.fn(*args)
+
+
+class UnchangedGraph(FallbackGraph):
+    """A graph no pass changed, compiled as Dynamo gave it: sparsec ran and found nothing to do
+    (not a failure, unlike the other fallbacks)."""
+
+    failed = False
 
 
 class _TooManyVariants(Exception):

@@ -58,6 +58,24 @@ def test_dense_models_equal_inductor_and_eager(name):
     assert output_close(ours, theirs)[0]
 
 
+def test_a_graph_no_pass_changes_is_inductors_own(fresh_dynamo):
+    """Dense LLaMA-style stack on the CPU: nothing to fold, slice, stack or run sparse, so Dynamo's
+    graph goes to Inductor as it is (weights stay inputs, so changing one needs no recompile), and the
+    report still lists the layers and the passes."""
+    model = models.LlamaStack(hidden=64, heads=4, intermediate=96, layers=1).eval()
+    x = torch.randn(2, 5, 64)
+    compiled = torch.compile(model, backend="sparsec")
+    with torch.no_grad():
+        assert output_close(compiled(x), model(x))[0]
+        graph = sparsec.backend.compiled_graphs()[-1]
+        assert isinstance(graph, sparsec.compiler.FallbackGraph) and graph.how == "inductor"
+        assert any("no pass changed the graph" in n for n in graph.report.notes)
+        assert {r["name"] for r in graph.report.layers} >= {"layers.0.mlp.up_proj.weight"}
+        assert not any(p["changed"] for p in graph.report.passes)
+        model.layers[0].mlp.up_proj.weight.mul_(0.5)
+        assert output_close(compiled(x), model(x))[0]
+
+
 def test_api_compile_and_explain():
     model = models.build("gpt2")
     (x,) = models.example_inputs("gpt2")
