@@ -54,6 +54,9 @@ for s in $steps; do
     models) for shape in decode16 decode1 prefill; do
               step "models_$shape" 200 python3 benchmarks/models.py --skip-other --shapes $shape
             done ;;
+    # The BERT 2:4 and ResNet 50%-channel rows of issue 14 alone; decode also without CUDA graphs
+    models_other) step models_other 300 python3 benchmarks/models.py --shapes none ;;
+    models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     models_decode16|models_decode1|models_prefill)
       step "$s" 220 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;
     *) echo "unknown step $s" ;;

@@ -5,7 +5,8 @@
     python benchmarks/models.py --only a,e --shapes decode1   # a subset
 
 Every sparsec result is checked against eager on the same input before it is timed. Timings are
-medians (CUDA: triton.testing.do_bench with events; CPU: perf_counter). The "floor" column is the
+medians (CUDA: triton.testing.do_bench with events; CPU: perf_counter, each sparsec case timed in
+turn with Inductor, call after call, so the shared machine's drift falls on both). The "floor" column is the
 ratio dense floor / sparse floor over the linear layers (bytes over bandwidth or flops over peak,
 whichever is larger, per layer), i.e. the best speed-up the pruning allows for those layers.
 """
@@ -82,13 +83,21 @@ def median_ms(fn, x, device: str) -> float:
         import triton.testing
 
         return triton.testing.do_bench(lambda: fn(x), warmup=50, rep=300, return_mode="median")
-    fn(x)
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
+    return alternating_ms([fn], x)[0]
+
+
+def alternating_ms(fns, x, rounds: int = 40) -> list[float]:
+    """CPU: median ms of each function, timed in turn, round after round, so that a shared machine's
+    drift between the sides (seen up to 1.6x within a run) falls on all of them alike."""
+    for fn in fns:
         fn(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn(x)
+            ts.append((time.perf_counter() - start) * 1e3)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
 PASSES = None  # --passes: a pipeline for sparsec instead of its default
@@ -125,8 +134,10 @@ def run_llama(args, device, dtype, sizes, out):
             tokens = batch * seq
             base = {"eager": median_ms(model, x, device)}
             modes = modes_for[shape_name] if device == "cuda" else [None]
+            inductor = {}
             for mode in modes:
-                base[f"inductor/{mode or 'default'}"] = median_ms(compiled(model, "inductor", mode), x, device)
+                inductor[mode] = compiled(model, "inductor", mode)
+                base[f"inductor/{mode or 'default'}"] = median_ms(inductor[mode], x, device)
             out(f"[{shape_name}] eager {base['eager']:.3f} ms, " + ", ".join(f"{k} {v:.3f} ms" for k, v in base.items() if k != "eager"))
             for case in args.only:
                 model.load_state_dict(dense_state)
@@ -136,8 +147,10 @@ def run_llama(args, device, dtype, sizes, out):
                 for mode in modes:
                     fn = compiled(model, "sparsec", mode)
                     ok, why = output_close(fn(x), expected)
-                    ms = median_ms(fn, x, device)
-                    ref = base[f"inductor/{mode or 'default'}"]
+                    if device == "cuda":
+                        ms, ref = median_ms(fn, x, device), base[f"inductor/{mode or 'default'}"]
+                    else:  # Inductor again, in turn with sparsec (same weights: Inductor reads them live)
+                        ms, ref = alternating_ms([fn, inductor[mode]], x)
                     rows.append((shape_name, case, mode or "default", ms, ref, ref / ms, floor, "ok" if ok else f"WRONG {why}"))
                     out(f"  case {case} ({CASES[case]}), {mode or 'default'}: sparsec {ms:.3f} ms vs inductor {ref:.3f} ms "
                         f"= {ref / ms:.2f}x (floor {floor:.2f}x) {'' if ok else 'WRONG: ' + why}")
@@ -172,10 +185,14 @@ def run_other(args, device, dtype, out):
 
 def _compare(label, model, x, device, out):
     expected = model(x)
-    ref = median_ms(compiled(model, "inductor", None), x, device)
+    inductor = compiled(model, "inductor", None)
+    ref = median_ms(inductor, x, device)
     fn = compiled(model, "sparsec", None)
     ok, why = output_close(fn(x), expected)
-    ms = median_ms(fn, x, device)
+    if device == "cuda":
+        ms = median_ms(fn, x, device)
+    else:
+        ms, ref = alternating_ms([fn, inductor], x)
     out(f"{label}: sparsec {ms:.3f} ms vs inductor {ref:.3f} ms = {ref / ms:.2f}x {'' if ok else 'WRONG: ' + why}")
     return (label, ms, ref, ref / ms, "ok" if ok else f"WRONG {why}")
 
