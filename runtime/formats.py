@@ -12,7 +12,7 @@ matrix is Wp = W[row_perm][:, col_perm].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -66,27 +66,19 @@ def _check_perm(perm, n, name):
 # --------------------------------------------------------------------------------------
 # BSR
 # --------------------------------------------------------------------------------------
-@dataclass
-class BSRWeight:
-    values: torch.Tensor        # [nnz_blocks, BH, BW], weight dtype
-    col_indices: torch.Tensor   # int32 [nnz_blocks], ascending within a block row
-    row_offsets: torch.Tensor   # int32 [ceil(N/BH) + 1]
-    shape: Tuple[int, int]      # (N, K) of the dense weight
-    block: Tuple[int, int]      # (BH, BW)
-    row_perm: Optional[torch.Tensor] = None  # int64 [N]
-    col_perm: Optional[torch.Tensor] = None  # int64 [K]
+class PackedWeight:
+    """What the packed formats share: their bytes, the values' dtype and device, `.to()`.
+    `INDEX_FIELDS`: the integer arrays beside `values` (moved by `.to()`, never cast)."""
 
-    @property
-    def nnz_blocks(self) -> int:
-        return int(self.values.shape[0])
+    INDEX_FIELDS: Tuple[str, ...] = ()
+
+    def _index_tensors(self) -> dict:
+        names = self.INDEX_FIELDS + ("row_perm", "col_perm")
+        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
 
     @property
     def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for t in (self.values, self.col_indices, self.row_offsets))
-        for p in (self.row_perm, self.col_perm):
-            if p is not None:
-                n += p.numel() * p.element_size()
-        return n
+        return sum(t.numel() * t.element_size() for t in (self.values, *self._index_tensors().values()))
 
     @property
     def dtype(self):
@@ -96,12 +88,28 @@ class BSRWeight:
     def device(self):
         return self.values.device
 
-    def to(self, *args, **kwargs) -> "BSRWeight":
+    def to(self, *args, **kwargs):
         """Move/cast: the dtype applies to values only, indices keep their int types."""
-        dev = torch.empty(0).to(*args, **kwargs)
-        mv = lambda t: None if t is None else t.to(device=dev.device)
-        return BSRWeight(self.values.to(*args, **kwargs), mv(self.col_indices), mv(self.row_offsets),
-                         self.shape, self.block, mv(self.row_perm), mv(self.col_perm))
+        device = torch.empty(0).to(*args, **kwargs).device
+        moved = {name: t.to(device=device) for name, t in self._index_tensors().items()}
+        return replace(self, values=self.values.to(*args, **kwargs), **moved)
+
+
+@dataclass
+class BSRWeight(PackedWeight):
+    values: torch.Tensor        # [nnz_blocks, BH, BW], weight dtype
+    col_indices: torch.Tensor   # int32 [nnz_blocks], ascending within a block row
+    row_offsets: torch.Tensor   # int32 [ceil(N/BH) + 1]
+    shape: Tuple[int, int]      # (N, K) of the dense weight
+    block: Tuple[int, int]      # (BH, BW)
+    row_perm: Optional[torch.Tensor] = None  # int64 [N]
+    col_perm: Optional[torch.Tensor] = None  # int64 [K]
+
+    INDEX_FIELDS = ("col_indices", "row_offsets")
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.values.shape[0])
 
     def to_dense(self) -> torch.Tensor:
         n, k = self.shape
@@ -145,7 +153,7 @@ def pack_bsr(weight: torch.Tensor, block=(64, 64), row_perm=None, col_perm=None)
 # Bitmap
 # --------------------------------------------------------------------------------------
 @dataclass
-class BitmapWeight:
+class BitmapWeight(PackedWeight):
     """Unstructured sparse weight.
 
     Tiles are TR rows x 64 columns of the (padded, permuted) matrix Wp [N_pad, K_pad],
@@ -169,31 +177,11 @@ class BitmapWeight:
     def tile(self) -> Tuple[int, int]:
         return (self.tile_rows, BITMAP_TILE_COLS)
 
+    INDEX_FIELDS = ("bitmap", "tile_offsets")
+
     @property
     def nnz(self) -> int:
         return int(self.values.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for t in (self.values, self.bitmap, self.tile_offsets))
-        for p in (self.row_perm, self.col_perm):
-            if p is not None:
-                n += p.numel() * p.element_size()
-        return n
-
-    @property
-    def dtype(self):
-        return self.values.dtype
-
-    @property
-    def device(self):
-        return self.values.device
-
-    def to(self, *args, **kwargs) -> "BitmapWeight":
-        dev = torch.empty(0).to(*args, **kwargs)
-        mv = lambda t: None if t is None else t.to(device=dev.device)
-        return BitmapWeight(self.values.to(*args, **kwargs), mv(self.bitmap), mv(self.tile_offsets),
-                            self.shape, self.tile_rows, mv(self.row_perm), mv(self.col_perm))
 
     def to_dense(self) -> torch.Tensor:
         n, k = self.shape
@@ -257,28 +245,17 @@ def pack_bitmap(weight: torch.Tensor, tile_rows: int = 16, row_perm=None, col_pe
 
 
 @dataclass
-class CSRWeight:
+class CSRWeight(PackedWeight):
     values: torch.Tensor
     col_indices: torch.Tensor
     row_offsets: torch.Tensor
     shape: Tuple[int, int]
 
+    INDEX_FIELDS = ("col_indices", "row_offsets")
+
     @property
     def nnz(self) -> int:
         return int(self.values.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.col_indices, self.row_offsets))
-
-    @property
-    def dtype(self):
-        return self.values.dtype
-
-    def to(self, *args, **kwargs) -> "CSRWeight":
-        dev = torch.empty(0).to(*args, **kwargs).device
-        return CSRWeight(self.values.to(*args, **kwargs), self.col_indices.to(dev),
-                         self.row_offsets.to(dev), self.shape)
 
     def to_dense(self) -> torch.Tensor:
         return csr_to_dense(self.values, self.col_indices, self.row_offsets, *self.shape)

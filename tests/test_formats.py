@@ -181,3 +181,17 @@ def test_unknown_activation():
     p = pack_bsr(torch.eye(16), (16, 16))
     with pytest.raises(ValueError):
         ops.bsr_linear(torch.randn(1, 16), p, activation="tanh")
+
+
+@pytest.mark.parametrize("fmt", ["bsr", "bitmap", "csr"])
+def test_to_casts_values_and_keeps_index_types(fmt):
+    gen = torch.Generator().manual_seed(10)
+    w = sparse_weight(48, 64, (16, 16), 0.5, gen)
+    rp = torch.randperm(48, generator=gen)
+    packed = {"bsr": lambda: pack_bsr(w, (16, 16), rp), "bitmap": lambda: pack_bitmap(w, 16, rp), "csr": lambda: pack_csr(w)}[fmt]()
+    cast = packed.to(torch.bfloat16)
+    assert type(cast) is type(packed) and cast.dtype == torch.bfloat16 and cast.shape == packed.shape
+    before, after = packed._index_tensors(), cast._index_tensors()
+    assert before.keys() == after.keys() and all(before[k].dtype == after[k].dtype for k in before)
+    assert cast.nbytes == packed.nbytes - packed.values.numel() * 2  # fp32 -> bf16 values only
+    torch.testing.assert_close(cast.to_dense().float(), w.to(torch.bfloat16).float())
