@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -299,6 +300,47 @@ static void choose_chunks(int64_t M, int* MV, int64_t* nch) {
   *nch = (M + (int64_t)(*MV) * VL - 1) / ((int64_t)(*MV) * VL);
 }
 
+// The two drivers every format uses over its row ranges `rg` (returns 0, or 2 when out of memory).
+// Few tokens: x as rows (padded to Kp, columns permuted), one work item per row range;
+// body(xk, b0, b1).
+template <typename TX, typename Body>
+static int over_rows(const void* x, int64_t M, int64_t K, int64_t Kp, const int64_t* col_perm,
+                     const Ranges& rg, int nt, Body&& body) {
+  float* xk = alloc_f(M * Kp);
+  if (!xk) return 2;
+  pack_rows<TX>((const TX*)x, M, K, Kp, col_perm, xk);
+  run_items(nt, rg.n, [&](int64_t g) { body(xk, rg.b[g], rg.b[g + 1]); });
+  std::free(xk);
+  return 0;
+}
+
+// Many tokens: x transposed into panels of MV vectors of tokens (choose_chunks); items (panel, row
+// range), panel-major so the threads share one x panel at a time; body(mv, panel, m0, mc, b0, b1)
+// with mv a std::integral_constant<int, MV> for the kernels' template argument.
+template <typename TX, typename Body>
+static int over_token_panels(const void* x, int64_t M, int64_t K, int64_t Kp, const int64_t* col_perm,
+                             const Ranges& rg, int nt, Body&& body) {
+  int MV;
+  int64_t nch;
+  choose_chunks(M, &MV, &nch);
+  const int MC = MV * VL;
+  float* xp = alloc_f(nch * Kp * MC);
+  if (!xp) return 2;
+  pack_xt<TX>((const TX*)x, M, K, Kp, col_perm, MC, nch, xp, nt);
+  run_items(nt, nch * rg.n, [&](int64_t it) {
+    const int64_t c = it / rg.n, g = it % rg.n;
+    const float* panel = xp + c * Kp * MC;
+    const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, M - m0);
+    switch (MV) {
+      case 1: body(std::integral_constant<int, 1>{}, panel, m0, mc, rg.b[g], rg.b[g + 1]); break;
+      case 2: body(std::integral_constant<int, 2>{}, panel, m0, mc, rg.b[g], rg.b[g + 1]); break;
+      default: body(std::integral_constant<int, 3>{}, panel, m0, mc, rg.b[g], rg.b[g + 1]); break;
+    }
+  });
+  std::free(xp);
+  return 0;
+}
+
 // ================================================================================= BSR
 template <int BH, int BW, int T, typename TW, typename TX>
 static void bsr_kvec(const float* xk, int64_t Kp, const TW* vals, const int32_t* cols,
@@ -462,11 +504,7 @@ static int bsr_run(const BsrArgs& a, const Epi& e) {
   // a block row's fixed cost (epilogue) ~ 1/4 block
   make_ranges(a.ro, a.nbr, nt, 0.25, 1, rg);
   if (a.M <= 4) {
-    float* xk = alloc_f(a.M * Kp);
-    if (!xk) return 2;
-    pack_rows<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, xk);
-    run_items(nt, rg.n, [&](int64_t g) {
-      const int64_t b0 = rg.b[g], b1 = rg.b[g + 1];
+    return over_rows<TX>(a.x, a.M, a.K, Kp, a.col_perm, rg, nt, [&](const float* xk, int64_t b0, int64_t b1) {
       switch (a.M) {
         case 1: bsr_kvec<BH, BW, 1, TW, TX>(xk, Kp, vals, a.cols, a.ro, b0, b1, e); break;
         case 2: bsr_kvec<BH, BW, 2, TW, TX>(xk, Kp, vals, a.cols, a.ro, b0, b1, e); break;
@@ -475,30 +513,11 @@ static int bsr_run(const BsrArgs& a, const Epi& e) {
         default: break;
       }
     });
-    std::free(xk);
-    return 0;
   }
-  int MV;
-  int64_t nch;
-  choose_chunks(a.M, &MV, &nch);
-  const int MC = MV * VL;
-  float* xp = alloc_f(nch * Kp * MC);
-  if (!xp) return 2;
-  pack_xt<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, MC, nch, xp, nt);
-  // items: (token chunk, row range), token-chunk major: threads share one x panel at a time
-  run_items(nt, nch * rg.n, [&](int64_t it) {
-    const int64_t c = it / rg.n, g = it % rg.n;
-    const int64_t b0 = rg.b[g], b1 = rg.b[g + 1];
-    const float* xpc = xp + c * Kp * MC;
-    const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
-    switch (MV) {
-      case 1: bsr_xt<BH, BW, 1, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
-      case 2: bsr_xt<BH, BW, 2, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
-      default: bsr_xt<BH, BW, 3, TW, TX>(xpc, m0, mc, vals, a.cols, a.ro, b0, b1, e); break;
-    }
-  });
-  std::free(xp);
-  return 0;
+  return over_token_panels<TX>(a.x, a.M, a.K, Kp, a.col_perm, rg, nt,
+      [&](auto mv, const float* panel, int64_t m0, int64_t mc, int64_t b0, int64_t b1) {
+        bsr_xt<BH, BW, decltype(mv)::value, TW, TX>(panel, m0, mc, vals, a.cols, a.ro, b0, b1, e);
+      });
   }
 }
 
@@ -587,34 +606,14 @@ static int csr_run(const CsrArgs& a, const Epi& e) {
   // balance rows by non-zeros; fixed cost per row ~ 8 non-zeros; ranges aligned to 8 rows
   make_ranges(a.ro, a.N, nt, 8.0, 8, rg);
   if (a.M <= 4) {
-    float* xk = alloc_f(a.M * a.K);
-    if (!xk) return 2;
-    pack_rows<TX>((const TX*)a.x, a.M, a.K, a.K, nullptr, xk);
-    run_items(nt, rg.n, [&](int64_t g) {
-      csr_kvec<TI, TW, TX>(xk, a.K, a.M, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e);
+    return over_rows<TX>(a.x, a.M, a.K, a.K, nullptr, rg, nt, [&](const float* xk, int64_t b0, int64_t b1) {
+      csr_kvec<TI, TW, TX>(xk, a.K, a.M, vals, cols, a.ro, b0, b1, e);
     });
-    std::free(xk);
-    return 0;
   }
-  int MV;
-  int64_t nch;
-  choose_chunks(a.M, &MV, &nch);
-  const int MC = MV * VL;
-  float* xp = alloc_f(nch * a.K * MC);
-  if (!xp) return 2;
-  pack_xt<TX>((const TX*)a.x, a.M, a.K, a.K, nullptr, MC, nch, xp, nt);
-  run_items(nt, nch * rg.n, [&](int64_t it) {
-    const int64_t c = it / rg.n, g = it % rg.n;
-    const float* xpc = xp + c * a.K * MC;
-    const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
-    switch (MV) {
-      case 1: csr_xt<1, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e); break;
-      case 2: csr_xt<2, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e); break;
-      default: csr_xt<3, TI, TW, TX>(xpc, m0, mc, vals, cols, a.ro, rg.b[g], rg.b[g + 1], e); break;
-    }
-  });
-  std::free(xp);
-  return 0;
+  return over_token_panels<TX>(a.x, a.M, a.K, a.K, nullptr, rg, nt,
+      [&](auto mv, const float* panel, int64_t m0, int64_t mc, int64_t b0, int64_t b1) {
+        csr_xt<decltype(mv)::value, TI, TW, TX>(panel, m0, mc, vals, cols, a.ro, b0, b1, e);
+      });
 }
 
 // ============================================================================== bitmap
@@ -787,35 +786,14 @@ static int bitmap_run(const BitmapArgs& a, const Epi& e) {
   make_ranges(rowoff, ntr, nt, 4.0 * a.TR, 1, rg);
   std::free(rowoff);
   if (a.M <= 4) {
-    float* xk = alloc_f(a.M * Kp);
-    if (!xk) return 2;
-    pack_rows<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, xk);
-    run_items(nt, rg.n, [&](int64_t g) {
-      bitmap_kvec<TW, TX>(xk, Kp, a.M, vals, a.bitmap, a.toff, a.TR, ntc, rg.b[g], rg.b[g + 1], e);
+    return over_rows<TX>(a.x, a.M, a.K, Kp, a.col_perm, rg, nt, [&](const float* xk, int64_t b0, int64_t b1) {
+      bitmap_kvec<TW, TX>(xk, Kp, a.M, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e);
     });
-    std::free(xk);
-    return 0;
   }
-  int MV;
-  int64_t nch;
-  choose_chunks(a.M, &MV, &nch);
-  const int MC = MV * VL;
-  float* xp = alloc_f(nch * Kp * MC);
-  if (!xp) return 2;
-  pack_xt<TX>((const TX*)a.x, a.M, a.K, Kp, a.col_perm, MC, nch, xp, nt);
-  run_items(nt, nch * rg.n, [&](int64_t it) {
-    const int64_t c = it / rg.n, g = it % rg.n;
-    const int64_t b0 = rg.b[g], b1 = rg.b[g + 1];
-    const float* xpc = xp + c * Kp * MC;
-    const int64_t m0 = c * MC, mc = std::min<int64_t>(MC, a.M - m0);
-    switch (MV) {
-      case 1: bitmap_xt<1, TW, TX>(xpc, m0, mc, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e); break;
-      case 2: bitmap_xt<2, TW, TX>(xpc, m0, mc, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e); break;
-      default: bitmap_xt<3, TW, TX>(xpc, m0, mc, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e); break;
-    }
-  });
-  std::free(xp);
-  return 0;
+  return over_token_panels<TX>(a.x, a.M, a.K, Kp, a.col_perm, rg, nt,
+      [&](auto mv, const float* panel, int64_t m0, int64_t mc, int64_t b0, int64_t b1) {
+        bitmap_xt<decltype(mv)::value, TW, TX>(panel, m0, mc, vals, a.bitmap, a.toff, a.TR, ntc, b0, b1, e);
+      });
 }
 
 }  // namespace sparsec
