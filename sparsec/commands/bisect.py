@@ -15,6 +15,7 @@ import sys
 import torch
 
 from .. import cli_util
+from ..pass_manager import output_close
 
 NAME = "bisect"
 HELP = ("find the first pass, and the first single rewrite inside it (a rewrite limit, like LLVM's opt-bisect-limit), "
@@ -38,27 +39,6 @@ def add_arguments(parser):
 # Checking outputs
 # ---------------------------------------------------------------------------------------------
 
-def _close(actual, expected, tol):
-    from ..pass_manager import output_close
-
-    if tol is None:
-        return output_close(actual, expected)
-    flat_a, _ = torch.utils._pytree.tree_flatten(actual)
-    flat_e, _ = torch.utils._pytree.tree_flatten(expected)
-    if len(flat_a) != len(flat_e):
-        return False, f"{len(flat_a)} outputs instead of {len(flat_e)}"
-    for i, (a, e) in enumerate(zip(flat_a, flat_e)):
-        if not isinstance(e, torch.Tensor):
-            continue
-        if not isinstance(a, torch.Tensor) or a.shape != e.shape:
-            return False, f"output {i}: shape {getattr(a, 'shape', None)} instead of {tuple(e.shape)}"
-        diff = (a.double() - e.double()).abs().nan_to_num(float("inf")).max().item() if e.numel() else 0.0
-        scale = e.double().abs().max().item() if e.numel() else 0.0
-        if diff > tol * max(scale, 1.0):
-            return False, f"output {i}: max abs error {diff:.3g} (scale {scale:.3g}, tolerance {tol:g})"
-    return True, ""
-
-
 class Checker:
     """Compares a graph's outputs with the captured graph's on the example and one random input."""
 
@@ -78,7 +58,7 @@ class Checker:
                     actual = gm(*inputs)
             except Exception as exc:  # a broken graph is a failure, not a crash of bisect
                 return False, f"{which} inputs: the graph raised {type(exc).__name__}: {exc}"
-            ok, why = _close(actual, expected, self.tol)
+            ok, why = output_close(actual, expected, self.tol)
             if not ok:
                 return False, f"{which} inputs: {why}"
         return True, ""
