@@ -186,11 +186,10 @@ def run_other(args, device, dtype, out):
 def _compare(label, model, x, device, out):
     expected = model(x)
     inductor = compiled(model, "inductor", None)
-    ref = median_ms(inductor, x, device)
     fn = compiled(model, "sparsec", None)
     ok, why = output_close(fn(x), expected)
     if device == "cuda":
-        ms = median_ms(fn, x, device)
+        ref, ms = median_ms(inductor, x, device), median_ms(fn, x, device)
     else:
         ms, ref = alternating_ms([fn, inductor], x)
     out(f"{label}: sparsec {ms:.3f} ms vs inductor {ref:.3f} ms = {ref / ms:.2f}x {'' if ok else 'WRONG: ' + why}")

@@ -57,13 +57,14 @@ def sibling_groups(gm: fx.GraphModule) -> list[list[tuple]]:
     return [members for members in groups.values() if len(members) > 1]
 
 
-def fuse_group(gm: fx.GraphModule, members: list[tuple]) -> str:
+def fuse_group(gm: fx.GraphModule, members: list[tuple], stacked: torch.Tensor) -> str:
+    """Replace the group by one linear over `stacked` (its weights, concatenated) and a split."""
     ops = [m[0] for m in members]
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     first = min(ops, key=order.__getitem__)
     names = [ir.display_name(m[1]) for m in members]
     name = fused_name(names)
-    weight = ir.add_constant(gm, torch.cat([m[3] for m in members]), name, insert_before=first)
+    weight = ir.add_constant(gm, stacked, name, insert_before=first)
     bias = None
     if members[0][4] is not None:
         bias_names = [ir.display_name(m[2]) for m in members]
@@ -80,27 +81,31 @@ def fuse_group(gm: fx.GraphModule, members: list[tuple]) -> str:
     return name
 
 
-def stacked_runs_sparse(members: list[tuple], ctx) -> bool:
-    """Whether select-kernels would run the group's stacked weight with a sparse kernel."""
+def stacked_weight(members: list[tuple], ctx) -> torch.Tensor | None:
+    """The group's weights stacked, or None where the group stays apart: on a device not in
+    STACK_DENSE_ON, unless select-kernels' cost model would run the stack with a sparse kernel."""
+    if ctx.device.type in STACK_DENSE_ON:
+        return torch.cat([m[3] for m in members])
+    if all(float(torch.count_nonzero(m[3])) >= DENSE_THRESHOLD * m[3].numel() for m in members):
+        return None  # all dense: no need to stack or to ask the cost model
     from sparsec.passes import select_kernels
 
-    if all(float(torch.count_nonzero(m[3])) >= DENSE_THRESHOLD * m[3].numel() for m in members):
-        return False  # all dense: no need to ask the cost model
     stacked = torch.cat([m[3] for m in members])
     op = members[0][0]
     device = stacked.device if stacked.device.type != "meta" else ctx.device
-    return select_kernels.predicts_sparse(stacked, select_kernels.decision_tokens(op, stacked.shape[1], ctx), device)
+    tokens = select_kernels.decision_tokens(op, stacked.shape[1], ctx)
+    return stacked if select_kernels.predicts_sparse(stacked, tokens, device) else None
 
 
 @register_pass("fuse-linears", "Stack linears that read the same input (q/k/v, gate/up) into one linear")
 def fuse_linears(gm: fx.GraphModule, ctx) -> PassResult:
     fused = skipped = 0
-    stack_dense = ctx.device.type in STACK_DENSE_ON
     for members in sibling_groups(gm):
-        if not stack_dense and not stacked_runs_sparse(members, ctx):
+        stacked = stacked_weight(members, ctx)
+        if stacked is None:
             skipped += len(members)
             continue
-        name = fuse_group(gm, members)
+        name = fuse_group(gm, members, stacked)
         for member in members:
             ctx.note(ir.display_name(member[1]), fused_into=name)
         fused += len(members)

@@ -123,11 +123,11 @@ def _ungated(fn, op_name, args):
 
 
 def _call(fn, op_name, args):
-    gated = args[_ACTIVATION_ARG[op_name]] == reference.GATED
-    out = fn(*args) if fn in _GATED or not gated else NotImplemented
-    if out is NotImplemented and gated:  # a gated kernel may decline a shape: run it ungated
-        out = _ungated(fn, op_name, args)
-    return out
+    if args[_ACTIVATION_ARG[op_name]] != reference.GATED:
+        return fn(*args)
+    out = fn(*args) if fn in _GATED else NotImplemented
+    # a kernel without the gated epilogue, or a gated one declining this shape: run it ungated
+    return _ungated(fn, op_name, args) if out is NotImplemented else out
 
 
 def _run_traceable(op_name, args):

@@ -32,8 +32,9 @@ def add_block(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
               HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """acc + non-zero block i's slab (weight rows `rr`) times its x columns; acc as is when
     i >= i_end (the loads are predicated off; the tile masks compare a splat of i, one uniform
-    predicate on the GPU, because the interpreter cannot broadcast a scalar mask). acc: [BLOCK_M, ROWS] with tl.dot, else
-    [BLOCK_M, ROWS, BW] (broadcast-multiply, reduced once by finish_slab)."""
+    predicate on the GPU, because the interpreter cannot broadcast a scalar mask).
+    acc: [BLOCK_M, ROWS] with tl.dot, else [BLOCK_M, ROWS, BW] (broadcast-multiply, reduced once
+    by finish_slab)."""
     cc = tl.arange(0, BW)
     valid = i < i_end
     kcol = tl.load(ci_ptr + i, mask=valid, other=0) * BW + cc
