@@ -75,7 +75,7 @@ def test_cuda_csr_wins_for_one_token_only(every_kernel_exists, monkeypatch):
     gathers lose to cuBLAS from M=16 (benchmarks/RESULTS.md, kernels)."""
     monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: True)
     monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
-    for kernel in ("dense", "bsr_linear", "bitmap_linear", "csr_linear"):
+    for kernel in ("dense", "bsr_linear", "bitmap_linear", "csr_linear", "semi_structured_linear"):
         monkeypatch.setitem(cost_model.KERNEL_MODELS, (kernel, "cpu"), cost_model.KERNEL_MODELS[(kernel, "cuda")])
     weight = unstructured(11008, 4096, 0.1)
     assert choice(weight, m=1) == "csr_linear"
@@ -90,7 +90,7 @@ def test_dynamic_graph_keeps_only_kernels_no_slower_at_any_size(every_kernel_exi
     graph keeps the layer dense; block-sparse wins at every size and stays."""
     monkeypatch.setattr(select_kernels, "has_real_kernel", lambda op, device: True)
     monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
-    for kernel in ("dense", "bsr_linear", "bitmap_linear", "csr_linear"):
+    for kernel in ("dense", "bsr_linear", "bitmap_linear", "csr_linear", "semi_structured_linear"):
         monkeypatch.setitem(cost_model.KERNEL_MODELS, (kernel, "cpu"), cost_model.KERNEL_MODELS[(kernel, "cuda")])
     probes = select_kernels.DYNAMIC_TOKEN_PROBES
 
@@ -218,8 +218,8 @@ def gated_cpu_kernel():
 def test_swiglu_product_goes_into_the_stacked_gate_up_kernel(gated_cpu_kernel, every_kernel_exists):
     """LLaMA-style block, gate/up 90% block-sparse: fuse-linears stacks them, select-kernels runs the
     stacked weight as one block-sparse op whose gated epilogue computes silu(gate) * up, exact
-    against eager; with fewer than GATED_MIN_TOKENS tokens, or with no gated kernel for the device,
-    the product stays outside the kernel."""
+    against eager, for one token too (decode); with no gated kernel for the device the product stays
+    outside the kernel."""
     torch.manual_seed(0)
     model = models.LlamaStack(hidden=128, heads=4, intermediate=256, layers=1).eval()
     mlp = model.layers[0].mlp
@@ -242,7 +242,9 @@ def test_swiglu_product_goes_into_the_stacked_gate_up_kernel(gated_cpu_kernel, e
             assert output_close(compiled(fresh), model(fresh))[0]
     decode = torch.randn(1, 1, 128)
     rows = {r["name"]: r for r in sparsec.explain(model, decode, passes=passes).layers}
-    assert rows["layers.0.mlp.gate_proj.weight"]["epilogue"] == "act=none residual=False"
+    assert rows["layers.0.mlp.gate_proj.weight"]["epilogue"] == "act=swiglu residual=False"
+    with torch.no_grad():
+        assert output_close(sparsec.compile(model, decode, passes=passes, inductor=False)(decode), model(decode))[0]
     ops.unregister_kernel("bsr_linear", "cpu", reference.bsr_linear_ref)  # the C++ kernel: not gated
     rows = {r["name"]: r for r in sparsec.explain(model, x, passes=passes).layers}
     assert rows["layers.0.mlp.gate_proj.weight"]["epilogue"] == "act=none residual=False"

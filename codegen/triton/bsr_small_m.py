@@ -5,8 +5,9 @@ Grid: (block row x row slice, token tiles). Each program owns ROWS output featur
 block row (a contiguous ROWS x BW slab of every non-zero block, so loads stay coalesced)
 and ALL tokens of its tile; slicing block rows multiplies the programs so that even a
 4096-row weight fills the GPU. For M <= 8 there is no Tensor Core padding waste: a
-broadcast-multiply into a [BLOCK_M, ROWS, BW] fp32 register accumulator, reduced once at
-the end. For 8 < M <= 64 tl.dot with M padded to 16..64.
+broadcast-multiply into a [BLOCK_M, ROWS, STEP*BW] fp32 register accumulator, reduced once at
+the end. For 8 < M <= 64 tl.dot with M padded to 16..64. Each loop step loads STEP non-zero
+blocks of the block row as one tile.
 """
 import triton
 import triton.language as tl
@@ -15,56 +16,68 @@ from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
 
-ROWS = 16          # output features per program (a slab of 16 x BW per block: 2 KB in bf16)
-# With tl.dot (M >= DOT_MIN_M) twice as many: swept on an H200 at 16 tokens, 90% 64x64 blocks, the
-# LLaMA-style decode shapes (benchmarks/kernels.py --sweep): 22016x4096 12.5 -> 9.4 us,
-# 12288x4096 8.1 -> 7.6 us, 4096x4096 and 4096x11008 within 0.2 us.
-DOT_ROWS = 32
-MAX_SMALL_M = 64   # beyond this, the large-M Tensor Core kernel wins
-TARGET_PROGRAMS = 1024  # ~8 per SM on an H100: keeps enough weight loads in flight (swept)
+# The config table below was swept on an H200 (benchmarks/kernels.py --sweep --tokens 1 16, the
+# LLaMA-style decode shapes at 90% and 50% 64x64 blocks, 2026-12-02; benchmarks/RESULTS.md).
+ROWS = 16          # output features per program without tl.dot (a slab of 16 x BW per block: 2 KB in bf16)
 MIN_ROWS = 4
+TARGET_PROGRAMS = 1024  # without tl.dot, slabs thin down to keep ~8 programs per SM streaming
+# With tl.dot (M >= DOT_MIN_M): 64-row slabs where that still leaves DOT_MIN_PROGRAMS programs (4/3 of
+# the H200's 132 SMs), else 32 (12288x4096 at 16 tokens: 7.3 -> 7.0 us; 4096x4096 keeps 32).
+DOT_ROWS = (64, 32)
+DOT_MIN_PROGRAMS = 176
+MAX_SMALL_M = 64   # beyond this, the large-M Tensor Core kernel wins
 DOT_MIN_M = 9      # from here tl.dot (M padded to 16) beats broadcast-multiply-sum
+# Non-zero blocks a program loads per loop step, as one tile STEP*BW columns wide: more bytes per load
+# and in flight, fewer dependent steps. 4 for block rows with LONG_ROW_BLOCKS or more non-zero blocks
+# on average, else 2 (at 1 and 16 tokens: 50% blocks 12-40% faster with 4, e.g. 4096x11008 26.4 ->
+# 20.8 us at one token; 90% blocks of 4096-wide rows, ~6 blocks a row, 5-15% faster with 2).
+STEPS = (4, 2)
+LONG_ROW_BLOCKS = 16
+# Shared memory the pipelined tl.dot loads may take (of 228 KB per SM): a step is halved, then the
+# stages cut, until DOT_STAGES stages of it fit.
+SMEM_BUDGET = 200 * 1024
+DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sweep: 6 stages ~25% faster)
 
 
 @triton.jit
-def add_block(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-              BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, USE_DOT: tl.constexpr,
-              HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + non-zero block i's slab (weight rows `rr`) times its x columns; acc as is when
-    i >= i_end (the loads are predicated off; the tile masks compare a splat of i, one uniform
-    predicate on the GPU, because the interpreter cannot broadcast a scalar mask).
-    acc: [BLOCK_M, ROWS] with tl.dot, else [BLOCK_M, ROWS, BW] (broadcast-multiply, reduced once
-    by finish_slab)."""
-    cc = tl.arange(0, BW)
-    valid = i < i_end
-    kcol = tl.load(ci_ptr + i, mask=valid, other=0) * BW + cc
-    k_ok = (kcol < K) & (tl.full((BW,), i, tl.int32) < i_end)
+def add_blocks(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+               BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
+               USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + the slabs (weight rows `rr`) of non-zero blocks i .. i+STEP-1 times their x columns,
+    as one tile STEP*BW columns wide; blocks at or past i_end are masked off (acc as is when
+    i >= i_end). acc: [BLOCK_M, ROWS] with tl.dot, else [BLOCK_M, ROWS, STEP*BW]
+    (broadcast-multiply, reduced once by finish_slab)."""
+    j = tl.arange(0, STEP * BW)
+    blk = i + j // BW          # the non-zero block each column of the step belongs to
+    cc = j % BW
+    valid = blk < i_end
+    kcol = tl.load(ci_ptr + blk, mask=valid, other=0) * BW + cc
+    k_ok = (kcol < K) & valid
     if HAS_CPERM:
         kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
     xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    blk = v_ptr + i * (BH * BW)  # int32: launcher checks values.numel() < 2**31
+    w_cols = blk * (BH * BW) + cc  # int32: launcher checks values.numel() < 2**31
     if USE_DOT:
-        wt = tl.load(blk + rr[None, :] * BW + cc[:, None], mask=tl.full((BW, ROWS_), i, tl.int32) < i_end,
-                     other=0.0)  # [BW, ROWS]
+        wt = tl.load(v_ptr + w_cols[:, None] + rr[None, :] * BW, mask=valid[:, None], other=0.0)  # [STEP*BW, ROWS]
         acc = mma(xt, wt, acc, IEEE, UPCAST)
     else:
-        w = tl.load(blk + rr[:, None] * BW + cc[None, :], mask=tl.full((ROWS_, BW), i, tl.int32) < i_end,
-                    other=0.0).to(tl.float32)  # [ROWS, BW]
+        w = tl.load(v_ptr + rr[:, None] * BW + w_cols[None, :], mask=valid[None, :],
+                    other=0.0).to(tl.float32)  # [ROWS, STEP*BW]
         acc += xt.to(tl.float32)[:, None, :] * w[None, :, :]
     return acc
 
 
 @triton.jit
-def zero_slab(BLOCK_M: tl.constexpr, ROWS_: tl.constexpr, BW: tl.constexpr, USE_DOT: tl.constexpr):
+def zero_slab(BLOCK_M: tl.constexpr, ROWS_: tl.constexpr, STEP_COLS: tl.constexpr, USE_DOT: tl.constexpr):
     if USE_DOT:
         return tl.zeros((BLOCK_M, ROWS_), dtype=tl.float32)
     else:
-        return tl.zeros((BLOCK_M, ROWS_, BW), dtype=tl.float32)
+        return tl.zeros((BLOCK_M, ROWS_, STEP_COLS), dtype=tl.float32)
 
 
 @triton.jit
 def finish_slab(acc, USE_DOT: tl.constexpr):
-    """[BLOCK_M, ROWS] fp32 from add_block's accumulator."""
+    """[BLOCK_M, ROWS] fp32 from add_blocks' accumulator."""
     if USE_DOT:
         return acc
     else:
@@ -73,44 +86,44 @@ def finish_slab(acc, USE_DOT: tl.constexpr):
 
 @triton.jit
 def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
-                   BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr,
+                   BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                    BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks."""
     start = tl.load(ro_ptr + br)
     end = tl.load(ro_ptr + br + 1)
-    acc = zero_slab(BLOCK_M, ROWS_, BW, USE_DOT)
-    for i in range(start, end):
-        acc = add_block(acc, i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, ROWS_,
-                        USE_DOT, HAS_CPERM, IEEE, UPCAST)
+    acc = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
+    for i in range(start, end, STEP):
+        acc = add_blocks(acc, i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, ROWS_, STEP,
+                         USE_DOT, HAS_CPERM, IEEE, UPCAST)
     return finish_slab(acc, USE_DOT)
 
 
 @triton.jit
 def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
-                           BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr,
+                           BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                            BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr,
                            IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams a
-    block of each, so a program keeps twice the bytes in flight instead of running two chains."""
+    """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams
+    blocks of each, so a program keeps twice the bytes in flight instead of running two chains."""
     start_a = tl.load(ro_ptr + br_a)
     len_a = tl.load(ro_ptr + br_a + 1) - start_a
     start_b = tl.load(ro_ptr + br_b)
     len_b = tl.load(ro_ptr + br_b + 1) - start_b
-    acc_a = zero_slab(BLOCK_M, ROWS_, BW, USE_DOT)
-    acc_b = zero_slab(BLOCK_M, ROWS_, BW, USE_DOT)
-    for j in range(0, tl.maximum(len_a, len_b)):
-        acc_a = add_block(acc_a, start_a + j, start_a + len_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH,
-                          BW, ROWS_, USE_DOT, HAS_CPERM, IEEE, UPCAST)
-        acc_b = add_block(acc_b, start_b + j, start_b + len_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH,
-                          BW, ROWS_, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+    acc_a = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
+    acc_b = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
+    for j in range(0, tl.maximum(len_a, len_b), STEP):
+        acc_a = add_blocks(acc_a, start_a + j, start_a + len_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                           BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+        acc_b = add_blocks(acc_b, start_b + j, start_b + len_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                           BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
     return finish_slab(acc_a, USE_DOT), finish_slab(acc_b, USE_DOT)
 
 
 @triton.jit
 def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
                        out_ptr, M, N, K, stride_xm, stride_om, stride_rm,
-                       BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr,
+                       BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
@@ -126,9 +139,9 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     rr = sub * ROWS_ + tl.arange(0, ROWS_)
     if ACT == 4:  # ACT_SWIGLU
         acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
-                                         rr, K, BH, BW, ROWS_, BLOCK_M, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+                                         rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, HAS_CPERM, IEEE, UPCAST)
     else:
-        acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_,
+        acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_, STEP,
                              BLOCK_M, USE_DOT, HAS_CPERM, IEEE, UPCAST)
         up = acc
     n = br * BH + rr
@@ -136,33 +149,43 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
-def pick_config(M, BH):
-    """Hand table keyed by M range: (BLOCK_M, USE_DOT, num_warps, num_stages)."""
+def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
+    """Hand table: BLOCK_M, USE_DOT, ROWS, STEP, num_warps, num_stages for M tokens and a weight of
+    `block_rows` block rows (programs: block rows x slabs; gated programs stream two block rows)
+    holding `blocks_per_row` non-zero blocks on average."""
+    step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
     if M < DOT_MIN_M:
         bm = 1 if M == 1 else 1 << (int(M) - 1).bit_length()
-        return dict(BLOCK_M=bm, USE_DOT=False, num_warps=4, num_stages=4)  # 8 warps at ROWS=4
-    bm = max(16, 1 << (int(M) - 1).bit_length())
-    # deep pipeline: the weight stream is the whole cost (sweep on H100: 6 stages ~25% faster)
-    return dict(BLOCK_M=min(bm, MAX_SMALL_M), USE_DOT=True, num_warps=4, num_stages=6)
+        rows = min(ROWS, BH)
+        streams = block_rows * (2 if gated else 1)
+        while rows > MIN_ROWS and streams * (BH // rows) < TARGET_PROGRAMS:  # few block rows: thinner slabs
+            rows //= 2
+        warps = 8 if rows == MIN_ROWS else 4  # thin slabs want more warps in flight
+        return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, num_warps=warps, num_stages=4)
+    bm = min(max(16, 1 << (int(M) - 1).bit_length()), MAX_SMALL_M)
+    rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) >= DOT_MIN_PROGRAMS), min(DOT_ROWS[-1], BH))
+
+    def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when gated)
+        return (bm + rows) * step * BW * itemsize * (2 if gated else 1)
+
+    while step > 1 and DOT_STAGES * stage_bytes(step) > SMEM_BUDGET:
+        step //= 2
+    stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step)))
+    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, num_warps=4, num_stages=stages)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
            col_perm, out, config=None):
     """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated)."""
     M = x2d.shape[0]
-    _, BH, BW = values.shape
-    nbr = N // BH if act_code == ACT_SWIGLU else row_offsets.shape[0] - 1  # block rows with programs
-    cfg = dict(pick_config(M, BH))
-    rows = min(DOT_ROWS if cfg["USE_DOT"] else ROWS, BH)
-    if not cfg["USE_DOT"]:
-        # few block rows (e.g. N=4096): thinner slabs, so that enough programs stream at once
-        while rows > MIN_ROWS and nbr * (BH // rows) < TARGET_PROGRAMS:
-            rows //= 2
-        if rows == MIN_ROWS:
-            cfg["num_warps"] = 8  # swept: thin slabs want more warps in flight
+    nnz_blocks, BH, BW = values.shape
+    gated = act_code == ACT_SWIGLU
+    nbr = N // BH if gated else row_offsets.shape[0] - 1  # block rows with programs
+    blocks_per_row = nnz_blocks / max(1, row_offsets.shape[0] - 1)  # shapes only: no host sync
+    cfg = pick_config(M, BH, BW, nbr, blocks_per_row, gated, values.element_size())
     if config:
         cfg.update(config)
-        rows = min(cfg.get("ROWS", rows), BH)
+    rows = min(cfg["ROWS"], BH)
     dummy = out
     grid = (nbr * (BH // rows), triton.cdiv(M, cfg["BLOCK_M"]))
     traceable(bsr_small_m_kernel)[grid](
@@ -170,7 +193,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         dummy if bias is None else bias, dummy if res2d is None else res2d,
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
         out, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
-        BH=BH, BW=BW, ROWS_=rows, BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
+        BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
         HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
