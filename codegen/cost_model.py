@@ -65,6 +65,12 @@ KERNEL_MODELS = {
     # at 50%, M=1); its "flops" are gathers of x^T rows per (token, non-zero), ~0.6% of the Tensor
     # Core peak (32 us at M=16, 80-92 us at M=64, 90%), so it wins at M=1 only.
     ("csr_linear", "cuda"): KernelModel(0.35, 0.006, latency_s=1.5e-6),
+    # cuSPARSELt 2:4 (codegen/cusparselt.py), fit to benchmarks/kernels.py --sweep-2-4 on the H200
+    # (2026-12-02): its half of the flops at ~0.6 of the dense peak on weights 4096 and more on each
+    # side (1.4-1.5x over cuBLAS from 2048 tokens), less on narrower ones (semi_structured_efficiency);
+    # at few tokens it streams the weight at ~0.25 of the bandwidth (72 us for 12288x4096 at 16
+    # tokens, 2.6x cuBLAS's time), so it never wins there.
+    ("semi_structured_linear", "cuda"): KernelModel(0.25, 0.62),
     ("dense", "cpu"): KernelModel(0.80, 0.80),
     ("bsr_linear", "cpu"): KernelModel(0.60, 0.45),
     # CPU bitmap, fit to benchmarks/cpu_kernels.py of 2026-12-01 (4096x4096, M=1): 50% non-zeros
@@ -85,20 +91,22 @@ PERMUTED_EFFICIENCY = 0.25
 
 @dataclass
 class Candidate:
-    kernel: str  # "dense", "bsr_linear", "bitmap_linear", "csr_linear"
+    kernel: str  # "dense", "bsr_linear", "bitmap_linear", "csr_linear", "semi_structured_linear"
     block: tuple[int, int] | None
     bytes: float
     flops: float
     predicted_s: float = 0.0
     efficiency: float = 1.0  # multiplies the kernel's KernelModel efficiencies (block shape)
     permuted: bool = False  # packed with block-reorder's row/column permutations
+    relayout_bytes: float = 0.0  # a separate pass after the kernel (2:4: its product turned tokens first)
 
     def at_tokens(self, m: int, m_new: int, n: int, k: int, element_size: int) -> "Candidate":
         """The same format for `m_new` tokens instead of `m` (weight bytes fixed, activations and
         flops scale with the tokens)."""
         weight_bytes = self.bytes - (m * k + m * n) * element_size
         return Candidate(self.kernel, self.block, bytes=weight_bytes + (m_new * k + m_new * n) * element_size,
-                         flops=self.flops / m * m_new, efficiency=self.efficiency, permuted=self.permuted)
+                         flops=self.flops / m * m_new, efficiency=self.efficiency, permuted=self.permuted,
+                         relayout_bytes=self.relayout_bytes / m * m_new)
 
     @property
     def label(self) -> str:
@@ -120,7 +128,8 @@ def predict(candidate: Candidate, ceilings: Ceilings, device_type: str) -> float
     model = KERNEL_MODELS[(candidate.kernel, device_type)]
     memory_s = candidate.bytes / (ceilings.bandwidth * model.bw_efficiency * candidate.efficiency)
     compute_s = candidate.flops / (ceilings.peak_flops * model.flop_efficiency * candidate.efficiency)
-    candidate.predicted_s = ceilings.launch_s + model.latency_s + max(memory_s, compute_s)
+    relayout_s = candidate.relayout_bytes / (ceilings.bandwidth * RELAYOUT_EFFICIENCY)
+    candidate.predicted_s = ceilings.launch_s + model.latency_s + max(memory_s, compute_s) + relayout_s
     return candidate.predicted_s
 
 
@@ -157,6 +166,27 @@ def csr_candidate(m: int, n: int, k: int, element_size: int, nnz: int) -> Candid
     """CSR: every non-zero with a 16-bit column index, one offset per row; flops on non-zeros only."""
     weight_bytes = nnz * (element_size + 2) + (n + 1) * 4
     return Candidate("csr_linear", None, bytes=weight_bytes + (m * k + m * n) * element_size, flops=2.0 * m * nnz)
+
+
+# The side from which cuSPARSELt's 2:4 kernels reach their full rate; a narrower weight gets the square
+# root of the ratio (768-wide sides measured 0.45-0.75 of it: 768x768 and 2304x768 ran slower than
+# cuBLAS at 4096 tokens, 3072x768 1.17x faster, 768x3072 1.07x).
+SEMI_STRUCTURED_FULL_SIDE = 4096
+
+
+# A transposing copy (the 2:4 kernel's features-first product made tokens first) runs at about this
+# fraction of the bandwidth (not yet measured inside a compiled model: torch's eager .contiguous() of
+# the product ran at ~0.15-0.3, benchmarks/RESULTS.md).
+RELAYOUT_EFFICIENCY = 0.5
+
+
+def semi_structured_candidate(m: int, n: int, k: int, element_size: int) -> Candidate:
+    """2:4 through cuSPARSELt: half the values plus 2 bits of position for each; half the flops; then
+    its features-first product copied tokens first (rewrite_semi_structured)."""
+    weight_bytes = n * k / 2 * element_size + n * k / 8
+    return Candidate("semi_structured_linear", None, bytes=weight_bytes + (m * k + m * n) * element_size,
+                     flops=2.0 * m * n * k / 2, efficiency=min(1.0, min(n, k) / SEMI_STRUCTURED_FULL_SIDE) ** 0.5,
+                     relayout_bytes=2.0 * m * n * element_size)
 
 
 def _ceilings_file() -> Path:

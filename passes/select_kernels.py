@@ -1,4 +1,4 @@
-"""select-kernels: per linear layer pick dense, block-sparse, bitmap or CSR by a cost model (and timing).
+"""select-kernels: per linear layer pick dense, block-sparse, bitmap, CSR or 2:4 by a cost model (and timing).
 
 For each `aten.linear` with a constant 2-D weight, and each 1x1 convolution (a linear over pixels,
 `LINEAR_FORMS`), the candidates are dense and every sparse
@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from sparsec import ir
 from sparsec.codegen import cost_model
+from sparsec.runtime import formats
 from sparsec.pass_manager import PassResult, register_pass
 
 aten = torch.ops.aten
@@ -40,11 +41,10 @@ MIN_WEIGHT_ELEMENTS = 64 * 64
 # two probes, the pass reports a boundary (stats "token_boundaries"), and the compiler builds one
 # graph per range and picks one per call by the input's token count (compiler.CompiledVariants).
 DYNAMIC_TOKEN_PROBES = (1, 16, 256, 4096)
-# SwiGLU goes into the epilogue only where a kernel of the chosen format implements it and from this
-# many tokens on (the Tensor Core path): at one token the gated kernel was slower than the plain one
-# plus Inductor's fused silu*mul kernel (H200, 90% 64x64 blocks, 22016x4096: 15.1 us vs 11.3 + 1.1 us;
-# at 16 tokens 11.3 us vs 9.5 + 1.7 us; `benchmarks/kernels.py --sweep`, profile_decode.py).
-GATED_MIN_TOKENS = 9
+# SwiGLU goes into the epilogue wherever a kernel of the chosen format implements it: with two
+# non-zero blocks a step the gated kernel beat the plain one plus Inductor's fused silu*mul kernel
+# at one token too (H200, 90% 64x64 blocks, 22016x4096: 11.5 us vs 11.2-11.4 + 1.1 us; at 16 tokens
+# 12.0 us vs 9.4 + 1.7 us; `benchmarks/kernels.py --sweep`).
 # Epilogue activations the kernels implement, keyed by the ATen op that follows the linear.
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.gelu.default: "gelu"}
 
@@ -120,8 +120,10 @@ def kernels_ready(op_name: str, device_type: str) -> bool:
     return ops.kernels_ready(op_name, device_type)
 
 
-def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None, col_perm=None) -> list:
-    """Every format for this weight that has a kernel on the device, with its predicted cost."""
+def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None, col_perm=None,
+                   two_four: bool = True) -> list:
+    """Every format for this weight that has a kernel on the device, with its predicted cost
+    (`two_four`: the 2:4 kernel may run it: a linear over tokens, not a 1x1 convolution)."""
     n, k = weight.shape
     es = weight.element_size()
     nonzero = weight != 0
@@ -131,6 +133,9 @@ def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None
         return found
     if has_real_kernel("csr_linear", device_type):  # CSR needs no permutation: counted as is
         found.append(cost_model.csr_candidate(m, n, k, es, nnz))
+    if (two_four and weight.device.type != "meta" and has_real_kernel("semi_structured_linear", device_type)
+            and formats.fits_semi_structured(weight)):  # packing needs the values
+        found.append(cost_model.semi_structured_candidate(m, n, k, es))
     # The tiled formats as stored and, when block-reorder found permutations, also packed with them
     # (fewer tiles, but each costs more: cost_model.PERMUTED_EFFICIENCY).
     layouts = [(nonzero, False)]
@@ -216,7 +221,7 @@ def _decision_key(device: torch.device, weight: torch.Tensor, m: int, row_perm=N
 
 def _measure(candidate, weight, bias, m: int, row_perm=None, col_perm=None) -> float:
     """Time one candidate on random inputs of the layer's shape (median of a few runs)."""
-    from sparsec.runtime import formats, ops
+    from sparsec.runtime import ops
 
     x = torch.randn(m, weight.shape[1], device=weight.device, dtype=weight.dtype)
     perms = dict(row_perm=row_perm, col_perm=col_perm) if candidate.permuted else {}
@@ -228,6 +233,9 @@ def _measure(candidate, weight, bias, m: int, row_perm=None, col_perm=None) -> f
     elif candidate.kernel == "csr_linear":
         packed = formats.pack_csr(weight)
         fn = lambda: ops.csr_linear(x, packed, bias)  # noqa: E731
+    elif candidate.kernel == "semi_structured_linear":
+        packed = formats.pack_semi_structured(weight)
+        fn = lambda: ops.semi_structured_linear(x, packed, bias)  # noqa: E731
     else:
         packed = formats.pack_bitmap(weight, **perms)
         fn = lambda: ops.bitmap_linear(x, packed, bias)  # noqa: E731
@@ -265,13 +273,13 @@ def probes_for(token_range) -> tuple:
 
 
 def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=None, col_perm=None,
-           token_probes=()):
+           token_probes=(), two_four: bool = True):
     """(chosen candidate, all candidates, measured times or {}) for one layer.
 
     `token_probes`: other token counts the layer will run at (a dynamic graph); a sparse choice must
-    also be predicted no slower than dense at each of them."""
+    also be predicted no slower than dense at each of them. `two_four`: as in candidates_for."""
     ceilings = cost_model.ceilings_for(device, weight.dtype, measure=autotune)
-    found = candidates_for(weight, m, device.type, row_perm, col_perm)
+    found = candidates_for(weight, m, device.type, row_perm, col_perm, two_four)
     # A format whose kernel cannot run here (a C++ library that failed to build) is no candidate;
     # asked only when a sparse format could win, so dense models never build kernels.
     ready = {c.kernel for c in found[1:] if kernels_ready(c.kernel, device.type)} if len(found) > 1 else set()
@@ -306,7 +314,7 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
 
 def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
     """New constant nodes holding the packed weight, and the op's format arguments."""
-    from sparsec.runtime import formats, ops  # noqa: F401  (ops: registers torch.ops.sparsec.*)
+    from sparsec.runtime import ops  # noqa: F401  (registers torch.ops.sparsec.*)
 
     name = ir.display_name(weight_node)
     if choice.kernel == "csr_linear":  # no tiles, so no permutation: packed as the weight is
@@ -377,6 +385,33 @@ def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias
     return {"activation": activation, "residual": residual is not None, "node": new}
 
 
+def rewrite_semi_structured(gm: fx.GraphModule, op: fx.Node, weight_node, bias_node, weight) -> dict:
+    """Replace the linear `op` by the 2:4 op (features first), a copy back to tokens first (with the
+    bias add, one Inductor kernel) so that what follows reads the layout a dense linear gives it:
+    left transposed, the RMSNorm reductions after a LLaMA stack's 2:4 projections read across rows
+    and the whole prefill ran 3x slower than dense (H200, benchmarks/RESULTS.md)."""
+    from sparsec.runtime import ops  # noqa: F401  (registers torch.ops.sparsec.*)
+
+    packed = formats.pack_semi_structured(weight)
+    values = ir.add_constant(gm, packed.values, f"{ir.display_name(weight_node)}.semi_structured", insert_before=op)
+    out_val = op.meta["val"]
+    rank = out_val.dim()
+    n, k = weight.shape
+    with gm.graph.inserting_before(op):
+        product = gm.graph.call_function(torch.ops.sparsec.semi_structured_linear.default, (op.args[0], values, n, k))
+        product.meta["val"] = out_val.new_empty((n, *out_val.shape[:-1]))
+        turned = gm.graph.call_function(aten.permute.default, (product, [*range(1, rank), 0]))
+        turned.meta["val"] = product.meta["val"].permute(*range(1, rank), 0)
+        result = gm.graph.call_function(aten.clone.default, (turned,), {"memory_format": torch.contiguous_format})
+        result.meta["val"] = turned.meta["val"].clone(memory_format=torch.contiguous_format)
+        if bias_node is not None:
+            result = gm.graph.call_function(aten.add.Tensor, (result, bias_node))
+            result.meta["val"] = out_val
+    op.replace_all_uses_with(result)
+    gm.graph.erase_node(op)
+    return {"activation": "none", "residual": False, "node": product}
+
+
 def _tokens(op: fx.Node, k: int) -> int:
     val = op.args[0].meta.get("val") if isinstance(op.args[0], fx.Node) else None
     if val is None:
@@ -398,7 +433,7 @@ def predicts_sparse(weight: torch.Tensor, m: int, device: torch.device) -> bool:
     return choose(weight, None, m, device, autotune=False)[0].kernel != "dense"
 
 
-@register_pass("select-kernels", "Pick dense, block-sparse, bitmap or CSR per linear / 1x1 conv by cost model (and timing); fuse epilogues")
+@register_pass("select-kernels", "Pick dense, block-sparse, bitmap, CSR or 2:4 per linear / 1x1 conv by cost model (and timing); fuse epilogues")
 def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"sparse_kernels": 0, "kept_dense": 0}
     boundaries: set[int] = set()
@@ -423,7 +458,8 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         probes = probes_for(ctx.token_range) if ctx.token_range else ()
         layer_device = weight.device if weight.device.type != "meta" else device
         choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
-                                         layer_device, ctx.options.autotune, row_perm, col_perm, token_probes=probes)
+                                         layer_device, ctx.options.autotune, row_perm, col_perm, token_probes=probes,
+                                         two_four=form.to_rows is None)
         facts = {"tokens": m, "predicted_ms": {c.label: round(c.predicted_s * 1e3, 5) for c in found}}
         if probes:
             facts["dynamic_tokens"] = f"sparse only if no slower than dense at M={list(probes)}"
@@ -440,9 +476,11 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         info = weight_node.meta.get("sparsity")
         if not choice.permuted:  # the format as stored beat the reordered one
             row_perm = col_perm = None
-        lowest = ctx.token_range[0] if ctx.token_range else m  # the fewest tokens this graph serves
-        gate_ok = lowest >= GATED_MIN_TOKENS and has_gated_kernel(choice.kernel, layer_device.type)
-        fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok)
+        gate_ok = has_gated_kernel(choice.kernel, layer_device.type)
+        if choice.kernel == "semi_structured_linear":
+            fused = rewrite_semi_structured(gm, op, weight_node, bias_node, weight)
+        else:
+            fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok)
         fused["node"].meta["sparsec_layer"] = {
             "name": name, "op": form.op, "shape": tuple(ir.get_constant(gm, weight_node).shape), "sparsity": info,
             "kernel": choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",

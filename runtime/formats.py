@@ -5,6 +5,7 @@ BitmapWeight -- unstructured sparsity: per tile (TR rows x 64 cols) a bitmap and
                 non-zeros, so 90% sparsity in bf16 costs ~0.33 bytes per weight element.
 CSRWeight   -- unstructured sparsity as compressed rows with 16-bit column indices (the CPU's
                 best format at high sparsity and few tokens).
+SemiStructuredWeight -- 2:4 weights compressed by cuSPARSELt (CUDA only, the library's layout).
 
 BSR and bitmap optionally carry a row permutation (outputs written back in place by the kernel
 epilogue) and a column permutation (inputs gathered by the kernel prologue): the packed
@@ -304,3 +305,50 @@ def pack_csr(weight: torch.Tensor, index_dtype=None) -> CSRWeight:
     row_offsets = torch.zeros(n + 1, dtype=torch.int64, device=w.device)
     row_offsets[1:] = mask.sum(1).cumsum(0)
     return CSRWeight(values, cols.contiguous(), row_offsets.to(torch.int32), (n, k))
+
+
+# --------------------------------------------------------------------------------------
+# 2:4 (semi-structured), for cuSPARSELt
+# --------------------------------------------------------------------------------------
+# cuSPARSELt's 2:4 path takes fp16/bf16 weights whose rows and columns are multiples of 16.
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+SEMI_STRUCTURED_MULTIPLE = 16
+
+
+def fits_semi_structured(weight: torch.Tensor) -> bool:
+    """At most 2 non-zeros in every aligned group of 4 inputs of every row, in a dtype and shape
+    cuSPARSELt takes."""
+    if weight.dim() != 2 or weight.dtype not in SEMI_STRUCTURED_DTYPES:
+        return False
+    n, k = weight.shape
+    if n % SEMI_STRUCTURED_MULTIPLE or k % SEMI_STRUCTURED_MULTIPLE or weight.numel() == 0:
+        return False
+    return int((weight != 0).reshape(-1, 4).sum(dim=1).max()) <= 2
+
+
+@dataclass
+class SemiStructuredWeight(PackedWeight):
+    """A 2:4 weight W[N, K] compressed by cuSPARSELt (`torch._cslt_compress`): the kept half of the
+    values and their 2-bit positions in one tensor, in the library's own layout, so it runs on
+    CUDA only and is never cast (its metadata bits share the values' dtype)."""
+
+    values: torch.Tensor   # 1-D, weight dtype, as torch._cslt_compress returns it
+    shape: Tuple[int, int]
+
+    def to(self, *args, **kwargs):
+        """Moves between CUDA devices only, never casts: the metadata would be read as other values."""
+        moved = self.values.to(*args, **kwargs)
+        if moved.dtype != self.values.dtype or moved.device.type != "cuda":
+            raise ValueError("a cuSPARSELt-compressed 2:4 weight cannot be cast or leave CUDA: pack it again "
+                             "from the dense weight")
+        return replace(self, values=moved)
+
+
+def pack_semi_structured(weight: torch.Tensor) -> SemiStructuredWeight:
+    """Compress a 2:4 weight for cuSPARSELt (on its CUDA device)."""
+    if not fits_semi_structured(weight):
+        raise ValueError("pack_semi_structured expects a 2-D fp16/bf16 weight with sides a multiple of "
+                         f"{SEMI_STRUCTURED_MULTIPLE} and at most 2 non-zeros in every 4 inputs")
+    if weight.device.type != "cuda":
+        raise ValueError(f"pack_semi_structured: cuSPARSELt compresses on CUDA, the weight is on {weight.device}")
+    return SemiStructuredWeight(torch._cslt_compress(weight.detach().contiguous()), tuple(weight.shape))

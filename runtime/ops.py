@@ -12,6 +12,11 @@ Ops (torch.library custom ops with fake implementations, so Dynamo/Inductor/expo
   sparsec::csr_linear(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets,
                       int out_features, int in_features, Tensor? bias, str activation,
                       Tensor? residual) -> Tensor   (no permutations)
+  sparsec::semi_structured_linear(Tensor x, Tensor values, int out_features,
+                                  int in_features) -> Tensor
+      (2:4 weights compressed by cuSPARSELt: CUDA only, no reference. Features first: it returns
+      W @ x^T of shape [out_features, *x.shape[:-1]], the layout cuSPARSELt writes fastest; the
+      graph permutes it back and adds the bias, so Inductor fuses both into what follows)
 
 Semantics (all): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with fp32 accumulation;
 y[..., row_perm[r]] = yp[..., r]; y = act(y + bias) + residual; output dtype = x dtype.
@@ -36,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import reference
-from .formats import BitmapWeight, BSRWeight, CSRWeight
+from .formats import BitmapWeight, BSRWeight, CSRWeight, SemiStructuredWeight
 
 _KERNELS: Dict[Tuple[str, str], List[Callable]] = {}
 # Kernels whose launches torch.compile can trace (Triton through wrap_triton): Inductor inlines
@@ -48,8 +53,9 @@ _GATED: set = set()
 _ACTIVATION_ARG = {"bsr_linear": 7, "bitmap_linear": 8, "csr_linear": 7}
 # Kernels that are registered but may not be usable yet: fn -> ready() (True once it can run).
 _READY_CHECKS: Dict[Callable, Callable[[], bool]] = {}
-# The built-in kernels of each device type: a module with `register_all()`, imported on first use.
-_BUILTIN_KERNELS = {"cuda": "sparsec.codegen.triton.register", "cpu": "sparsec.codegen.cpp.register"}
+# The built-in kernels of each device type: modules with `register_all()`, imported on first use.
+_BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.triton.register", "sparsec.codegen.cusparselt"),
+                    "cpu": ("sparsec.codegen.cpp.register",)}
 _LAZY_TRIED = set()
 
 ACTIVATIONS = reference.ACTIVATIONS
@@ -93,10 +99,11 @@ def unregister_kernel(op_name: str, device_type: str, fn: Optional[Callable] = N
 def get_kernels(op_name: str, device_type: str) -> List[Callable]:
     if device_type in _BUILTIN_KERNELS and device_type not in _LAZY_TRIED:
         _LAZY_TRIED.add(device_type)
-        try:  # optional dependencies (triton, a C++ compiler): without them the reference runs
-            importlib.import_module(_BUILTIN_KERNELS[device_type]).register_all()
-        except ImportError:
-            pass
+        for module in _BUILTIN_KERNELS[device_type]:
+            try:  # optional dependencies (triton, a C++ compiler): without them the reference runs
+                importlib.import_module(module).register_all()
+            except ImportError:
+                pass
     return list(_KERNELS.get((_norm(op_name), device_type), []))
 
 
@@ -123,7 +130,7 @@ def _ungated(fn, op_name, args):
 
 
 def _call(fn, op_name, args):
-    if args[_ACTIVATION_ARG[op_name]] != reference.GATED:
+    if op_name not in _ACTIVATION_ARG or args[_ACTIVATION_ARG[op_name]] != reference.GATED:
         return fn(*args)
     out = fn(*args) if fn in _GATED else NotImplemented
     # a kernel without the gated epilogue, or a gated one declining this shape: run it ungated
@@ -252,6 +259,23 @@ def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
     return out if out is not NotImplemented else csr_linear_host(*args)
 
 
+# ------------------------------------------------------------------ semi_structured_linear
+# One opaque op: its only kernel is a library call (cuSPARSELt through torch). What follows it (the
+# permute back to tokens first, the bias, an activation, a residual add) stays in the graph, where
+# Inductor fuses it into one pointwise kernel.
+@torch.library.custom_op("sparsec::semi_structured_linear", mutates_args=())
+def semi_structured_linear_op(x: torch.Tensor, values: torch.Tensor, out_features: int,
+                              in_features: int) -> torch.Tensor:
+    return _run_host("semi_structured_linear", reference.semi_structured_linear_ref,
+                     (x, values, out_features, in_features))
+
+
+@semi_structured_linear_op.register_fake
+def _(x, values, out_features, in_features):
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty((out_features, *x.shape[:-1]))
+
+
 # ------------------------------------------------------------------ helpers
 def bsr_linear(x: torch.Tensor, w: BSRWeight, bias=None, activation: str = "none", residual=None):
     n, k = w.shape
@@ -271,3 +295,11 @@ def csr_linear(x: torch.Tensor, w: CSRWeight, bias=None, activation: str = "none
     n, k = w.shape
     return torch.ops.sparsec.csr_linear(x, w.values, w.col_indices, w.row_offsets, n, k, bias,
                                         activation, residual)
+
+
+def semi_structured_linear(x: torch.Tensor, w: SemiStructuredWeight, bias=None):
+    """F.linear(x, W, bias), tokens first, from the op's features-first product."""
+    n, k = w.shape
+    yt = torch.ops.sparsec.semi_structured_linear(x, w.values, n, k)
+    y = yt.permute(*range(1, yt.dim()), 0)
+    return y if bias is None else y + bias

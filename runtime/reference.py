@@ -59,6 +59,15 @@ def apply_epilogue(yp: torch.Tensor, bias, activation: str, residual, row_perm, 
     return yp.to(out_dtype)
 
 
+def kernel_epilogue(yp: torch.Tensor, bias, activation: str, residual, row_perm, out_dtype):
+    """apply_epilogue as the kernels apply it to a product a library returned in the inputs' dtype:
+    in fp32 whenever there is an epilogue (the Triton kernels keep their fp32 accumulator)."""
+    if yp.dtype != torch.float32 and (bias is not None or activation != "none" or residual is not None
+                                      or row_perm is not None):
+        yp = yp.float()
+    return apply_epilogue(yp, bias, activation, residual, row_perm, out_dtype)
+
+
 def bsr_dense_padded(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor,
                      out_features: int, in_features: int) -> torch.Tensor:
     """Packed (permuted) dense matrix Wp [N, K] from BSR arrays, without host syncs."""
@@ -105,3 +114,14 @@ def csr_linear_ref(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Ten
                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     wp = csr_to_dense(values, col_indices, row_offsets, int(out_features), int(in_features))
     return _linear(x, wp, bias, activation, residual, None, None)
+
+
+def semi_structured_linear_ref(x: torch.Tensor, values: torch.Tensor, out_features: int,
+                               in_features: int) -> torch.Tensor:
+    """No reference: the weight is in cuSPARSELt's own compressed layout, which only that library
+    reads (formats.SemiStructuredWeight)."""
+    raise RuntimeError(
+        f"sparsec::semi_structured_linear: the {out_features}x{in_features} weight is packed for cuSPARSELt "
+        f"(2:4 on CUDA) and cannot run on {x.device.type!r}" + ("" if x.device.type != "cuda" else
+                                                               " (cuSPARSELt is not available in this torch build)")
+        + "; compile or export the model on the device it will run on")
