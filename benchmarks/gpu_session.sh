@@ -2,12 +2,17 @@
 # One device-tool call for the GPU work that is still open: run from the repository root on the
 # GPU machine (`run` with `bash benchmarks/gpu_session.sh STEP...`, default: every step). Each step
 # has its own time limit so one slow step leaves time for the rest; logs go under $OUT (or
-# ./gpu_logs), the tail of each is printed.
+# ./gpu_logs), the tail of each is printed. Wheels carried in .whl/ (torchao, for the anchor rows of
+# issue 14) are installed first.
 set -u
 export PYTHONUNBUFFERED=1
 LOGS=${OUT:-gpu_logs}
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . > "$LOGS/install.log" 2>&1 || tail -3 "$LOGS/install.log"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >> "$LOGS/install.log" 2>&1 \
+    && export PYTHONPATH=/tmp/site
+fi
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 
 step() {  # step NAME SECONDS COMMAND...
@@ -35,8 +40,15 @@ for s in $steps; do
     # Where the decode time goes in case (a) (issue 14), and the BSR config sweeps (issue 5): the
     # stack's decode shapes at 1 and 16 tokens, the issue's weights at 256 and 4096
     profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
+    # the same with one non-zero block a step (the decode kernel before its STEPS table)
+    profile_a_step1) step profile_a_step1 150 python3 benchmarks/profile_decode.py --case a --tokens 1 16 --steps 1 1 --skip-inductor ;;
     bsr_tests) step bsr_tests 100 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k "bsr or op_3d" -p no:cacheprovider ;;
     bsr_sweep_small) step bsr_sweep_small 330 python3 benchmarks/kernels.py --sweep --tokens 1 16 ;;
+    # The kernels of this session's changes on the GPU: block-sparse (several blocks per step) and 2:4
+    kernel_tests) step kernel_tests 240 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+                    tests/test_semi_structured.py -k "bsr or op_3d or semi or two_four or float64" -p no:cacheprovider ;;
+    # 2:4 through cuSPARSELt against cuBLAS and torch's 2:4 (the cost model's figures)
+    sweep_2_4) step sweep_2_4 60 python3 benchmarks/kernels.py --sweep-2-4 --tokens 16 256 2048 4096 --rep 10 ;;
     bsr_sweep_large) step bsr_sweep_large 500 python3 benchmarks/kernels.py --sweep --tokens 256 4096 ;;
     # The Triton CSR kernel (issue 5): config sweep, then the unstructured rows of the kernel table
     csr_sweep) step csr_sweep 150 python3 benchmarks/kernels.py --sweep-csr ;;
@@ -55,10 +67,19 @@ for s in $steps; do
               step "models_$shape" 200 python3 benchmarks/models.py --skip-other --shapes $shape
             done ;;
     # The BERT 2:4 and ResNet 50%-channel rows of issue 14 alone; decode also without CUDA graphs
-    models_other) step models_other 300 python3 benchmarks/models.py --shapes none ;;
+    models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     models_decode16|models_decode1|models_prefill)
       step "$s" 220 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;
+    # Issue 14's tables with torchao's rows beside sparsec's (its wheel carried in .whl/): decode for the
+    # cases whose kernels changed (a-d), prefill for all
+    ao_decode1|ao_decode16)
+      step "$s" 250 python3 benchmarks/models.py --skip-other --shapes "${s#ao_}" --only a,b,c,d --impls sparsec,torchao ;;
+    # 2:4 at prefill: as the cost model picks (dense), and with the relayout copy unpriced (2:4 runs)
+    prefill_2_4)
+      step prefill_2_4 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d,e
+      step prefill_2_4_unpriced 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d --unpriced-relayout ;;
+    ao_prefill) step ao_prefill 300 python3 benchmarks/models.py --skip-other --shapes prefill --impls sparsec,torchao ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -260,7 +260,8 @@ def run_sweep(args):
     small = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
     large = [(11008, 4096), (4096, 11008)]
     # (pattern, weight shape, tokens, activation): the stacked gate/up also with its SwiGLU epilogue
-    plan = [("block90", nk, M, "none") for nk in small for M in args.tokens if M <= 64]
+    plan = [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in small for M in args.tokens
+            if M <= 64]
     plan += [("block90", (22016, 4096), M, "swiglu") for M in args.tokens]
     plan += [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in large for M in args.tokens
              if M > 64]
@@ -277,10 +278,12 @@ def run_sweep(args):
         out = torch.empty(M, n_out, device=dev, dtype=dtype)
         cfgs = [("default", None)]
         if M <= 64:
-            for rows in [64, 32, 16, 8, 4]:
-                for nw in [4, 8]:
-                    for ns in [3, 6]:
-                        cfgs.append(("small", dict(ROWS=rows, num_warps=nw, num_stages=ns)))
+            dot = M >= bsr_small_m.DOT_MIN_M
+            for rows in ([64, 32, 16] if dot else [16, 8, 4]):
+                for step in [1, 2, 4]:
+                    for nw in ([4] if dot else [4, 8]):
+                        for ns in ([4, 6] if dot else [4]):
+                            cfgs.append(("small", dict(ROWS=rows, STEP=step, num_warps=nw, num_stages=ns)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
@@ -315,6 +318,40 @@ def run_sweep(args):
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
               f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
+
+
+def run_sweep_semi_structured(args):
+    """2:4 weights through sparsec's cuSPARSELt op against cuBLAS and torch's own semi-structured
+    path (to_sparse_semi_structured + F.linear) on the LLaMA-style and BERT-style shapes: the figures
+    the cost model's 2:4 entry is fitted to. Every result checked against float64 first."""
+    from sparsec.runtime.formats import pack_semi_structured
+    from sparsec.runtime.ops import semi_structured_linear
+    from torch.sparse import to_sparse_semi_structured
+    dev, dtype = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(3)
+    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (11008, 4096),
+              (2304, 768), (768, 768), (3072, 768), (768, 3072)]
+    print("| weight | M | rel.err | sparsec 2:4 | + tokens-first copy | cuBLAS | torch 2:4 | sparsec / cuBLAS | graph |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (N, K) in shapes:
+        w = make_weight(N, K, "2:4", dtype, dev, gen)
+        packs = Rotor([pack_semi_structured(w) for _ in range(n_copies(N * K))])
+        dense = Rotor([w.clone() for _ in range(n_copies(2 * N * K))])
+        torch_24 = Rotor([to_sparse_semi_structured(w) for _ in range(n_copies(N * K))])
+        for M in args.tokens:
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            err = rel_err(semi_structured_linear(x, packs.items[0]), x.double() @ w.double().t())
+            # the op's product as the graph gets it (features first, read through a permute), and with
+            # the copy to tokens first that a consumer needing that layout pays at most
+            t_sp, how = bench(lambda: semi_structured_linear(x, packs.next()), True, args.rep)
+            t_copy, _ = bench(lambda: semi_structured_linear(x, packs.next()).contiguous(), True, args.rep)
+            t_dense, _ = bench(lambda: F.linear(x, dense.next()), True, args.rep)
+            try:
+                t_torch = f"{bench(lambda: F.linear(x, torch_24.next()), True, args.rep)[0] * 1e3:.1f}"
+            except Exception as e:  # noqa: BLE001
+                t_torch = f"fails ({type(e).__name__})"
+            print(f"| {N}x{K} | {M} | {err:.1e} | {t_sp * 1e3:.1f} us | {t_copy * 1e3:.1f} us | {t_dense * 1e3:.1f} us | "
+                  f"{t_torch} us | {t_dense / t_sp:.2f}x | {how} |", flush=True)
 
 
 def run_sweep_csr(args):
@@ -367,6 +404,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-csr", action="store_true")
+    p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
@@ -377,6 +415,8 @@ def main():
         run_sweep(args)
     elif args.sweep_csr:
         run_sweep_csr(args)
+    elif args.sweep_2_4:
+        run_sweep_semi_structured(args)
     else:
         run_gpu(args)
 

@@ -34,7 +34,7 @@ def profile(fn, x, label: str, calls: int = 20) -> None:
     events = prof.key_averages()
     gpu_ms = sum(e.device_time_total for e in events) / 1e3 / calls
     print(f"\n## {label}: wall {wall_ms:.3f} ms/call, GPU busy {gpu_ms:.3f} ms/call")
-    rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:12]
+    rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:20]
     for e in rows:
         print(f"  {e.device_time_total / 1e3 / calls:8.4f} ms  x{e.count // calls:<3} {e.key[:90]}")
 
@@ -44,7 +44,14 @@ def main():
     parser.add_argument("--case", default="a")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--mode", default="reduce-overhead")
+    parser.add_argument("--steps", type=int, nargs=2, help="the block-sparse decode kernel's STEPS (long rows, "
+                        "short rows) instead of its table's, e.g. 1 1: one block a step")
+    parser.add_argument("--skip-inductor", action="store_true")
     args = parser.parse_args()
+    if args.steps:
+        from sparsec.codegen.triton import bsr_small_m
+
+        bsr_small_m.STEPS = tuple(args.steps)
     mode = None if args.mode == "default" else args.mode
     torch.manual_seed(0)
     model = models.LlamaStack(4096, 32, 11008, 4).to("cuda", torch.bfloat16).eval()
@@ -52,8 +59,10 @@ def main():
     with torch.no_grad():
         for tokens in args.tokens:
             x = torch.randn(tokens, 1, 4096, device="cuda", dtype=torch.bfloat16)
-            profile(compiled(model, "inductor", mode), x, f"inductor {args.mode} M={tokens}")
-            profile(compiled(model, "sparsec", mode), x, f"sparsec {args.mode} case {args.case} M={tokens}")
+            if not args.skip_inductor:
+                profile(compiled(model, "inductor", mode), x, f"inductor {args.mode} M={tokens}")
+            profile(compiled(model, "sparsec", mode), x, f"sparsec {args.mode} case {args.case} M={tokens}"
+                    + (f" STEPS={args.steps}" if args.steps else ""))
 
 
 if __name__ == "__main__":

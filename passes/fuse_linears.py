@@ -7,8 +7,9 @@ becomes
 Exact: each output column is the same dot product as before. It saves launches and input reads
 (attention's q/k/v, SwiGLU's gate/up), and a stacked block-sparse weight is just more block rows.
 It runs after the passes that slice or permute single layers, right before select-kernels.
-On devices not in `STACK_DENSE_ON` a group is stacked only when select-kernels' cost model would
-run the stacked weight with a sparse kernel.
+A group is stacked when select-kernels' cost model would run the stacked weight with a sparse
+kernel, and, on devices in `STACK_DENSE_ON`, also when it stays dense while its members are small
+matrix products.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ from sparsec.pass_manager import PassResult, register_pass
 
 aten = torch.ops.aten
 
-# Devices where stacking linears that stay dense pays by itself: on CUDA the dense LLaMA-style stack
-# gained 1.04-1.09x over Inductor from it at decode (benchmarks/RESULTS.md). On the CPU the same
-# stack at hidden 512 ran 4-10% slower with dense layers stacked than not (2 cores, Inductor's C++
-# GEMMs, timed in alternation), so there a group is stacked only for a sparse kernel.
+# Devices where stacking linears that stay dense pays by itself, while each member is a small matrix
+# product (at most this many flops at the most tokens the graph serves): on CUDA the dense
+# LLaMA-style stack gained 1.04-1.09x over Inductor from it at decode (1 and 16 tokens; 0.5-1.4
+# GFLOP a member) and a BERT-base-style encoder 1.15x at 4096 tokens (q/k/v 4.8 GFLOP each), but the
+# LLaMA stack at 2048 tokens (69-185 GFLOP a member) ran at 0.95-0.96x in two H200 runs and at 0.99x
+# left apart (benchmarks/RESULTS.md). On the CPU the LLaMA stack at hidden 512 ran 4-10% slower with
+# dense layers stacked than not (2 cores, Inductor's C++ GEMMs, timed in alternation). Elsewhere a
+# group is stacked only for a sparse kernel.
 STACK_DENSE_ON = ("cuda",)
+STACK_DENSE_MAX_FLOPS = 2e10
 
 
 def fused_name(names: list[str]) -> str:
@@ -82,18 +88,21 @@ def fuse_group(gm: fx.GraphModule, members: list[tuple], stacked: torch.Tensor) 
 
 
 def stacked_weight(members: list[tuple], ctx) -> torch.Tensor | None:
-    """The group's weights stacked, or None where the group stays apart: on a device not in
-    STACK_DENSE_ON, unless select-kernels' cost model would run the stack with a sparse kernel."""
-    if ctx.device.type in STACK_DENSE_ON:
+    """The group's weights stacked, or None where the group stays apart: unless dense stacking pays
+    on this device at the most tokens the graph serves, only where select-kernels' cost model would
+    run the stack with a sparse kernel."""
+    from sparsec.passes import select_kernels
+
+    op = members[0][0]
+    tokens = select_kernels.decision_tokens(op, members[0][3].shape[1], ctx)
+    most = ctx.token_range[1] if ctx.token_range else tokens  # None: no upper end
+    if ctx.device.type in STACK_DENSE_ON and most is not None and all(
+            2.0 * most * m[3].numel() <= STACK_DENSE_MAX_FLOPS for m in members):
         return torch.cat([m[3] for m in members])
     if all(float(torch.count_nonzero(m[3])) >= DENSE_THRESHOLD * m[3].numel() for m in members):
         return None  # all dense: no need to stack or to ask the cost model
-    from sparsec.passes import select_kernels
-
     stacked = torch.cat([m[3] for m in members])
-    op = members[0][0]
     device = stacked.device if stacked.device.type != "meta" else ctx.device
-    tokens = select_kernels.decision_tokens(op, stacked.shape[1], ctx)
     return stacked if select_kernels.predicts_sparse(stacked, tokens, device) else None
 
 
