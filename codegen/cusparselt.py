@@ -1,12 +1,11 @@
 """2:4 linear through cuSPARSELt (torch's semi-structured path), registered for "cuda".
 
 The weight was compressed once by formats.pack_semi_structured; each call is one sparse matrix
-product W @ x^T, features first: the orientation in which cuSPARSELt ran 1.4-1.5x faster than
+product W @ x^T, features first: the orientation in which cuSPARSELt ran 1.2-1.6x faster than
 cuBLAS on the LLaMA-sized weights at 2048-4096 tokens (an H200, benchmarks/RESULTS.md), while
 asking it for the transposed result, tokens first, made the same product 1.3-1.8x slower. The
-graph turns the result back with a permute that Inductor fuses into the bias add and whatever
-pointwise op follows. No host syncs: everything here depends on shapes and dtypes only, so a call
-can be captured in a CUDA graph.
+graph copies the result back tokens first (select_kernels.rewrite_semi_structured). No host syncs:
+everything here depends on shapes and dtypes only, so a call can be captured in a CUDA graph.
 """
 import torch
 import torch.nn.functional as F

@@ -386,8 +386,8 @@ def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias
 
 
 def rewrite_semi_structured(gm: fx.GraphModule, op: fx.Node, weight_node, bias_node, weight) -> dict:
-    """Replace the linear `op` by the 2:4 op (features first), a copy back to tokens first (with the
-    bias add, one Inductor kernel) so that what follows reads the layout a dense linear gives it:
+    """Replace the linear `op` by the 2:4 op (features first), a copy back to tokens first and the bias
+    add (Inductor may fuse the two), so that what follows reads the layout a dense linear gives it:
     left transposed, the RMSNorm reductions after a LLaMA stack's 2:4 projections read across rows
     and the whole prefill ran 3x slower than dense (H200, benchmarks/RESULTS.md)."""
     from sparsec.runtime import ops  # noqa: F401  (registers torch.ops.sparsec.*)

@@ -16,7 +16,7 @@ Ops (torch.library custom ops with fake implementations, so Dynamo/Inductor/expo
                                   int in_features) -> Tensor
       (2:4 weights compressed by cuSPARSELt: CUDA only, no reference. Features first: it returns
       W @ x^T of shape [out_features, *x.shape[:-1]], the layout cuSPARSELt writes fastest; the
-      graph permutes it back and adds the bias, so Inductor fuses both into what follows)
+      graph copies it back tokens first and adds the bias)
 
 Semantics (all): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with fp32 accumulation;
 y[..., row_perm[r]] = yp[..., r]; y = act(y + bias) + residual; output dtype = x dtype.
@@ -261,8 +261,7 @@ def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
 
 # ------------------------------------------------------------------ semi_structured_linear
 # One opaque op: its only kernel is a library call (cuSPARSELt through torch). What follows it (the
-# permute back to tokens first, the bias, an activation, a residual add) stays in the graph, where
-# Inductor fuses it into one pointwise kernel.
+# copy back to tokens first, the bias, an activation, a residual add) stays in the graph for Inductor.
 @torch.library.custom_op("sparsec::semi_structured_linear", mutates_args=())
 def semi_structured_linear_op(x: torch.Tensor, values: torch.Tensor, out_features: int,
                               in_features: int) -> torch.Tensor:

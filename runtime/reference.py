@@ -59,15 +59,6 @@ def apply_epilogue(yp: torch.Tensor, bias, activation: str, residual, row_perm, 
     return yp.to(out_dtype)
 
 
-def kernel_epilogue(yp: torch.Tensor, bias, activation: str, residual, row_perm, out_dtype):
-    """apply_epilogue as the kernels apply it to a product a library returned in the inputs' dtype:
-    in fp32 whenever there is an epilogue (the Triton kernels keep their fp32 accumulator)."""
-    if yp.dtype != torch.float32 and (bias is not None or activation != "none" or residual is not None
-                                      or row_perm is not None):
-        yp = yp.float()
-    return apply_epilogue(yp, bias, activation, residual, row_perm, out_dtype)
-
-
 def bsr_dense_padded(values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor,
                      out_features: int, in_features: int) -> torch.Tensor:
     """Packed (permuted) dense matrix Wp [N, K] from BSR arrays, without host syncs."""

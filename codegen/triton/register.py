@@ -66,7 +66,11 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
 def _dense_linear(x, xk, wp, bias, activation, res2d, row_perm):
     """The many-token path of the sparse ops: cuBLAS over the rebuilt dense weight `wp`, then the
     op's epilogue (in fp32 whenever there is one, as the kernels do it), shaped like `x`."""
-    y = reference.kernel_epilogue(torch.matmul(xk, wp.t()), bias, activation, res2d, row_perm, x.dtype)
+    yp = torch.matmul(xk, wp.t())
+    if yp.dtype != torch.float32 and (bias is not None or activation != "none"
+                                     or res2d is not None or row_perm is not None):
+        yp = yp.float()
+    y = reference.apply_epilogue(yp, bias, activation, res2d, row_perm, x.dtype)
     return y.reshape(*x.shape[:-1], wp.shape[0])
 
 
