@@ -14,6 +14,7 @@ whichever is larger, per layer), i.e. the best speed-up the pruning allows for t
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -108,8 +109,6 @@ def check(out, expected, model: nn.Module, x) -> str:
     ok, why = output_close(out, expected)
     if ok:
         return "ok"
-    import copy
-
     exact = copy.deepcopy(model).double()(x.double())
     err_out, err_eager = ((t.double() - exact).abs().max().item() for t in (out, expected))
     if err_out <= 2 * err_eager:
@@ -140,8 +139,6 @@ TORCHAO_LAYOUTS = {"a": "BSR 64", "c": "BSR 64", "d": "2:4"}
 
 def torchao_variant(model: nn.Module, case: str) -> nn.Module:
     """A copy of the pruned `model` whose pruned linears hold torchao's sparse weight tensors."""
-    import copy
-
     from torchao.sparsity import block_sparse_weight, semi_sparse_weight, sparsify_
 
     config = block_sparse_weight(blocksize=BLOCK) if TORCHAO_LAYOUTS[case] == "BSR 64" else semi_sparse_weight()
