@@ -80,6 +80,12 @@ for s in $steps; do
       step prefill_2_4 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d,e
       step prefill_2_4_unpriced 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d --unpriced-relayout ;;
     ao_prefill) step ao_prefill 300 python3 benchmarks/models.py --skip-other --shapes prefill --impls sparsec,torchao ;;
+    # Case (a) at decode timed as before (do_bench: an L2 flush, then one call), beside the default
+    # back-to-back timing of models_decode1/16
+    decode_flush) step decode_flush 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a --timing flush ;;
+    # ResNet-50 bottlenecks: convolutions against their pointwise kernels, and cuDNN's fused epilogues
+    conv_epilogue) step conv_epilogue 150 python3 benchmarks/conv_epilogue.py ;;
+    conv_tests) step conv_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_conv_epilogue.py -p no:cacheprovider ;;
     *) echo "unknown step $s" ;;
   esac
 done

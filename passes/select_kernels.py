@@ -61,7 +61,7 @@ class LinearForm:
     pixel_step: tuple | None = None  # a strided 1x1 conv reads every step-th pixel of (H, W)
 
 
-def _conv_args(op: fx.Node) -> tuple:
+def conv_args(op: fx.Node) -> tuple:
     """(stride, padding, dilation, groups) of an aten.conv2d node, defaults filled in."""
     defaults = ([1, 1], [0, 0], [1, 1], 1)
     given = list(op.args[3:7]) + [None] * (4 - len(op.args[3:7]))
@@ -72,7 +72,7 @@ def _pointwise_conv(op: fx.Node, weight: torch.Tensor) -> LinearForm | None:
     """A 1x1 convolution with no padding and one group is a linear over pixels (every stride-th
     one): channels last (free for channels_last activations), the kernel, channels back."""
     x = op.args[0].meta.get("val") if isinstance(op.args[0], fx.Node) else None
-    stride, padding, _dilation, groups = _conv_args(op)  # dilation does nothing to a 1x1 kernel
+    stride, padding, _dilation, groups = conv_args(op)  # dilation does nothing to a 1x1 kernel
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or x is None or x.dim() != 4:
         return None
     if list(padding) != [0, 0] or groups != 1:
@@ -155,7 +155,7 @@ def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None
     return found
 
 
-def _activation_user(node: fx.Node):
+def activation_user(node: fx.Node):
     users = list(node.users)
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in FUSABLE_ACTIVATIONS:
         act = users[0]
@@ -194,7 +194,7 @@ def _swiglu_users(node: fx.Node):
     return [split, gate, up, silu, mul]
 
 
-def _residual_user(node: fx.Node):
+def residual_user(node: fx.Node):
     """`add(node, r)` or `add(r, node)` of the same shape, node used once: r goes in the epilogue."""
     users = list(node.users)
     if len(users) != 1 or users[0].target is not aten.add.Tensor or users[0].kwargs.get("alpha", 1) != 1:
@@ -360,13 +360,13 @@ def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias
     x = op.args[0]
     target, format_nodes, extra, perm_nodes = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm)
     last, activation, residual, absorbed = op, "none", None, []
-    act = _activation_user(op)
+    act = activation_user(op)
     gated = _swiglu_users(op) if gate_ok and act is None and form.to_rows is None else None
     if act is not None:
         last, activation, absorbed = act, FUSABLE_ACTIVATIONS[act.target], [act]
     elif gated is not None:
         last, activation, absorbed = gated[-1], "swiglu", gated
-    add, other = _residual_user(last) if form.to_rows is None else (None, None)  # residuals: tokens-major only
+    add, other = residual_user(last) if form.to_rows is None else (None, None)  # residuals: tokens-major only
     if add is not None:
         last, residual = add, other
     if form.to_rows is not None:

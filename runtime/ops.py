@@ -18,7 +18,13 @@ Ops (torch.library custom ops with fake implementations, so Dynamo/Inductor/expo
       W @ x^T of shape [out_features, *x.shape[:-1]], the layout cuSPARSELt writes fastest; the
       graph copies it back tokens first and adds the bias)
 
-Semantics (all): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with fp32 accumulation;
+  sparsec::conv2d_relu(Tensor x, Tensor weight, Tensor? bias, Tensor? addend, int[] stride,
+                       int[] padding, int[] dilation, int groups) -> Tensor
+      relu(conv2d(x, weight, bias) + addend): a convolution with its BatchNorm folded in and the
+      ReLU (and a residual of the output's shape) in the epilogue, one cuDNN call on CUDA; output
+      in reference.conv2d_layout
+
+Semantics (the linears): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with fp32 accumulation;
 y[..., row_perm[r]] = yp[..., r]; y = act(y + bias) + residual; output dtype = x dtype.
 activation "swiglu" (gated): y = silu(y[..., :N/2]) * y[..., N/2:] before the residual, so the
 output has out_features / 2 features (a SwiGLU FFN's stacked gate/up linear and its product).
@@ -54,7 +60,7 @@ _ACTIVATION_ARG = {"bsr_linear": 7, "bitmap_linear": 8, "csr_linear": 7}
 # Kernels that are registered but may not be usable yet: fn -> ready() (True once it can run).
 _READY_CHECKS: Dict[Callable, Callable[[], bool]] = {}
 # The built-in kernels of each device type: modules with `register_all()`, imported on first use.
-_BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.triton.register", "sparsec.codegen.cusparselt"),
+_BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.triton.register", "sparsec.codegen.cusparselt", "sparsec.codegen.cudnn"),
                     "cpu": ("sparsec.codegen.cpp.register",)}
 _LAZY_TRIED = set()
 
@@ -273,6 +279,24 @@ def semi_structured_linear_op(x: torch.Tensor, values: torch.Tensor, out_feature
 def _(x, values, out_features, in_features):
     torch._check(x.shape[-1] == in_features)
     return x.new_empty((out_features, *x.shape[:-1]))
+
+
+# ------------------------------------------------------------------ conv2d_relu
+# Opaque to Inductor, like the 2:4 op: its kernel is a library call (cuDNN's fused convolution).
+@torch.library.custom_op("sparsec::conv2d_relu", mutates_args=())
+def conv2d_relu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   addend: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                   dilation: List[int], groups: int) -> torch.Tensor:
+    return _run_host("conv2d_relu", reference.conv2d_relu_ref,
+                     (x, weight, bias, addend, stride, padding, dilation, groups))
+
+
+@conv2d_relu_op.register_fake
+def _(x, weight, bias, addend, stride, padding, dilation, groups):
+    spatial = [(size + 2 * pad - dil * (k - 1) - 1) // st + 1
+               for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    out = x.new_empty((x.shape[0], weight.shape[0], *spatial))
+    return out.contiguous(memory_format=reference.conv2d_layout(x, weight))
 
 
 # ------------------------------------------------------------------ helpers

@@ -116,3 +116,23 @@ def semi_structured_linear_ref(x: torch.Tensor, values: torch.Tensor, out_featur
         f"(2:4 on CUDA) and cannot run on {x.device.type!r}" + ("" if x.device.type != "cuda" else
                                                                " (cuSPARSELt is not available in this torch build)")
         + "; compile or export the model on the device it will run on")
+
+
+def conv2d_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory format of sparsec::conv2d_relu's output: channels_last when the input or the weight
+    is (cuDNN's own rule for convolutions), else contiguous. The fake implementation and every kernel
+    return this layout, so the strides Inductor plans with are the ones it gets."""
+    def channels_last(t):
+        return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+    return torch.channels_last if channels_last(x) or channels_last(weight) else torch.contiguous_format
+
+
+def conv2d_relu_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    addend: Optional[torch.Tensor], stride: list, padding: list, dilation: list,
+                    groups: int) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias) + addend): what the cuDNN kernel computes in one call."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if addend is not None:
+        y = y + addend
+    return torch.relu(y).contiguous(memory_format=conv2d_layout(x, weight))

@@ -193,15 +193,19 @@ def _mutated_inputs(node: fx.Node) -> list[str]:
 # Optimize and build one captured graph
 # ---------------------------------------------------------------------------------------------
 
-def optimize(captured: Captured, options: Options, out=None, token_range=None) -> Report:
+def optimize(captured: Captured, options: Options, out=None, token_range=None, mode: str | None = None) -> Report:
     """Run the pass pipeline over `captured.gm` in place; returns the report. `token_range`: the
-    token counts a dynamic graph will serve (default: all of them)."""
+    token counts a dynamic graph will serve (default: all of them); `mode`: torch.compile's mode
+    the graph will be compiled in."""
+    from torch._inductor import list_mode_options
+
     ctx = PassContext(
         options=options,
         example_inputs=captured.example_inputs,
         device=_device_of(captured.example_inputs, captured),
         out=out or sys.stderr,
         token_range=(token_range or (DYNAMIC_MIN_TOKENS, None)) if captured.dynamic else None,
+        cuda_graphs=bool(mode and list_mode_options(mode).get("triton.cudagraphs")),
     )
     records = run_pipeline(captured.gm, ctx)
     return Report(
@@ -220,7 +224,7 @@ def build(captured: Captured, options: Options, mode: str | None = None,
     example inputs with their SymInts, inside the backend call); default the captured examples.
     `unchanged_raises`: raise NothingToOptimize instead of compiling a graph no pass changed.
     """
-    report = optimize(captured, options, token_range=token_range)
+    report = optimize(captured, options, token_range=token_range, mode=mode)
     if unchanged_raises and options.codegen != "mlir" and not changed_anything(report):
         raise NothingToOptimize(report)  # (the MLIR path compiles the graph its own way: not Inductor's)
     gm = captured.gm

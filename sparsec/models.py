@@ -147,9 +147,18 @@ class Bottleneck(nn.Module):
 
 
 class ResNetStyle(nn.Module):
-    def __init__(self, width: int = 16, blocks: tuple[int, ...] = (1, 1), num_classes: int = 10):
+    """Bottleneck stages after a stem: a 3x3 convolution at full resolution (small test images), or
+    with `imagenet_stem` ResNet-50's own (7x7 stride-2 convolution and 3x3 stride-2 max-pool, so that
+    224x224 images reach the first stage at 56x56)."""
+
+    def __init__(self, width: int = 16, blocks: tuple[int, ...] = (1, 1), num_classes: int = 10,
+                 imagenet_stem: bool = False):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        if imagenet_stem:
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
+                                      nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers, in_ch = [], width
         for stage, count in enumerate(blocks):
             mid = width * 2**stage

@@ -61,6 +61,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 # The full pipeline in order. Passes not (yet) registered are skipped by `default_pipeline()`.
 FULL_PIPELINE = (
     "mask-fold", "analyze", "channel-slice", "co-permute", "block-reorder", "fuse-linears", "select-kernels",
+    "conv-epilogue",
 )
 
 
@@ -126,6 +127,9 @@ class PassContext:
     # counts lo..hi (hi None: no bound); passes that choose by size must choose what holds for all
     # of them, not only for the example inputs. None: a static graph.
     token_range: tuple[int, int | None] | None = None
+    # The compiled graph replays as a CUDA graph (torch.compile's mode="reduce-overhead"): host work
+    # per call (Python ops, library launch paths) costs nothing at run time.
+    cuda_graphs: bool = False
     # Filled by passes for the report: weight name -> dict of facts (kernel, decisions...).
     layer_notes: dict = field(default_factory=dict)
     layers: LayerTracker = field(default_factory=LayerTracker)

@@ -11,6 +11,7 @@ from sparsec.codegen import cost_model
 from sparsec.pass_manager import output_close
 from sparsec.passes import select_kernels
 from sparsec.runtime import formats, ops, reference
+from compiled_check import assert_compiled_equals_eager
 from float64_reference import linear64
 
 HAS_CUSPARSELT = torch.cuda.is_available() and torch.backends.cusparselt.is_available()
@@ -205,9 +206,4 @@ def test_compiled_two_four_model_equals_eager_on_the_gpu(mode, fresh_dynamo, mon
     report = sparsec.explain(model, x)
     kernels = [r["kernel"] for r in report.layers]
     assert "semi_structured_linear" in kernels, report
-    fn = torch.compile(model, backend="sparsec", **({"mode": mode} if mode else {}))
-    with torch.no_grad():
-        for _ in range(3):  # CUDA graphs: recorded on a later call than the first
-            fresh = torch.randn_like(x)
-            ok, why = output_close(fn(fresh), model(fresh))
-            assert ok, why
+    assert_compiled_equals_eager(model, x, mode)
