@@ -14,9 +14,11 @@ channel-slice added after a padded convolution (`conv + map`) is scaled with the
 
 Runs on the devices in FUSE_ON, where the fused kernel exists; elsewhere the graph is left as is
 (Inductor's own pointwise fusion is as good there). The fused call is used only when the graph
-replays as a CUDA graph (mode="reduce-overhead"): its host path (a Python custom op, cuDNN's
-fused-graph launch) made a ResNet-50 at batch 64 host-bound in the default mode, 0.45x of
-Inductor, against 1.53x under CUDA graphs (benchmarks/RESULTS.md). BatchNorm is folded in both.
+replays as a CUDA graph (mode="reduce-overhead"): in the default mode its host path made a
+host-bound ResNet-50 at batch 64 run at 0.45x of Inductor, against 1.53x under CUDA graphs
+(benchmarks/RESULTS.md; measured while the op was a `torch.library.custom_op`, ~56 us of host time a
+call more than conv + relu; `runtime.ops.host_op` has since cut that overhead to about a third on
+the CPU, not yet re-measured on the GPU). BatchNorm is folded in both modes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """sparsec custom ops and the kernel registry.
 
-Ops (torch.library custom ops with fake implementations, so Dynamo/Inductor/export see them):
+Ops (torch.library ops with fake implementations, so Dynamo/Inductor/export see them: the public
+linears are triton_ops, which torch.compile traces into; the rest, opaque, are defined by `host_op`):
 
   sparsec::bsr_linear(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets,
                       int out_features, int in_features, Tensor? bias, str activation,
@@ -175,21 +176,41 @@ def _fake_linear(x, out_features, in_features, activation):
     return x.new_empty((*x.shape[:-1], reference.output_features(out_features, activation)))
 
 
+# The opaque ops are defined through torch.library.Library rather than torch.library.custom_op: the
+# same schema, fake implementation and dispatch, but the dispatcher calls the Python function
+# directly. custom_op's wrapper layers cost ~26 us a call more on a 2-core CPU (38.8 vs 13.1 us around
+# a small convolution; 21.1 us this way) and ~56 us on the H200 machine's host (benchmarks/RESULTS.md),
+# paid by every sparse layer of every call that is not replayed as a CUDA graph.
+_LIBRARY = torch.library.Library("sparsec", "FRAGMENT")
+
+
+def host_op(schema: str):
+    """Define `sparsec::<schema>` with the decorated function as its implementation on every device;
+    returns the op (an OpOverload). Its fake implementation is registered separately
+    (`torch.library.register_fake`)."""
+    def define(fn):
+        name = schema.split("(", 1)[0]
+        _LIBRARY.define(schema)
+        _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+        return getattr(torch.ops.sparsec, name).default
+    return define
+
+
 # ------------------------------------------------------------------ bsr_linear
 # The public op is a triton_op: torch.compile traces into it and Inductor launches the Triton
 # kernel from its own generated code (no Python dispatch per call). Everything that is not a
 # traceable kernel runs in the opaque `_host` op, with a fake implementation.
-@torch.library.custom_op("sparsec::bsr_linear_host", mutates_args=())
-def bsr_linear_host(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
-                    row_offsets: torch.Tensor, out_features: int, in_features: int,
-                    bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
-                    row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor]) -> torch.Tensor:
+@host_op("bsr_linear_host(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets, SymInt out_features, "
+         "SymInt in_features, Tensor? bias, str activation, Tensor? residual, Tensor? row_perm, Tensor? col_perm) "
+         "-> Tensor")
+def bsr_linear_host(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
+                    row_perm, col_perm):
     return _run_host("bsr_linear", reference.bsr_linear_ref,
                      (x, values, col_indices, row_offsets, out_features, in_features, bias,
                       activation, residual, row_perm, col_perm))
 
 
-@bsr_linear_host.register_fake
+@torch.library.register_fake("sparsec::bsr_linear_host")
 def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
       residual, row_perm, col_perm):
     return _fake_linear(x, out_features, in_features, activation)
@@ -208,18 +229,17 @@ def bsr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
 
 
 # ------------------------------------------------------------------ bitmap_linear
-@torch.library.custom_op("sparsec::bitmap_linear_host", mutates_args=())
-def bitmap_linear_host(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,
-                       tile_offsets: torch.Tensor, out_features: int, in_features: int,
-                       tile_rows: int, bias: Optional[torch.Tensor], activation: str,
-                       residual: Optional[torch.Tensor], row_perm: Optional[torch.Tensor],
-                       col_perm: Optional[torch.Tensor]) -> torch.Tensor:
+@host_op("bitmap_linear_host(Tensor x, Tensor values, Tensor bitmap, Tensor tile_offsets, SymInt out_features, "
+         "SymInt in_features, SymInt tile_rows, Tensor? bias, str activation, Tensor? residual, Tensor? row_perm, "
+         "Tensor? col_perm) -> Tensor")
+def bitmap_linear_host(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows, bias, activation,
+                       residual, row_perm, col_perm):
     return _run_host("bitmap_linear", reference.bitmap_linear_ref,
                      (x, values, bitmap, tile_offsets, out_features, in_features, tile_rows,
                       bias, activation, residual, row_perm, col_perm))
 
 
-@bitmap_linear_host.register_fake
+@torch.library.register_fake("sparsec::bitmap_linear_host")
 def _(x, values, bitmap, tile_offsets, out_features, in_features, tile_rows, bias, activation,
       residual, row_perm, col_perm):
     return _fake_linear(x, out_features, in_features, activation)
@@ -239,17 +259,15 @@ def bitmap_linear_op(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor
 
 
 # ------------------------------------------------------------------ csr_linear
-@torch.library.custom_op("sparsec::csr_linear_host", mutates_args=())
-def csr_linear_host(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
-                    row_offsets: torch.Tensor, out_features: int, in_features: int,
-                    bias: Optional[torch.Tensor], activation: str,
-                    residual: Optional[torch.Tensor]) -> torch.Tensor:
+@host_op("csr_linear_host(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets, SymInt out_features, "
+         "SymInt in_features, Tensor? bias, str activation, Tensor? residual) -> Tensor")
+def csr_linear_host(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
     return _run_host("csr_linear", reference.csr_linear_ref,
                      (x, values, col_indices, row_offsets, out_features, in_features, bias,
                       activation, residual))
 
 
-@csr_linear_host.register_fake
+@torch.library.register_fake("sparsec::csr_linear_host")
 def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
     return _fake_linear(x, out_features, in_features, activation)
 
@@ -268,14 +286,13 @@ def csr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
 # ------------------------------------------------------------------ semi_structured_linear
 # One opaque op: its only kernel is a library call (cuSPARSELt through torch). What follows it (the
 # copy back to tokens first, the bias, an activation, a residual add) stays in the graph for Inductor.
-@torch.library.custom_op("sparsec::semi_structured_linear", mutates_args=())
-def semi_structured_linear_op(x: torch.Tensor, values: torch.Tensor, out_features: int,
-                              in_features: int) -> torch.Tensor:
+@host_op("semi_structured_linear(Tensor x, Tensor values, SymInt out_features, SymInt in_features) -> Tensor")
+def semi_structured_linear_op(x, values, out_features, in_features):
     return _run_host("semi_structured_linear", reference.semi_structured_linear_ref,
                      (x, values, out_features, in_features))
 
 
-@semi_structured_linear_op.register_fake
+@torch.library.register_fake("sparsec::semi_structured_linear")
 def _(x, values, out_features, in_features):
     torch._check(x.shape[-1] == in_features)
     return x.new_empty((out_features, *x.shape[:-1]))
@@ -283,15 +300,14 @@ def _(x, values, out_features, in_features):
 
 # ------------------------------------------------------------------ conv2d_relu
 # Opaque to Inductor, like the 2:4 op: its kernel is a library call (cuDNN's fused convolution).
-@torch.library.custom_op("sparsec::conv2d_relu", mutates_args=())
-def conv2d_relu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   addend: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                   dilation: List[int], groups: int) -> torch.Tensor:
+@host_op("conv2d_relu(Tensor x, Tensor weight, Tensor? bias, Tensor? addend, SymInt[] stride, SymInt[] padding, "
+         "SymInt[] dilation, SymInt groups) -> Tensor")
+def conv2d_relu_op(x, weight, bias, addend, stride, padding, dilation, groups):
     return _run_host("conv2d_relu", reference.conv2d_relu_ref,
                      (x, weight, bias, addend, stride, padding, dilation, groups))
 
 
-@conv2d_relu_op.register_fake
+@torch.library.register_fake("sparsec::conv2d_relu")
 def _(x, weight, bias, addend, stride, padding, dilation, groups):
     spatial = [(size + 2 * pad - dil * (k - 1) - 1) // st + 1
                for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]

@@ -302,8 +302,8 @@ def export_aot_inductor(gm: fx.GraphModule, args: tuple, input_specs: list[dict]
     """Compile the optimized program with AOTInductor into `path` (a `.pt2` package).
 
     Needs a C++ compiler (Inductor's CPU codegen; on CUDA also nvcc/Triton). The package embeds
-    the weights; dense parts are Inductor-compiled C++/Triton. sparsec's custom ops are Python
-    `torch.library.custom_op`s, which AOTInductor calls through its proxy executor: the `.pt2` runs
+    the weights; dense parts are Inductor-compiled C++/Triton. sparsec's custom ops are implemented in
+    Python (`torch.library`), and AOTInductor calls them through its proxy executor: the `.pt2` runs
     only in a Python process that has registered them (`import sparsec.runtime.ops` before
     `torch._inductor.aoti_load_package`, or use `load_aot_inductor`); without it torch raises
     "Could not find schema for sparsec::...". A Python-free (C++) deployment needs the ops registered from C++
