@@ -123,12 +123,10 @@ def fuse_relu(gm: fx.GraphModule, conv: fx.Node) -> str | None:
 
 
 def _fusable(conv: fx.Node) -> str | None:
-    """Why the fused kernel cannot run this convolution, or None."""
-    x = conv.args[0].meta.get("val") if isinstance(conv.args[0], fx.Node) else None
-    if x is None or x.dim() != 4:
-        return "not a batched 2-D convolution"
-    if isinstance(conv_args(conv)[1], str):
-        return "padding given as a string"
+    """Why the fused kernel is not used for this convolution, or None."""
+    groups = conv_args(conv)[3]
+    if groups != 1:  # cuDNN's fused graphs were measured (and tested on the GPU) for one group only
+        return "grouped convolution"
     return None
 
 
@@ -143,15 +141,19 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
         return PassResult(changed=False, stats={"skipped": f"no fused convolution kernel on {sorted(devices)}"})
     for conv, weight_node, bias_node in convs:
         name = ir.display_name(weight_node)
-        if _fusable(conv) is not None or not ir.get_constant(gm, weight_node).is_floating_point():
-            continue
+        x = conv.args[0].meta.get("val") if isinstance(conv.args[0], fx.Node) else None
+        if x is None or x.dim() != 4 or not ir.get_constant(gm, weight_node).is_floating_point():
+            continue  # not a batched 2-D convolution with a float weight
         add = _constant_map_add(conv)
         bn = _eval_batch_norm(add if add is not None else conv)
         if bn is not None and ctx.allow_rewrite(f"fold {bn.name} into {name}"):
             fold_batch_norm(gm, conv, weight_node, bias_node, add, bn)
             stats["batch_norms_folded"] += 1
             ctx.note(name, batch_norm="folded into the convolution")
-        if add is None and ctx.cuda_graphs and ctx.allow_rewrite(f"fuse the epilogue of {name}"):
+        why_not = _fusable(conv)
+        if why_not is not None:
+            ctx.note(name, epilogue_reason=why_not)
+        elif add is None and ctx.cuda_graphs and ctx.allow_rewrite(f"fuse the epilogue of {name}"):
             fused = fuse_relu(gm, conv)
             if fused is not None:
                 stats["fused"] += 1

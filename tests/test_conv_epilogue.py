@@ -98,6 +98,36 @@ def test_only_an_eval_batch_norm_that_alone_reads_the_convolution_is_folded(fuse
         assert output_close(gm(x), model(x))[0]
 
 
+def test_grouped_convolution_is_folded_but_not_fused(fuse_on_cpu, seeded):
+    model = models.randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16),
+                                                     nn.ReLU())).eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm, _, records = run(model, x)
+    assert records[0].stats == {"batch_norms_folded": 1, "fused": 0}
+    assert FUSED not in targets(gm) and torch.ops.aten.relu.default in targets(gm)
+    with torch.no_grad():
+        assert output_close(gm(x), model(x))[0]
+
+
+def test_a_shape_cudnn_refuses_falls_back_and_is_not_tried_again(monkeypatch):
+    """cuDNN finding no fused engine must not fail the model: the kernel declines (the op then runs its
+    reference) and remembers the shape. Simulated with a fused call that raises."""
+    from sparsec.codegen import cudnn
+
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch.ops.aten, "cudnn_convolution_relu", refuse, raising=False)
+    monkeypatch.setattr(cudnn, "_refused", set())
+    args = (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6), None, [1, 1], [1, 1], [1, 1], 1)
+    assert cudnn.conv2d_relu_cudnn(*args) is NotImplemented
+    assert cudnn.conv2d_relu_cudnn(*args) is NotImplemented
+    assert len(calls) == 1  # the refused shape is remembered
+
+
 @pytest.mark.parametrize("name", ["resnet", "mobilenet"])
 def test_real_cnns_through_the_full_pipeline_equal_eager(fuse_on_cpu, seeded, name):
     """A ResNet-style model with the ImageNet stem (7x7 conv, max-pool) and half of every bottleneck's
