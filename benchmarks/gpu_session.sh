@@ -85,6 +85,9 @@ for s in $steps; do
     decode_flush) step decode_flush 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a --timing flush ;;
     # ResNet-50 bottlenecks: convolutions against their pointwise kernels, and cuDNN's fused epilogues
     conv_epilogue) step conv_epilogue 150 python3 benchmarks/conv_epilogue.py ;;
+    # ResNet/BERT rows with the fused convolutions in the default mode too (the op's host path is cheaper
+    # since runtime.ops.host_op): does fusing now pay without CUDA graphs?
+    models_other_fuse_default) step models_other_fuse_default 240 python3 benchmarks/models.py --shapes none --fuse-conv-always ;;
     conv_tests) step conv_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_conv_epilogue.py -p no:cacheprovider ;;
     *) echo "unknown step $s" ;;
   esac

@@ -309,6 +309,8 @@ def main(argv=None):
     parser.add_argument("--unpriced-relayout", action="store_true", help="experiment: the cost model ignores the "
                         "copy after the 2:4 kernel (cost_model.RELAYOUT_EFFICIENCY), so 2:4 runs wherever the kernel "
                         "alone is predicted faster")
+    parser.add_argument("--fuse-conv-always", action="store_true", help="experiment: conv-epilogue fuses the "
+                        "convolutions' epilogues in the default mode too (conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS)")
     parser.add_argument("--impls", default="sparsec", help="sparsec and/or torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao)")
     args = parser.parse_args(argv)
@@ -321,6 +323,11 @@ def main(argv=None):
 
         cost_model.RELAYOUT_EFFICIENCY = float("inf")
         print("# experiment: the copy after the 2:4 kernel is not priced (RELAYOUT_EFFICIENCY = inf)")
+    if args.fuse_conv_always:
+        from sparsec.passes import conv_epilogue
+
+        conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS = True
+        print("# experiment: fused convolution epilogues in the default mode too")
     args.shapes = args.shapes.split(",")
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

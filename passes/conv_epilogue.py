@@ -35,6 +35,9 @@ from sparsec.runtime import ops  # noqa: F401  (registers sparsec::conv2d_relu)
 aten = torch.ops.aten
 
 FUSE_ON = ("cuda",)
+# Experiment switch (benchmarks/models.py --fuse-conv-always): fuse in the default mode too, to
+# measure whether the op's host path now pays there (see the module docstring).
+FUSE_WITHOUT_CUDA_GRAPHS = False
 
 
 def _is_constant(arg) -> bool:
@@ -133,7 +136,8 @@ def _fusable(conv: fx.Node) -> str | None:
 @register_pass("conv-epilogue", "Fold eval BatchNorm into convolutions; under CUDA graphs run conv+bias(+residual)+ReLU as one cuDNN call")
 def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"batch_norms_folded": 0, "fused": 0}
-    if not ctx.cuda_graphs:
+    fuse = ctx.cuda_graphs or FUSE_WITHOUT_CUDA_GRAPHS
+    if not fuse:
         stats["fusion"] = "off without CUDA graphs (the fused call's host path costs more than it saves)"
     convs = [(op, w, b) for op, w, b in ir.weight_ops(gm) if op.target is aten.conv2d.default]
     devices = {ir.get_constant(gm, w).device.type for _, w, _ in convs} - {"meta"} or {ctx.device.type}
@@ -153,7 +157,7 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
         why_not = _fusable(conv)
         if why_not is not None:
             ctx.note(name, epilogue_reason=why_not)
-        elif add is None and ctx.cuda_graphs and ctx.allow_rewrite(f"fuse the epilogue of {name}"):
+        elif add is None and fuse and ctx.allow_rewrite(f"fuse the epilogue of {name}"):
             fused = fuse_relu(gm, conv)
             if fused is not None:
                 stats["fused"] += 1
