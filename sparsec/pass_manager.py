@@ -130,6 +130,9 @@ class PassContext:
     # The compiled graph replays as a CUDA graph (torch.compile's mode="reduce-overhead"): host work
     # per call (Python ops, library launch paths) costs nothing at run time.
     cuda_graphs: bool = False
+    # An earlier pass of this pipeline changed the graph (set by run_pipeline): a pass whose rewrite
+    # pays only alongside others can leave a graph that is otherwise unchanged to Inductor as it is.
+    graph_changed: bool = False
     # Filled by passes for the report: weight name -> dict of facts (kernel, decisions...).
     layer_notes: dict = field(default_factory=dict)
     layers: LayerTracker = field(default_factory=LayerTracker)
@@ -215,6 +218,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, pipeline: str | None = No
             gm.recompile()
             ir.refresh_shapes(gm, ctx.example_inputs)
         seconds = time.perf_counter() - start
+        ctx.graph_changed = ctx.graph_changed or result.changed
         ctx.layers.observe(gm)
         records.append(PassRecord(info.name, seconds, result.changed, dict(result.stats)))
         log.info("pass %s: %.3fs changed=%s %s", info.name, seconds, result.changed, result.stats)

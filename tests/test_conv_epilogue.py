@@ -31,11 +31,11 @@ def targets(gm) -> list:
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def run(model, x, passes="conv-epilogue", cuda_graphs=True):
+def run(model, x, passes="conv-epilogue", cuda_graphs=True, graph_changed=False):
     captured = capture_module(model, (x,))
     before = ir.dump(captured.gm)
     ctx = PassContext(options=sparsec.Options(passes=passes, verify_each=True), example_inputs=captured.example_inputs,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, graph_changed=graph_changed)
     records = run_pipeline(captured.gm, ctx)
     return captured.gm, before, records
 
@@ -62,14 +62,28 @@ def test_bottleneck_ir_before_and_after(fuse_on_cpu, seeded):
 
 
 def test_without_cuda_graphs_batch_norm_is_folded_but_nothing_fused(fuse_on_cpu, seeded):
+    """(graph_changed: as if an earlier pass, channel-slice say, had changed the graph)"""
     block = models.randomize_batchnorm(models.Bottleneck(16, 8, 16)).eval()
     x = torch.randn(2, 16, 8, 8)
-    gm, _, records = run(block, x, cuda_graphs=False)
+    gm, _, records = run(block, x, cuda_graphs=False, graph_changed=True)
     assert records[0].stats["batch_norms_folded"] == 3 and records[0].stats["fused"] == 0
     assert "off without CUDA graphs" in records[0].stats["fusion"]
     assert FUSED not in targets(gm) and "batch_norm" not in ir.dump(gm)
     with torch.no_grad():
         assert output_close(gm(x), block(x))[0]
+
+
+def test_a_dense_cnn_without_cuda_graphs_is_left_to_inductor(fuse_on_cpu, seeded):
+    """Nothing sparse, no CUDA graphs: no pass changes the graph, so the backend hands Dynamo's graph
+    to Inductor unchanged (folding alone is not worth leaving that path); under CUDA graphs the
+    fused epilogues are worth it, dense or not."""
+    model = models.randomize_batchnorm(models.ResNetStyle(8, (1,), 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    _, _, records = run(model, x, passes=None, cuda_graphs=False)
+    assert not any(r.changed for r in records), [(r.name, r.stats) for r in records]
+    assert "no other pass changed the graph" in records[-1].stats["batch_norms_folded"]
+    _, _, records = run(model, x, passes=None, cuda_graphs=True)
+    assert records[-1].changed and records[-1].stats["fused"] == 4  # the stem, conv1, conv2, conv3 (+ residual)
 
 
 def test_off_on_devices_without_the_fused_kernel(seeded):
