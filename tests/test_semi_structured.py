@@ -10,7 +10,7 @@ import sparsec
 from sparsec.codegen import cost_model
 from sparsec.pass_manager import output_close
 from sparsec.passes import select_kernels
-from sparsec.runtime import formats, ops, reference
+from sparsec.runtime import formats, ops
 from compiled_check import assert_compiled_equals_eager
 from float64_reference import linear64
 
