@@ -31,6 +31,7 @@ import torch.fx as fx
 from sparsec import ir
 from sparsec.analysis import analyze
 from sparsec.pass_manager import PassResult, register_pass
+from sparsec.report import mark_layer
 from sparsec.passes.select_kernels import activation_user, conv_args, residual_user
 from sparsec.runtime import ops  # noqa: F401  (registers sparsec::conv2d_relu)
 
@@ -117,9 +118,8 @@ def fuse_relu(gm: fx.GraphModule, conv: fx.Node) -> str | None:
     kernel = "cudnn conv+bias+add+relu" if residual is not None else "cudnn conv+bias+relu"
     weight_value = ir.get_constant(gm, weight)
     fused.meta["val"] = relu.meta.get("val")
-    fused.meta["sparsec_kernel"] = kernel
-    fused.meta["sparsec_layer"] = {"name": ir.display_name(weight), "op": "conv2d", "shape": tuple(weight_value.shape),
-                                   "sparsity": weight.meta.get("sparsity") or analyze(weight_value), "kernel": kernel}
+    mark_layer(fused, ir.display_name(weight), "conv2d", weight_value.shape,
+               weight.meta.get("sparsity") or analyze(weight_value), kernel)
     relu.replace_all_uses_with(fused)
     for node in (relu, add, conv):
         if node is not None:
@@ -142,7 +142,7 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
     if not fuse:
         stats["fusion"] = "off without CUDA graphs (the fused call's host path costs more than it saves)"
         if not ctx.graph_changed:
-            stats["batch_norms_folded"] = "none: no other pass changed the graph, Inductor gets it as it is"
+            stats["folding"] = "off: no other pass changed the graph, Inductor gets it as it is"
             return PassResult(changed=False, stats=stats)
     convs = [(op, w, b) for op, w, b in ir.weight_ops(gm) if op.target is aten.conv2d.default]
     devices = {ir.get_constant(gm, w).device.type for _, w, _ in convs} - {"meta"} or {ctx.device.type}

@@ -27,6 +27,7 @@ from sparsec import ir
 from sparsec.codegen import cost_model
 from sparsec.runtime import formats
 from sparsec.pass_manager import PassResult, register_pass
+from sparsec.report import mark_layer
 
 aten = torch.ops.aten
 
@@ -134,7 +135,7 @@ def candidates_for(weight: torch.Tensor, m: int, device_type: str, row_perm=None
     if has_real_kernel("csr_linear", device_type):  # CSR needs no permutation: counted as is
         found.append(cost_model.csr_candidate(m, n, k, es, nnz))
     if (two_four and weight.device.type != "meta" and has_real_kernel("semi_structured_linear", device_type)
-            and formats.fits_semi_structured(weight)):  # packing needs the values
+            and formats.fits_semi_structured(weight, nonzero)):  # packing needs the values
         found.append(cost_model.semi_structured_candidate(m, n, k, es))
     # The tiled formats as stored and, when block-reorder found permutations, also packed with them
     # (fewer tiles, but each costs more: cost_model.PERMUTED_EFFICIENCY).
@@ -481,11 +482,9 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
             fused = rewrite_semi_structured(gm, op, weight_node, bias_node, weight)
         else:
             fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok)
-        fused["node"].meta["sparsec_layer"] = {
-            "name": name, "op": form.op, "shape": tuple(ir.get_constant(gm, weight_node).shape), "sparsity": info,
-            "kernel": choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
-        }
-        fused["node"].meta["sparsec_kernel"] = choice.label
+        mark_layer(fused["node"], name, form.op, ir.get_constant(gm, weight_node).shape, info,
+                   choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
+                   label=choice.label)
         ctx.note(name, choice=choice.label, epilogue=f"act={fused['activation']} residual={fused['residual']}", **facts)
         stats["sparse_kernels"] += 1
     if boundaries:

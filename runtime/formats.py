@@ -315,15 +315,16 @@ SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 SEMI_STRUCTURED_MULTIPLE = 16
 
 
-def fits_semi_structured(weight: torch.Tensor) -> bool:
+def fits_semi_structured(weight: torch.Tensor, nonzero: Optional[torch.Tensor] = None) -> bool:
     """At most 2 non-zeros in every aligned group of 4 inputs of every row, in a dtype and shape
-    cuSPARSELt takes."""
+    cuSPARSELt takes (`nonzero`: `weight != 0`, when the caller has it already)."""
     if weight.dim() != 2 or weight.dtype not in SEMI_STRUCTURED_DTYPES:
         return False
     n, k = weight.shape
     if n % SEMI_STRUCTURED_MULTIPLE or k % SEMI_STRUCTURED_MULTIPLE or weight.numel() == 0:
         return False
-    return int((weight != 0).reshape(-1, 4).sum(dim=1).max()) <= 2
+    nonzero = weight != 0 if nonzero is None else nonzero
+    return int(nonzero.reshape(-1, 4).sum(dim=1).max()) <= 2
 
 
 @dataclass

@@ -15,6 +15,13 @@ def _op_label(target) -> str:
     return ir._op_name(target).split(".")[-1] if hasattr(target, "name") else str(target)
 
 
+def mark_layer(node: fx.Node, name: str, op: str, shape, sparsity, kernel: str, label: str | None = None) -> None:
+    """Mark `node` as the sparsec kernel that now runs layer `name` (what current_layers reads back):
+    `kernel` for the report's kernel column, `label` (default: the same) for the IR dump."""
+    node.meta["sparsec_layer"] = {"name": name, "op": op, "shape": tuple(shape), "sparsity": sparsity, "kernel": kernel}
+    node.meta["sparsec_kernel"] = label or kernel
+
+
 def current_layers(gm: fx.GraphModule) -> dict[str, dict]:
     """Weight name -> facts for every layer in the graph now (weight ops and sparsec kernels)."""
     layers = {}
