@@ -42,7 +42,7 @@ for s in $steps; do
     profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
     # the same with one non-zero block a step (the decode kernel before its STEPS table)
     profile_a_step1) step profile_a_step1 150 python3 benchmarks/profile_decode.py --case a --tokens 1 16 --steps 1 1 --skip-inductor ;;
-    bsr_tests) step bsr_tests 100 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k "bsr or op_3d" -p no:cacheprovider ;;
+    bsr_tests) step bsr_tests 240 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k "bsr or op_3d" -p no:cacheprovider ;;
     bsr_sweep_small) step bsr_sweep_small 330 python3 benchmarks/kernels.py --sweep --tokens 1 16 ;;
     # The kernels of this session's changes on the GPU: block-sparse (several blocks per step) and 2:4
     kernel_tests) step kernel_tests 240 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
@@ -89,6 +89,11 @@ for s in $steps; do
     # since runtime.ops.host_op): does fusing now pay without CUDA graphs?
     models_other_fuse_default) step models_other_fuse_default 240 python3 benchmarks/models.py --shapes none --fuse-conv-always ;;
     conv_tests) step conv_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_conv_epilogue.py -p no:cacheprovider ;;
+    # The decode kernel at one token with and without the next step loaded ahead (PREFETCH)
+    bsr_sweep_m1) step bsr_sweep_m1 330 python3 benchmarks/kernels.py --sweep --tokens 1 ;;
+    # The scale line on this GPU: cuBLAS over 1/10 (a, c) or 1/2 (b) of each pruned linear's columns
+    line_decode) step line_decode 300 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,b,c --impls line ;;
+    line_prefill) step line_prefill 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,b,c --impls line ;;
     *) echo "unknown step $s" ;;
   esac
 done

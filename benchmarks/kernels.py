@@ -280,10 +280,12 @@ def run_sweep(args):
         if M <= 64:
             dot = M >= bsr_small_m.DOT_MIN_M
             for rows in ([64, 32, 16] if dot else [16, 8, 4]):
-                for step in [1, 2, 4]:
+                for step in ([1, 2, 4] if dot else [2, 4, 8]):
                     for nw in ([4] if dot else [4, 8]):
                         for ns in ([4, 6] if dot else [4]):
-                            cfgs.append(("small", dict(ROWS=rows, STEP=step, num_warps=nw, num_stages=ns)))
+                            for prefetch in ([False] if dot else [False, True]):
+                                cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
+                                                           num_warps=nw, num_stages=ns)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
@@ -318,6 +320,10 @@ def run_sweep(args):
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
               f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
+        for prefetch in (False, True):  # the broadcast path with and without the next step loaded ahead
+            same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
+            if same and M < bsr_small_m.DOT_MIN_M:
+                print(f"  PREFETCH={prefetch}: best {min(same) * 1e3:.1f}us", flush=True)
 
 
 def run_sweep_semi_structured(args):

@@ -186,6 +186,32 @@ def torchao_variant(model: nn.Module, case: str) -> nn.Module:
     return variant
 
 
+# The issue's "line" for cases a-c: each pruned linear replaced by a dense one over the first
+# density * K input columns (`--impls sparsec,line`): the weight bytes and flops of a perfect sparse
+# kernel with the same number of kernels, under Inductor in the same mode.
+LINE_DENSITY = {"a": 0.1, "b": 0.5, "c": 0.1}
+
+
+class ColumnStandIn(nn.Module):
+    def __init__(self, linear: nn.Linear, density: float):
+        super().__init__()
+        self.keep = max(1, round(linear.in_features * density))
+        self.weight = nn.Parameter(linear.weight[:, :self.keep].clone(), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x[..., :self.keep], self.weight)
+
+
+def line_variant(model: nn.Module, case: str) -> nn.Module:
+    variant = copy.deepcopy(model)
+    for name, module in list(variant.named_modules()):
+        for child_name, child in list(module.named_children()):
+            fqn = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and (case != "c" or ".mlp." in f".{fqn}."):
+                setattr(module, child_name, ColumnStandIn(child, LINE_DENSITY[case]))
+    return variant
+
+
 def _error(e: Exception) -> str:
     return f"fails ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
 
@@ -230,6 +256,13 @@ def run_llama(args, device, dtype, sizes, out):
                         out(f"  case {case} ({CASES[case]}), {mode or 'default'}: sparsec {ms:.3f} ms vs inductor "
                             f"{ref:.3f} ms = {ref / ms:.2f}x (floor {floor:.2f}x) {verdict}"
                             + host_note(fn, inductor[mode]))
+                    if "line" in args.impls and case in LINE_DENSITY:
+                        fn = compiled(line_variant(model, case), "inductor", mode)
+                        ms, ref = median_ms(fn, x, device), base[f"inductor/{mode or 'default'}"]
+                        label = f"line: cuBLAS over {LINE_DENSITY[case]:g} of the columns"
+                        rows.append((shape_name, case, label, mode or "default", ms, ref, floor, "stand-in"))
+                        out(f"  case {case}, {mode or 'default'}: {label} {ms:.3f} ms vs inductor {ref:.3f} ms "
+                            f"= {ref / ms:.2f}x")
                     if "torchao" in args.impls and case in TORCHAO_LAYOUTS:
                         rows.append(_torchao_row(model, case, mode, x, expected, shape_name, floor,
                                                  base[f"inductor/{mode or 'default'}"], device, out))
@@ -311,8 +344,9 @@ def main(argv=None):
                         "alone is predicted faster")
     parser.add_argument("--fuse-conv-always", action="store_true", help="experiment: conv-epilogue fuses the "
                         "convolutions' epilogues in the default mode too (conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS)")
-    parser.add_argument("--impls", default="sparsec", help="sparsec and/or torchao (its sparsify_ with BSR 64 "
-                        "for cases a and c, 2:4 for d; needs torchao)")
+    parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
+                        "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
+                        "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
     args = parser.parse_args(argv)
     global PASSES, TIMING
     PASSES, TIMING = args.passes, args.timing

@@ -95,20 +95,22 @@ def test_bsr_kernels_shapes(case, M):
           ref, torch.float32)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("step", [2, 4])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("M", [1, 5, 17])
-def test_bsr_small_m_blocks_per_step(case, M, step):
+def test_bsr_small_m_blocks_per_step(case, M, step, prefetch):
     """Several non-zero blocks per loop step: block rows whose count is not a multiple of the step
-    (the last step is partly masked), empty rows, no blocks at all; column permutation too."""
+    (the last step is partly masked), empty rows, no blocks at all; column permutation too; with
+    and without the next step loaded ahead (PREFETCH)."""
     N, K, block, density, extra = case
     gen = torch.Generator().manual_seed(hash((N, K, M, step)) % 1000)
     w = sparse_weight(N, K, block, density, gen, **extra)
     p = pack_bsr(w, block, col_perm=torch.randperm(K, generator=gen))
     x = torch.randn(M, K, generator=gen)
     ref = linear64(x, w, None, "none", None)
-    check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32, config=dict(STEP=step)),
-          ref, torch.float32)
+    check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32,
+                  config=dict(STEP=step, PREFETCH=prefetch)), ref, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -128,9 +130,11 @@ def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kern,M,step", [(bsr_small_m, 1, 1), (bsr_small_m, 3, 2), (bsr_small_m, 17, 1),
-                                         (bsr_small_m, 17, 4), (bsr_large_m, 69, None)])
-def test_bsr_gated_epilogue(dtype, kern, M, step):
+@pytest.mark.parametrize("kern,M,step,prefetch", [(bsr_small_m, 1, 1, False), (bsr_small_m, 1, 2, True),
+                                                  (bsr_small_m, 3, 2, False), (bsr_small_m, 3, 1, True),
+                                                  (bsr_small_m, 17, 1, False), (bsr_small_m, 17, 4, False),
+                                                  (bsr_small_m, 17, 2, True), (bsr_large_m, 69, None, None)])
+def test_bsr_gated_epilogue(dtype, kern, M, step, prefetch):
     """SwiGLU in the epilogue: the weight's rows are [gate; up] and each program reads the up block
     row N/BH below its gate block row; an empty gate row and an empty up row are in the weight."""
     gen = torch.Generator().manual_seed(12)
@@ -143,7 +147,7 @@ def test_bsr_gated_epilogue(dtype, kern, M, step):
     ref = linear64(x, w, b, "swiglu", r)
     out = torch.full((M, half), float("nan"), dtype=dtype, device=DEV)
     d = lambda t: t.to(DEV)
-    cfg = dict(BLOCK_M=32, num_warps=4, num_stages=2) if kern is bsr_large_m else dict(STEP=step)
+    cfg = dict(BLOCK_M=32, num_warps=4, num_stages=2) if kern is bsr_large_m else dict(STEP=step, PREFETCH=prefetch)
     kern.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), half, K, d(b),
                 ACT_CODES["swiglu"], d(r), None, None, out, config=cfg)
     check(out, ref, dtype)

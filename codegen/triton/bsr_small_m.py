@@ -16,21 +16,33 @@ from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
 
-# The config table below was swept on an H200 (benchmarks/kernels.py --sweep --tokens 1 16, the
+# The config tables below were swept on an H200 (benchmarks/kernels.py --sweep --tokens 1 16, the
 # LLaMA-style decode shapes at 90% and 50% 64x64 blocks, 2026-12-02; benchmarks/RESULTS.md).
-ROWS = 16          # output features per program without tl.dot (a slab of 16 x BW per block: 2 KB in bf16)
-MIN_ROWS = 4
-TARGET_PROGRAMS = 1024  # without tl.dot, slabs thin down to keep ~8 programs per SM streaming
+#
+# Without tl.dot (M < DOT_MIN_M): slabs of ROWS output features, thinned to MIN_ROWS while fewer than
+# TARGET_PROGRAMS programs stream; each loop step loads BROADCAST_STEP_WEIGHTS weights per program
+# (STEP = that / (ROWS * BW), both halves counted when gated, / BLOCK_M so the fp32 accumulator
+# keeps its size), and where the slabs could not be thinned enough (few programs, so each must keep
+# more bytes in flight) the next step is loaded before this one is multiplied (PREFETCH), with
+# PREFETCH_WARPS on block rows of VERY_LONG_ROW_BLOCKS or more. One token, third session's sweep:
+# 4096x4096 50% 10.6 -> 9.6 us, 4096x11008 50% 20.9 -> 17.4, 12288x4096 50% 22.2 -> 17.9,
+# 4096x4096 90% 5.1 -> 3.9; the other decode shapes within 0.4 us of the best swept.
+ROWS = 16
+MIN_ROWS = 8
+TARGET_PROGRAMS = 768
+BROADCAST_STEP_WEIGHTS = 4096
+VERY_LONG_ROW_BLOCKS = 64
+PREFETCH_WARPS = 8
 # With tl.dot (M >= DOT_MIN_M): 64-row slabs where that still leaves DOT_MIN_PROGRAMS programs (4/3 of
 # the H200's 132 SMs), else 32 (12288x4096 at 16 tokens: 7.3 -> 7.0 us; 4096x4096 keeps 32).
 DOT_ROWS = (64, 32)
 DOT_MIN_PROGRAMS = 176
 MAX_SMALL_M = 64   # beyond this, the large-M Tensor Core kernel wins
 DOT_MIN_M = 9      # from here tl.dot (M padded to 16) beats broadcast-multiply-sum
-# Non-zero blocks a program loads per loop step, as one tile STEP*BW columns wide: more bytes per load
-# and in flight, fewer dependent steps. 4 for block rows with LONG_ROW_BLOCKS or more non-zero blocks
-# on average, else 2 (at 1 and 16 tokens: 50% blocks 12-40% faster with 4, e.g. 4096x11008 26.4 ->
-# 20.8 us at one token; 90% blocks of 4096-wide rows, ~6 blocks a row, 5-15% faster with 2).
+# With tl.dot, non-zero blocks a program loads per loop step, as one tile STEP*BW columns wide: 4 for
+# block rows with LONG_ROW_BLOCKS or more non-zero blocks on average, else 2 (at 16 tokens: 50%
+# blocks 12-40% faster with 4; 90% blocks of 4096-wide rows, ~6 blocks a row, 5-15% faster with 2).
+# The Tensor Core path gets its loads ahead from Triton's pipeliner (num_stages), not PREFETCH.
 STEPS = (4, 2)
 LONG_ROW_BLOCKS = 16
 # Shared memory the pipelined tl.dot loads may take (of 228 KB per SM): a step is halved, then the
@@ -40,13 +52,12 @@ DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sw
 
 
 @triton.jit
-def add_blocks(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-               BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
-               USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + the slabs (weight rows `rr`) of non-zero blocks i .. i+STEP-1 times their x columns,
-    as one tile STEP*BW columns wide; blocks at or past i_end are masked off (acc as is when
-    i >= i_end). acc: [BLOCK_M, ROWS] with tl.dot, else [BLOCK_M, ROWS, STEP*BW]
-    (broadcast-multiply, reduced once by finish_slab)."""
+def load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                BH: tl.constexpr, BW: tl.constexpr, STEP: tl.constexpr, USE_DOT: tl.constexpr,
+                HAS_CPERM: tl.constexpr):
+    """The x columns and the weight slabs (rows `rr`) of non-zero blocks i .. i+STEP-1, as one tile
+    STEP*BW columns wide; blocks at or past i_end are masked off (zeros, no memory traffic).
+    Returns xt [BLOCK_M, STEP*BW] and the slab: [STEP*BW, ROWS] for tl.dot, else [ROWS, STEP*BW]."""
     j = tl.arange(0, STEP * BW)
     blk = i + j // BW          # the non-zero block each column of the step belongs to
     cc = j % BW
@@ -58,13 +69,29 @@ def add_blocks(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
     xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     w_cols = blk * (BH * BW) + cc  # int32: launcher checks values.numel() < 2**31
     if USE_DOT:
-        wt = tl.load(v_ptr + w_cols[:, None] + rr[None, :] * BW, mask=valid[:, None], other=0.0)  # [STEP*BW, ROWS]
-        acc = mma(xt, wt, acc, IEEE, UPCAST)
+        wt = tl.load(v_ptr + w_cols[:, None] + rr[None, :] * BW, mask=valid[:, None], other=0.0)
     else:
-        w = tl.load(v_ptr + rr[:, None] * BW + w_cols[None, :], mask=valid[None, :],
-                    other=0.0).to(tl.float32)  # [ROWS, STEP*BW]
-        acc += xt.to(tl.float32)[:, None, :] * w[None, :, :]
-    return acc
+        wt = tl.load(v_ptr + rr[:, None] * BW + w_cols[None, :], mask=valid[None, :], other=0.0)
+    return xt, wt
+
+
+@triton.jit
+def multiply_add(acc, xt, wt, USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + xt times one step's slab. acc: [BLOCK_M, ROWS] with tl.dot, else [BLOCK_M, ROWS, STEP*BW]
+    (broadcast-multiply, reduced once by finish_slab)."""
+    if USE_DOT:
+        return mma(xt, wt, acc, IEEE, UPCAST)
+    else:
+        return acc + xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def add_blocks(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+               BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
+               USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + non-zero blocks i .. i+STEP-1 of the block row times their x columns (load_blocks)."""
+    xt, wt = load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP, USE_DOT, HAS_CPERM)
+    return multiply_add(acc, xt, wt, USE_DOT, IEEE, UPCAST)
 
 
 @triton.jit
@@ -87,36 +114,63 @@ def finish_slab(acc, USE_DOT: tl.constexpr):
 @triton.jit
 def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
                    BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
-                   BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr,
-                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks."""
+                   BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks.
+    PREFETCH: the next step's loads are issued before this step's multiply-add, so a program keeps
+    two steps of weights in flight whatever the compiler pipelines (the last iteration's loads are
+    fully masked: no memory traffic)."""
     start = tl.load(ro_ptr + br)
     end = tl.load(ro_ptr + br + 1)
     acc = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
-    for i in range(start, end, STEP):
-        acc = add_blocks(acc, i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, ROWS_, STEP,
-                         USE_DOT, HAS_CPERM, IEEE, UPCAST)
+    if PREFETCH:
+        xt, wt = load_blocks(start, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
+                             USE_DOT, HAS_CPERM)
+        for i in range(start + STEP, end + STEP, STEP):
+            x_next, w_next = load_blocks(i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
+                                         USE_DOT, HAS_CPERM)
+            acc = multiply_add(acc, xt, wt, USE_DOT, IEEE, UPCAST)
+            xt, wt = x_next, w_next
+    else:
+        for i in range(start, end, STEP):
+            acc = add_blocks(acc, i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, ROWS_, STEP,
+                             USE_DOT, HAS_CPERM, IEEE, UPCAST)
     return finish_slab(acc, USE_DOT)
 
 
 @triton.jit
 def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
                            BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
-                           BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr,
-                           IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                           BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams
     blocks of each, so a program keeps twice the bytes in flight instead of running two chains."""
     start_a = tl.load(ro_ptr + br_a)
-    len_a = tl.load(ro_ptr + br_a + 1) - start_a
+    end_a = tl.load(ro_ptr + br_a + 1)
     start_b = tl.load(ro_ptr + br_b)
-    len_b = tl.load(ro_ptr + br_b + 1) - start_b
+    end_b = tl.load(ro_ptr + br_b + 1)
+    steps_end = tl.maximum(end_a - start_a, end_b - start_b)
     acc_a = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     acc_b = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
-    for j in range(0, tl.maximum(len_a, len_b), STEP):
-        acc_a = add_blocks(acc_a, start_a + j, start_a + len_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-                           BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
-        acc_b = add_blocks(acc_b, start_b + j, start_b + len_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-                           BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+    if PREFETCH:
+        xa, wa = load_blocks(start_a, end_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
+                             USE_DOT, HAS_CPERM)
+        xb, wb = load_blocks(start_b, end_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
+                             USE_DOT, HAS_CPERM)
+        for j in range(STEP, steps_end + STEP, STEP):
+            xa_next, wa_next = load_blocks(start_a + j, end_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                                           BH, BW, STEP, USE_DOT, HAS_CPERM)
+            xb_next, wb_next = load_blocks(start_b + j, end_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                                           BH, BW, STEP, USE_DOT, HAS_CPERM)
+            acc_a = multiply_add(acc_a, xa, wa, USE_DOT, IEEE, UPCAST)
+            acc_b = multiply_add(acc_b, xb, wb, USE_DOT, IEEE, UPCAST)
+            xa, wa, xb, wb = xa_next, wa_next, xb_next, wb_next
+    else:
+        for j in range(0, steps_end, STEP):
+            acc_a = add_blocks(acc_a, start_a + j, end_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                               BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+            acc_b = add_blocks(acc_b, start_b + j, end_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                               BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
     return finish_slab(acc_a, USE_DOT), finish_slab(acc_b, USE_DOT)
 
 
@@ -124,7 +178,7 @@ def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a,
 def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
                        out_ptr, M, N, K, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
                        UPCAST: tl.constexpr):
@@ -139,10 +193,11 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     rr = sub * ROWS_ + tl.arange(0, ROWS_)
     if ACT == 4:  # ACT_SWIGLU
         acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
-                                         rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+                                         rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE,
+                                         UPCAST)
     else:
         acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_, STEP,
-                             BLOCK_M, USE_DOT, HAS_CPERM, IEEE, UPCAST)
+                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST)
         up = acc
     n = br * BH + rr
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
@@ -153,25 +208,29 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
     """Hand table: BLOCK_M, USE_DOT, ROWS, STEP, num_warps, num_stages for M tokens and a weight of
     `block_rows` block rows (programs: block rows x slabs; gated programs stream two block rows)
     holding `blocks_per_row` non-zero blocks on average."""
-    step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
+    halves = 2 if gated else 1
     if M < DOT_MIN_M:
         bm = 1 if M == 1 else 1 << (int(M) - 1).bit_length()
         rows = min(ROWS, BH)
-        streams = block_rows * (2 if gated else 1)
+        streams = block_rows * halves
         while rows > MIN_ROWS and streams * (BH // rows) < TARGET_PROGRAMS:  # few block rows: thinner slabs
             rows //= 2
-        warps = 8 if rows == MIN_ROWS else 4  # thin slabs want more warps in flight
-        return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, num_warps=warps, num_stages=4)
+        step = max(1, BROADCAST_STEP_WEIGHTS // (rows * BW * halves * bm))
+        prefetch = streams * (BH // rows) < TARGET_PROGRAMS
+        warps = PREFETCH_WARPS if prefetch and blocks_per_row >= VERY_LONG_ROW_BLOCKS else 4
+        return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch,
+                    num_warps=warps, num_stages=4)
+    step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
     bm = min(max(16, 1 << (int(M) - 1).bit_length()), MAX_SMALL_M)
     rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) >= DOT_MIN_PROGRAMS), min(DOT_ROWS[-1], BH))
 
     def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when gated)
-        return (bm + rows) * step * BW * itemsize * (2 if gated else 1)
+        return (bm + rows) * step * BW * itemsize * halves
 
     while step > 1 and DOT_STAGES * stage_bytes(step) > SMEM_BUDGET:
         step //= 2
     stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step)))
-    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, num_warps=4, num_stages=stages)
+    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4, num_stages=stages)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
@@ -194,7 +253,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
         out, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
         BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
-        HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
+        PREFETCH=cfg["PREFETCH"],        HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
