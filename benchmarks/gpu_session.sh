@@ -91,9 +91,14 @@ for s in $steps; do
     conv_tests) step conv_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_conv_epilogue.py -p no:cacheprovider ;;
     # The decode kernel at one token with and without the next step loaded ahead (PREFETCH)
     bsr_sweep_m1) step bsr_sweep_m1 330 python3 benchmarks/kernels.py --sweep --tokens 1 ;;
+    bsr_sweep_m1_90) step bsr_sweep_m1_90 200 python3 benchmarks/kernels.py --sweep --tokens 1 --patterns block90 ;;
     # The issue's scale line on this GPU: cuBLAS over 1/10 (a, c) or 1/2 (b) of each pruned linear's columns
     line_decode) step line_decode 300 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,b,c --impls line ;;
     line_prefill) step line_prefill 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,b,c --impls line ;;
+    # ... and at 16 tokens (Tensor Core path), PREFETCH against Triton's pipeliner
+    bsr_sweep_m16) step bsr_sweep_m16 300 python3 benchmarks/kernels.py --sweep --tokens 16 ;;
+    # Issue 5's block-sparse cells at few tokens (the decode kernel's table)
+    kernels_decode) step kernels_decode 200 python3 benchmarks/kernels.py --patterns block90,block50 --table-tokens 1 16 --rep 20 ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -97,7 +97,7 @@ def run_gpu(args):
     dtype = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     shapes = [(11008, 4096), (4096, 11008)]
-    Ms = [1, 16, 256, 4096]
+    Ms = args.table_tokens
     patterns = ["block90", "block50", "unstr90", "unstr50", "2:4"]
     if args.patterns:
         patterns = args.patterns.split(",")
@@ -257,7 +257,7 @@ def run_sweep(args):
     from sparsec.codegen.triton.epilogue import ACT_CODES
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(1)
-    small = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
+    small = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (11008, 4096)]
     large = [(11008, 4096), (4096, 11008)]
     # (pattern, weight shape, tokens, activation): the stacked gate/up also with its SwiGLU epilogue
     plan = [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in small for M in args.tokens
@@ -265,6 +265,8 @@ def run_sweep(args):
     plan += [("block90", (22016, 4096), M, "swiglu") for M in args.tokens]
     plan += [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in large for M in args.tokens
              if M > 64]
+    if args.patterns:
+        plan = [row for row in plan if row[0] in args.patterns.split(",")]
     for pattern, (N, K), M, act in plan:
         w = make_weight(N, K, pattern, dtype, dev, gen)
         p = pack_bsr(w, (64, 64))
@@ -279,11 +281,13 @@ def run_sweep(args):
         cfgs = [("default", None)]
         if M <= 64:
             dot = M >= bsr_small_m.DOT_MIN_M
-            for rows in ([64, 32, 16] if dot else [16, 8, 4]):
-                for step in ([1, 2, 4] if dot else [2, 4, 8]):
+            # PREFETCH with tl.dot: the register double buffer in place of (1 stage) or beside Triton's pipeliner
+            stages = {False: [4, 6], True: [1, 3]} if dot else {False: [4], True: [4]}
+            for rows in ([64, 32] if dot else [16, 8, 4]):
+                for step in ([2, 4] if dot else [2, 4, 8]):
                     for nw in ([4] if dot else [4, 8]):
-                        for ns in ([4, 6] if dot else [4]):
-                            for prefetch in ([False] if dot else [False, True]):
+                        for prefetch in (False, True):
+                            for ns in stages[prefetch]:
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
         else:
@@ -320,9 +324,9 @@ def run_sweep(args):
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
               f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
-        for prefetch in (False, True):  # the broadcast path with and without the next step loaded ahead
+        for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
-            if same and M < bsr_small_m.DOT_MIN_M:
+            if same:
                 print(f"  PREFETCH={prefetch}: best {min(same) * 1e3:.1f}us", flush=True)
 
 
@@ -412,6 +416,7 @@ def main():
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
+    p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()

@@ -24,12 +24,13 @@ from .mma import interpreting, mma, traceable
 # (STEP = that / (ROWS * BW), both halves counted when gated, / BLOCK_M so the fp32 accumulator
 # keeps its size), and where the slabs could not be thinned enough (few programs, so each must keep
 # more bytes in flight) the next step is loaded before this one is multiplied (PREFETCH), with
-# PREFETCH_WARPS on block rows of VERY_LONG_ROW_BLOCKS or more. One token, third session's sweep:
-# 4096x4096 50% 10.6 -> 9.6 us, 4096x11008 50% 20.9 -> 17.4, 12288x4096 50% 22.2 -> 17.9,
-# 4096x4096 90% 5.1 -> 3.9; the other decode shapes within 0.4 us of the best swept.
+# PREFETCH_WARPS on block rows of VERY_LONG_ROW_BLOCKS or more. One token, fourth session's sweeps
+# (before -> this table): 4096x4096 50% 10.6 -> 9.6 us, 4096x11008 50% 20.9 -> 17.4, 12288x4096 50%
+# 22.2 -> 17.9, 4096x4096 90% 5.1 -> 3.9, 11008x4096 90% 8.0 -> 7.6; the other decode shapes within
+# 0.4 us of the best swept.
 ROWS = 16
 MIN_ROWS = 8
-TARGET_PROGRAMS = 768
+TARGET_PROGRAMS = 640
 BROADCAST_STEP_WEIGHTS = 4096
 VERY_LONG_ROW_BLOCKS = 64
 PREFETCH_WARPS = 8
