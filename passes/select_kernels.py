@@ -391,7 +391,7 @@ def rewrite_semi_structured(gm: fx.GraphModule, op: fx.Node, weight_node, bias_n
     add (Inductor may fuse the two), so that what follows reads the layout a dense linear gives it:
     left transposed, the RMSNorm reductions after a LLaMA stack's 2:4 projections read across rows
     and the whole prefill ran 3x slower than dense (H200, benchmarks/RESULTS.md)."""
-    from sparsec.runtime import ops  # noqa: F401  (registers torch.ops.sparsec.*)
+    from sparsec.runtime import ops  # registers torch.ops.sparsec.*
 
     packed = formats.pack_semi_structured(weight)
     values = ir.add_constant(gm, packed.values, f"{ir.display_name(weight_node)}.semi_structured", insert_before=op)
@@ -401,8 +401,9 @@ def rewrite_semi_structured(gm: fx.GraphModule, op: fx.Node, weight_node, bias_n
     with gm.graph.inserting_before(op):
         product = gm.graph.call_function(torch.ops.sparsec.semi_structured_linear.default, (op.args[0], values, n, k))
         product.meta["val"] = out_val.new_empty((n, *out_val.shape[:-1]))
-        turned = gm.graph.call_function(aten.permute.default, (product, [*range(1, rank), 0]))
-        turned.meta["val"] = product.meta["val"].permute(*range(1, rank), 0)
+        order = ops.tokens_first_order(rank)
+        turned = gm.graph.call_function(aten.permute.default, (product, order))
+        turned.meta["val"] = product.meta["val"].permute(order)
         result = gm.graph.call_function(aten.clone.default, (turned,), {"memory_format": torch.contiguous_format})
         result.meta["val"] = turned.meta["val"].clone(memory_format=torch.contiguous_format)
         if bias_node is not None:

@@ -336,9 +336,14 @@ def csr_linear(x: torch.Tensor, w: CSRWeight, bias=None, activation: str = "none
                                         activation, residual)
 
 
+def tokens_first_order(rank: int) -> list[int]:
+    """The permute order that turns the 2:4 op's features-first product [N, *tokens] into [*tokens, N]."""
+    return [*range(1, rank), 0]
+
+
 def semi_structured_linear(x: torch.Tensor, w: SemiStructuredWeight, bias=None):
     """F.linear(x, W, bias), tokens first, from the op's features-first product."""
     n, k = w.shape
     yt = torch.ops.sparsec.semi_structured_linear(x, w.values, n, k)
-    y = yt.permute(*range(1, yt.dim()), 0)
+    y = yt.permute(tokens_first_order(yt.dim()))
     return y if bias is None else y + bias
