@@ -113,6 +113,25 @@ def test_bsr_small_m_blocks_per_step(case, M, step, prefetch):
                   config=dict(STEP=step, PREFETCH=prefetch)), ref, torch.float32)
 
 
+@pytest.mark.parametrize("block_rows,gated,rows,step,prefetch", [
+    (64, False, 8, 8, True),      # 4096-row weight: thin slabs, still few programs -> load ahead
+    (192, False, 16, 4, False),   # 12288 rows (q/k/v): enough programs with 16-row slabs
+    (172, True, 16, 2, False),    # gated gate/up, 2 x 11008 rows: a step holds both halves
+])
+def test_bsr_small_m_broadcast_table(block_rows, gated, rows, step, prefetch):
+    """The table without tl.dot at one token picks the configs the H200 sweep found best, and as M
+    grows to 8 the step shrinks so the fp32 accumulator (BLOCK_M x ROWS x STEP*BW) stays within one
+    step's weight budget (or one block, the least a step can hold)."""
+    cfg = bsr_small_m.pick_config(1, 64, 64, block_rows, 32.0, gated, 2)
+    assert (cfg["USE_DOT"], cfg["ROWS"], cfg["STEP"], cfg["PREFETCH"]) == (False, rows, step, prefetch)
+    halves = 2 if gated else 1
+    for M in range(2, bsr_small_m.DOT_MIN_M):
+        cfg = bsr_small_m.pick_config(M, 64, 64, block_rows, 32.0, gated, 2)
+        assert not cfg["USE_DOT"] and cfg["BLOCK_M"] >= M
+        one_block = cfg["BLOCK_M"] * cfg["ROWS"] * 64 * halves
+        assert cfg["STEP"] * one_block <= max(bsr_small_m.BROADCAST_STEP_WEIGHTS, one_block)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
 @pytest.mark.parametrize("kern,M", [(bsr_small_m, 3), (bsr_small_m, 17), (bsr_large_m, 69)])
