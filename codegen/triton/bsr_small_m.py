@@ -7,7 +7,9 @@ and ALL tokens of its tile; slicing block rows multiplies the programs so that e
 4096-row weight fills the GPU. For M <= 8 there is no Tensor Core padding waste: a
 broadcast-multiply into a [BLOCK_M, ROWS, STEP*BW] fp32 register accumulator, reduced once at
 the end. For 8 < M <= 64 tl.dot with M padded to 16..64. Each loop step loads STEP non-zero
-blocks of the block row as one tile.
+blocks of the block row as one tile; with PREFETCH the next step's loads are issued before this
+step is multiplied (a register double buffer), for weights too short in rows to give every SM
+enough programs.
 """
 import triton
 import triton.language as tl
