@@ -40,8 +40,8 @@ for s in $steps; do
     # Where the decode time goes in case (a) (issue 14), and the BSR config sweeps (issue 5): the
     # stack's decode shapes at 1 and 16 tokens, the issue's weights at 256 and 4096
     profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
-    # the same with one non-zero block a step (the decode kernel before its STEPS table)
-    profile_a_step1) step profile_a_step1 150 python3 benchmarks/profile_decode.py --case a --tokens 1 16 --steps 1 1 --skip-inductor ;;
+    # the same at 16 tokens with one non-zero block a step (the Tensor Core decode kernel before its STEPS table)
+    profile_a_step1) step profile_a_step1 150 python3 benchmarks/profile_decode.py --case a --tokens 16 --steps 1 1 --skip-inductor ;;
     bsr_tests) step bsr_tests 240 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k "bsr or op_3d" -p no:cacheprovider ;;
     bsr_sweep_small) step bsr_sweep_small 330 python3 benchmarks/kernels.py --sweep --tokens 1 16 ;;
     # The kernels of this session's changes on the GPU: block-sparse (several blocks per step) and 2:4

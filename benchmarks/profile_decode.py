@@ -44,8 +44,9 @@ def main():
     parser.add_argument("--case", default="a")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--mode", default="reduce-overhead")
-    parser.add_argument("--steps", type=int, nargs=2, help="the block-sparse decode kernel's STEPS (long rows, "
-                        "short rows) instead of its table's, e.g. 1 1: one block a step")
+    parser.add_argument("--steps", type=int, nargs=2, help="the block-sparse decode kernel's STEPS on its Tensor "
+                        "Core path (9-64 tokens; long rows, short rows) instead of its table's, e.g. 1 1: one block "
+                        "a step (below 9 tokens the step comes from bsr_small_m.BROADCAST_STEP_WEIGHTS)")
     parser.add_argument("--skip-inductor", action="store_true")
     args = parser.parse_args()
     if args.steps:
