@@ -198,26 +198,26 @@ def greedy_order(sig: torch.Tensor, tile: int, progress: _Progress | None = None
     seed_key = size * (c + 1) + counts.float()  # most tiles first, then the most common
     takes: list[tuple[int, int]] = []  # (unique index, how many)
     alive = remaining > 0
+
+    def take(index: int, cap: int) -> int:
+        """Put up to `cap` channels of unique signature `index` in the group; the room left."""
+        k = min(int(remaining[index]), cap)
+        takes.append((index, k))
+        remaining[index] -= k
+        if remaining[index] == 0:
+            alive[index] = False
+        return cap - k
+
     for cap in _group_sizes(c, tile):
         seed = int(torch.where(alive, seed_key, torch.tensor(-1.0)).argmax())
-        k = min(int(remaining[seed]), cap)
-        takes.append((seed, k))
-        remaining[seed] -= k
-        if remaining[seed] == 0:
-            alive[seed] = False
-        cap -= k
+        cap = take(seed, cap)
         cur = uniq[seed].clone()
         overlap = uf[:, cur].sum(1)
         while cap > 0:
             score = (size - overlap) * big - overlap
             score = torch.where(alive, score, torch.tensor(math.inf))
             best = int(score.argmin())
-            k = min(int(remaining[best]), cap)
-            takes.append((best, k))
-            remaining[best] -= k
-            if remaining[best] == 0:
-                alive[best] = False
-            cap -= k
+            cap = take(best, cap)
             new_bits = uniq[best] & ~cur
             if bool(new_bits.any()):
                 cur |= new_bits
