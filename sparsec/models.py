@@ -216,16 +216,17 @@ class MLP(nn.Module):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
 
 
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BN layers non-trivial statistics so tests would notice a wrongly folded channel."""
+def randomize_batchnorm(model: nn.Module, seed: int = 0, shift: float = 0.1) -> nn.Module:
+    """Give BN layers non-trivial statistics so tests would notice a wrongly folded channel (means and
+    biases ~ N(0, shift), variances and scales in [0.5, 1.5))."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * shift)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+            m.bias.data.copy_(torch.randn(n, generator=g) * shift)
     return model
 
 

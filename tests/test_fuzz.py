@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 import sparsec
 import sparsec.backend
+from sparsec import models
 from sparsec.compiler import CompiledVariants, UnchangedGraph
 from sparsec.passes import select_kernels
 from sparsec.pass_manager import output_close
@@ -209,15 +210,9 @@ def _mask(weight: torch.Tensor, how: str, g: torch.Generator, heads: int | None 
 
 def build_model(spec: dict) -> nn.Module:
     torch.manual_seed(spec["seed"])
-    model = FuzzModel(spec)
+    model = models.randomize_batchnorm(FuzzModel(spec), seed=spec["seed"] + 2, shift=0.2)
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
         if isinstance(m, nn.LayerNorm):
             m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
