@@ -15,10 +15,9 @@ channel-slice added after a padded convolution (`conv + map`) is scaled with the
 Runs on the devices in FUSE_ON, where the fused kernel exists; elsewhere the graph is left as is
 (Inductor's own pointwise fusion is as good there). The fused call is used only when the graph
 replays as a CUDA graph (mode="reduce-overhead"): in the default mode its host path made a
-host-bound ResNet-50 at batch 64 run at 0.45x of Inductor, against 1.53x under CUDA graphs
-(benchmarks/RESULTS.md; measured while the op was a `torch.library.custom_op`, ~56 us of host time a
-call more than conv + relu; `runtime.ops.host_op` has since cut that overhead to about a third on
-the CPU, not yet re-measured on the GPU). In the default mode BatchNorm is folded only into a graph
+host-bound ResNet-50 at batch 64 run at 0.45x of Inductor as a `torch.library.custom_op` (~56 us of
+host time a call more than conv + relu) and still at 0.77x defined through `runtime.ops.host_op`,
+against 1.48-1.53x under CUDA graphs (H200, benchmarks/RESULTS.md). In the default mode BatchNorm is folded only into a graph
 an earlier pass changed (a sliced ResNet-50: 1.30x of Inductor, against 1.01x before): a graph
 nothing else changes, a dense CNN, stays Inductor's as Dynamo gave it.
 """
@@ -32,7 +31,7 @@ from sparsec import ir
 from sparsec.analysis import analyze
 from sparsec.pass_manager import PassResult, register_pass
 from sparsec.report import mark_layer
-from sparsec.passes.select_kernels import activation_user, conv_args, residual_user
+from sparsec.passes.select_kernels import activation_user, conv_args, residual_user, sole_add_user
 from sparsec.runtime import ops  # noqa: F401  (registers sparsec::conv2d_relu)
 
 aten = torch.ops.aten
@@ -52,13 +51,10 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _constant_map_add(conv: fx.Node) -> fx.Node | None:
-    """`add(conv, map)` with a constant `map` that is conv's only user (channel-slice's folded map)."""
-    add = _only_user(conv)
-    if add is None or add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
-        return None
-    other = add.args[1] if add.args[0] is conv else add.args[0]
-    return add if _is_constant(other) and other is not conv else None
+def _constant_map_add(conv: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    """(add, map): `add(conv, map)` with a constant `map`, conv's only user (channel-slice's folded map)."""
+    add, other = sole_add_user(conv)
+    return (add, other) if add is not None and _is_constant(other) else (None, None)
 
 
 def _eval_batch_norm(node: fx.Node) -> fx.Node | None:
@@ -74,7 +70,7 @@ def _eval_batch_norm(node: fx.Node) -> fx.Node | None:
     return bn
 
 
-def fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, weight_node: fx.Node, bias_node, add, bn) -> None:
+def fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, weight_node: fx.Node, bias_node, add, map_node, bn) -> None:
     """conv (+ map) -> batch_norm  =>  conv with scaled weight and shifted bias (+ scaled map)."""
     get = lambda node: ir.get_constant(gm, node).float()  # noqa: E731
     gamma, beta, mean, var = bn.args[1:5]
@@ -95,7 +91,6 @@ def fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, weight_node: fx.Node, bia
     args[1], args[2] = folded_w, folded_b
     conv.args = tuple(args)
     if add is not None:  # the constant map is added after the convolution: scale it too
-        map_node = add.args[1] if add.args[0] is conv else add.args[0]
         map_value = ir.get_constant(gm, map_node)
         scaled = ir.add_constant(gm, (map_value.float() * scale.reshape(-1, 1, 1)).to(map_value.dtype),
                                  ir.display_name(map_node), insert_before=add)
@@ -153,10 +148,10 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
         x = conv.args[0].meta.get("val") if isinstance(conv.args[0], fx.Node) else None
         if x is None or x.dim() != 4 or not ir.get_constant(gm, weight_node).is_floating_point():
             continue  # not a batched 2-D convolution with a float weight
-        add = _constant_map_add(conv)
+        add, map_node = _constant_map_add(conv)
         bn = _eval_batch_norm(add if add is not None else conv)
         if bn is not None and ctx.allow_rewrite(f"fold {bn.name} into {name}"):
-            fold_batch_norm(gm, conv, weight_node, bias_node, add, bn)
+            fold_batch_norm(gm, conv, weight_node, bias_node, add, map_node, bn)
             stats["batch_norms_folded"] += 1
             ctx.note(name, batch_norm="folded into the convolution")
         why_not = _fusable(conv)

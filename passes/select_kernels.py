@@ -195,15 +195,23 @@ def _swiglu_users(node: fx.Node):
     return [split, gate, up, silu, mul]
 
 
-def residual_user(node: fx.Node):
-    """`add(node, r)` or `add(r, node)` of the same shape, node used once: r goes in the epilogue."""
+def sole_add_user(node: fx.Node):
+    """(add, other) when `node`'s only user is `add(node, other)` or `add(other, node)` with alpha 1
+    and `other` not `node` itself; else (None, None)."""
     users = list(node.users)
     if len(users) != 1 or users[0].target is not aten.add.Tensor or users[0].kwargs.get("alpha", 1) != 1:
         return None, None
     add = users[0]
     if len(add.args) != 2 or add.args[0] is add.args[1]:
         return None, None
-    other = add.args[1] if add.args[0] is node else add.args[0]
+    return add, add.args[1] if add.args[0] is node else add.args[0]
+
+
+def residual_user(node: fx.Node):
+    """`add(node, r)` or `add(r, node)` of the same shape, node used once: r goes in the epilogue."""
+    add, other = sole_add_user(node)
+    if add is None:
+        return None, None
     val, other_val = node.meta.get("val"), getattr(other, "meta", {}).get("val")
     if not isinstance(other, fx.Node) or other_val is None or val is None:
         return None, None
