@@ -110,7 +110,7 @@ def host_rows():
     paths = {
         "F.conv2d + F.relu (two launches)": lambda: F.relu(F.conv2d(x, w, b, padding=1)),
         "aten.cudnn_convolution_relu": lambda: torch.ops.aten.cudnn_convolution_relu(x, w, b, *conv_args),
-        "sparsec::conv2d_relu (custom op, kernel registry)": lambda: torch.ops.sparsec.conv2d_relu(x, w, b, None, *conv_args),
+        "sparsec::conv2d_relu (opaque op, kernel registry)": lambda: torch.ops.sparsec.conv2d_relu(x, w, b, None, *conv_args),
     }
     print("\n| path | host us per call |\n| --- | --- |")
     with torch.no_grad():

@@ -92,12 +92,12 @@ for s in $steps; do
     # The decode kernel at one token with and without the next step loaded ahead (PREFETCH)
     bsr_sweep_m1) step bsr_sweep_m1 330 python3 benchmarks/kernels.py --sweep --tokens 1 ;;
     bsr_sweep_m1_90) step bsr_sweep_m1_90 200 python3 benchmarks/kernels.py --sweep --tokens 1 --patterns block90 ;;
-    # A few tokens without tl.dot (the token tile shrinks each step so the accumulator keeps its size)
+    # A few tokens without tl.dot (the step shrinks as the token tile grows, so the accumulator keeps its size)
     bsr_sweep_m4) step bsr_sweep_m4 150 python3 benchmarks/kernels.py --sweep --tokens 4 --patterns block90 ;;
     # The issue's scale line on this GPU: cuBLAS over 1/10 (a, c) or 1/2 (b) of each pruned linear's columns
     line_decode) step line_decode 300 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,b,c --impls line ;;
     line_prefill) step line_prefill 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,b,c --impls line ;;
-    # ... and at 16 tokens (Tensor Core path), PREFETCH against Triton's pipeliner
+    # The decode kernel at 16 tokens (Tensor Core path)
     bsr_sweep_m16) step bsr_sweep_m16 300 python3 benchmarks/kernels.py --sweep --tokens 16 ;;
     # Issue 5's block-sparse cells at few tokens (the decode kernel's table)
     kernels_decode) step kernels_decode 200 python3 benchmarks/kernels.py --patterns block90,block50 --table-tokens 1 16 --rep 20 ;;

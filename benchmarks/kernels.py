@@ -281,13 +281,13 @@ def run_sweep(args):
         cfgs = [("default", None)]
         if M <= 64:
             dot = M >= bsr_small_m.DOT_MIN_M
-            # PREFETCH with tl.dot: the register double buffer in place of (1 stage) or beside Triton's pipeliner
-            stages = {False: [4, 6], True: [1, 3]} if dot else {False: [4], True: [4]}
+            # PREFETCH only without tl.dot: with it, Triton's pipeliner was faster in every decode shape
+            # (fourth session's sweep at 16 tokens, benchmarks/RESULTS.md)
             for rows in ([64, 32] if dot else [16, 8, 4]):
                 for step in ([2, 4] if dot else [2, 4, 8]):
                     for nw in ([4] if dot else [4, 8]):
-                        for prefetch in (False, True):
-                            for ns in stages[prefetch]:
+                        for ns in ([4, 6] if dot else [4]):
+                            for prefetch in ([False] if dot else [False, True]):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
         else:
@@ -326,7 +326,7 @@ def run_sweep(args):
               flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
-            if same:
+            if same and M < bsr_small_m.DOT_MIN_M:
                 print(f"  PREFETCH={prefetch}: best {min(same) * 1e3:.1f}us", flush=True)
 
 

@@ -52,17 +52,22 @@ def two_four_prune_(weight: torch.Tensor) -> None:
     groups.scatter_(1, drop, 0)
 
 
+BLOCK_DENSITY = {"a": 0.1, "b": 0.5, "c": 0.1}  # the block-pruned cases: the 64x64 blocks kept
+
+
+def pruned_in_case(fqn: str, case: str) -> bool:
+    """Whether the linear named `fqn` is pruned in `case` (c: the FFN's only; e: none)."""
+    return case != "e" and (case != "c" or ".mlp." in f".{fqn}.")
+
+
 def prune_case(model: nn.Module, case: str, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear) or not pruned_in_case(name, case):
                 continue
-            is_ffn = ".mlp." in f".{name}."
-            if case == "a" or (case == "c" and is_ffn):
-                block_prune_(module.weight, 0.1, g)
-            elif case == "b":
-                block_prune_(module.weight, 0.5, g)
+            if case in BLOCK_DENSITY:
+                block_prune_(module.weight, BLOCK_DENSITY[case], g)
             elif case == "d":
                 two_four_prune_(module.weight)
 
@@ -181,19 +186,15 @@ def torchao_variant(model: nn.Module, case: str) -> nn.Module:
 
     config = block_sparse_weight(blocksize=BLOCK) if TORCHAO_LAYOUTS[case] == "BSR 64" else semi_sparse_weight()
     variant = copy.deepcopy(model)
-    sparsify_(variant, config, lambda module, fqn: isinstance(module, nn.Linear)
-              and (case != "c" or ".mlp." in f".{fqn}."))
+    sparsify_(variant, config, lambda module, fqn: isinstance(module, nn.Linear) and pruned_in_case(fqn, case))
     return variant
 
 
 # The issue's "line" for cases a-c: each pruned linear replaced by a dense one over the first
-# density * K input columns, rounded to whole 64-column blocks (`--impls sparsec,line`): the weight
+# BLOCK_DENSITY * K input columns, rounded to whole 64-column blocks (`--impls sparsec,line`): the weight
 # bytes and flops of a perfect sparse kernel with the same number of kernels, under Inductor in the
 # same mode. Whole blocks keep the weight's rows 16-byte aligned: 410 of 4096 columns sent cuBLAS to
 # a slow path at 16 tokens (1.07 ms against 0.25 ms at one token, H200).
-LINE_DENSITY = {"a": 0.1, "b": 0.5, "c": 0.1}
-
-
 class ColumnStandIn(nn.Module):
     def __init__(self, linear: nn.Linear, density: float):
         super().__init__()
@@ -209,8 +210,8 @@ def line_variant(model: nn.Module, case: str) -> nn.Module:
     for name, module in list(variant.named_modules()):
         for child_name, child in list(module.named_children()):
             fqn = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and (case != "c" or ".mlp." in f".{fqn}."):
-                setattr(module, child_name, ColumnStandIn(child, LINE_DENSITY[case]))
+            if isinstance(child, nn.Linear) and pruned_in_case(fqn, case):
+                setattr(module, child_name, ColumnStandIn(child, BLOCK_DENSITY[case]))
     return variant
 
 
@@ -258,10 +259,10 @@ def run_llama(args, device, dtype, sizes, out):
                         out(f"  case {case} ({CASES[case]}), {mode or 'default'}: sparsec {ms:.3f} ms vs inductor "
                             f"{ref:.3f} ms = {ref / ms:.2f}x (floor {floor:.2f}x) {verdict}"
                             + host_note(fn, inductor[mode]))
-                    if "line" in args.impls and case in LINE_DENSITY:
+                    if "line" in args.impls and case in BLOCK_DENSITY:
                         fn = compiled(line_variant(model, case), "inductor", mode)
                         ms, ref = median_ms(fn, x, device), base[f"inductor/{mode or 'default'}"]
-                        label = f"line: cuBLAS over {LINE_DENSITY[case]:g} of the columns"
+                        label = f"line: cuBLAS over {BLOCK_DENSITY[case]:g} of the columns"
                         rows.append((shape_name, case, label, mode or "default", ms, ref, floor, "stand-in"))
                         out(f"  case {case}, {mode or 'default'}: {label} {ms:.3f} ms vs inductor {ref:.3f} ms "
                             f"= {ref / ms:.2f}x")
