@@ -95,14 +95,14 @@ def test_bsr_kernels_shapes(case, M):
           ref, torch.float32)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch,hints", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("step", [2, 4])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("M", [1, 5, 17])
-def test_bsr_small_m_blocks_per_step(case, M, step, prefetch):
+def test_bsr_small_m_blocks_per_step(case, M, step, prefetch, hints):
     """Several non-zero blocks per loop step: block rows whose count is not a multiple of the step
     (the last step is partly masked), empty rows, no blocks at all; column permutation too; with
-    and without the next step loaded ahead (PREFETCH)."""
+    and without the next step loaded ahead (PREFETCH), with and without L2 eviction hints."""
     N, K, block, density, extra = case
     gen = torch.Generator().manual_seed(hash((N, K, M, step)) % 1000)
     w = sparse_weight(N, K, block, density, gen, **extra)
@@ -110,7 +110,7 @@ def test_bsr_small_m_blocks_per_step(case, M, step, prefetch):
     x = torch.randn(M, K, generator=gen)
     ref = linear64(x, w, None, "none", None)
     check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32,
-                  config=dict(STEP=step, PREFETCH=prefetch)), ref, torch.float32)
+                  config=dict(STEP=step, PREFETCH=prefetch, HINTS=hints)), ref, torch.float32)
 
 
 @pytest.mark.parametrize("block_rows,gated,rows,step,prefetch", [
