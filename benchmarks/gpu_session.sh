@@ -108,6 +108,13 @@ for s in $steps; do
     # The decode kernel's default configs on the GPU at 1-17 tokens (2-8 tokens: the step shrinks with the token tile)
     decode_tests) step decode_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
                     -k "bsr_kernels_shapes or op_3d or broadcast_table or blocks_per_step" -p no:cacheprovider ;;
+    # Several block rows per program sharing x tiles (bsr_grouped) against one (bsr_large_m): GPU tests,
+    # then the prefill shapes at 50% blocks
+    grouped_tests) step grouped_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+                     -k "grouped or gated or epilogue_dtypes" -p no:cacheprovider ;;
+    grouped_sweep) step grouped_sweep 120 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 ;;
+    # Issue 5's whole table (every pattern, 1 to 4096 tokens)
+    kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;
   esac
 done

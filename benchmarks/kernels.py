@@ -253,7 +253,7 @@ def run_sweep(args):
     issue's two weights at many; every config checked against float64 first, the launcher's own
     choice ("default") timed beside the best, and cuBLAS on a dense weight of the same bytes as
     the speed a streaming kernel can reach."""
-    from sparsec.codegen.triton import bsr_large_m, bsr_small_m
+    from sparsec.codegen.triton import bsr_grouped, bsr_large_m, bsr_small_m
     from sparsec.codegen.triton.epilogue import ACT_CODES
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -262,9 +262,12 @@ def run_sweep(args):
     # (pattern, weight shape, tokens, activation): the stacked gate/up also with its SwiGLU epilogue
     plan = [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in small for M in args.tokens
             if M <= 64]
-    plan += [("block90", (22016, 4096), M, "swiglu") for M in args.tokens]
+    plan += [("block90", (22016, 4096), M, "swiglu") for M in args.tokens if M <= 64]
     plan += [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in large for M in args.tokens
              if M > 64]
+    # the prefill shapes of the stack's other weights (q/k/v stacked, o, gate/up stacked with SwiGLU)
+    plan += [(pattern, nk, M, act) for pattern in ("block90", "block50") for M in args.tokens if M > 64
+             for nk, act in [((12288, 4096), "none"), ((4096, 4096), "none"), ((22016, 4096), "swiglu")]]
     if args.patterns:
         plan = [row for row in plan if row[0] in args.patterns.split(",")]
     for pattern, (N, K), M, act in plan:
@@ -294,15 +297,32 @@ def run_sweep(args):
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
                     cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
+            # several block rows per program sharing each x tile (their union layout built once per
+            # pack below, outside the timing: the kernel alone)
+            for group in [2, 4]:
+                for bm, nw, ns in [(64, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)]:
+                    for hoisted in [False, True]:
+                        cfgs.append(("grouped", dict(GROUP=group, HOISTED=hoisted, BLOCK_M=bm, num_warps=nw,
+                                                     num_stages=ns)))
+        kinds = {"small": bsr_small_m, "large": bsr_large_m, "grouped": bsr_grouped}
+        layouts = {}
+
+        def grouped_layout(q, group):
+            if (id(q), group) not in layouts:
+                rows = bsr_grouped.group_rows(q.row_offsets.numel() - 1, n_out // 64 if act == "swiglu" else 0, group)
+                layouts[id(q), group] = bsr_grouped.block_row_groups(q.col_indices, q.row_offsets, q.nnz_blocks,
+                                                                     -(-K // 64), rows)
+            return layouts[id(q), group]
         best = []
         default_t = None
         for kind, cfg in cfgs:
-            mod = bsr_small_m if kind == "small" or (kind == "default" and M <= 64) else bsr_large_m
+            mod = kinds[kind] if kind != "default" else bsr_small_m if M <= 64 else bsr_large_m
 
-            def f(cfg=cfg, mod=mod):
+            def f(cfg=cfg, mod=mod, kind=kind):
                 q = packs.next()
+                extra = dict(groups=grouped_layout(q, cfg["GROUP"])) if kind == "grouped" else {}
                 mod.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None, ACT_CODES[act],
-                           None, None, None, out, config=cfg)
+                           None, None, None, out, config=cfg, **extra)
             try:
                 f()
                 if rel_err(out, ref) > 2e-2:
@@ -328,6 +348,10 @@ def run_sweep(args):
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
             if same and M < bsr_small_m.DOT_MIN_M:
                 print(f"  PREFETCH={prefetch}: best {min(same) * 1e3:.1f}us", flush=True)
+        for group in (1, 2, 4):  # one block row a program (bsr_large_m) against groups of them
+            same = [(t, c) for t, k, c in best if k in ("large", "grouped") and c.get("GROUP", 1) == group]
+            if same:
+                print(f"  GROUP={group}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
 
 
 def run_sweep_semi_structured(args):

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m, csr  # noqa: E402
+from sparsec.codegen.triton import bitmap, bsr_grouped, bsr_large_m, bsr_small_m, csr  # noqa: E402
 from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from sparsec.runtime import ops  # noqa: E402
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr  # noqa: E402
@@ -66,6 +66,7 @@ def run_bsr(kernel, x, w, packed, bias, act, res, dtype, config=None):
     return out
 
 
+LARGE_M_TEST_CONFIG = dict(BLOCK_M=32, num_warps=4, num_stages=2)  # the Tensor Core kernels, small tiles
 CASES = [
     # (N, K, block, density, extra)
     (64, 64, (16, 16), 0.5, {}),
@@ -132,9 +133,44 @@ def test_bsr_small_m_broadcast_table(block_rows, gated, rows, step, prefetch):
         assert cfg["STEP"] * one_block <= max(bsr_small_m.BROADCAST_STEP_WEIGHTS, one_block)
 
 
+@pytest.mark.parametrize("group", [2, 4])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("M", [3, 64 + 5])
+def test_bsr_grouped_shapes(case, M, group):
+    """Group block rows per program (union of their column blocks, a member skips the blocks it
+    lacks): block rows not a multiple of the group (members past the weight), empty rows, no
+    blocks, one block a row; column and row permutations."""
+    N, K, block, density, extra = case
+    gen = torch.Generator().manual_seed(hash((N, K, M, group)) % 1000)
+    w = sparse_weight(N, K, block, density, gen, **extra)
+    p = pack_bsr(w, block, row_perm=torch.randperm(N, generator=gen), col_perm=torch.randperm(K, generator=gen))
+    x = torch.randn(M, K, generator=gen)
+    ref = linear64(x, w, None, "none", None)
+    check(run_bsr(bsr_grouped, x, w, p, None, "none", None, torch.float32,
+                  config=dict(GROUP=group, BLOCK_M=16 if M < 20 else 64, num_warps=4, num_stages=2)),
+          ref, torch.float32)
+
+
+def test_bsr_grouped_layout():
+    """block_row_groups on a hand-made weight: the union of each group's column blocks in order,
+    and each member's block index there (-1 where it has none)."""
+    keep = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)  # 3 block rows
+    w = keep.repeat_interleave(16, 0).repeat_interleave(16, 1).float()
+    p = pack_bsr(w, (16, 16))
+    rows = bsr_grouped.group_rows(3, 0, 2)
+    assert rows.tolist() == [[0, 1], [2, 3]]  # 3 = the empty row past the weight
+    cols, count, slots = bsr_grouped.block_row_groups(p.col_indices, p.row_offsets, p.nnz_blocks, 4, rows)
+    assert count.tolist() == [3, 0]
+    assert cols[0, :3].tolist() == [0, 2, 3]
+    # blocks in row order: row 0 holds blocks 0 (col 0) and 1 (col 2), row 1 blocks 2 (col 2) and 3 (col 3)
+    assert slots[0, :3].tolist() == [[0, -1], [1, 2], [-1, 3]]
+    # gated, 3 gate block rows and their 3 up rows: two gate rows, then their up rows (6: empty)
+    assert bsr_grouped.group_rows(6, 3, 4).tolist() == [[0, 1, 3, 4], [2, 6, 5, 6]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
-@pytest.mark.parametrize("kern,M", [(bsr_small_m, 3), (bsr_small_m, 17), (bsr_large_m, 69)])
+@pytest.mark.parametrize("kern,M", [(bsr_small_m, 3), (bsr_small_m, 17), (bsr_large_m, 69), (bsr_grouped, 69)])
 def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
     gen = torch.Generator().manual_seed(11)
     N, K, block = 70, 100, (32, 32)
@@ -144,16 +180,21 @@ def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
     x = torch.randn(M, K, generator=gen).to(dtype)
     b, r = epilogue_args(gen, M, N, dtype, True, act, True)
     ref = linear64(x, w, b, act, r)
-    cfg = dict(BLOCK_M=32, num_warps=4, num_stages=2) if kern is bsr_large_m else None
+    cfg = None if kern is bsr_small_m else LARGE_M_TEST_CONFIG
     check(run_bsr(kern, x, w, p, b, act, r, dtype, config=cfg), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kern,M,step,prefetch", [(bsr_small_m, 1, 1, False), (bsr_small_m, 1, 2, True),
-                                                  (bsr_small_m, 3, 2, False), (bsr_small_m, 3, 1, True),
-                                                  (bsr_small_m, 17, 1, False), (bsr_small_m, 17, 4, False),
-                                                  (bsr_small_m, 17, 2, True), (bsr_large_m, 69, None, None)])
-def test_bsr_gated_epilogue(dtype, kern, M, step, prefetch):
+@pytest.mark.parametrize("kern,M,cfg", [
+    *[(bsr_small_m, M, dict(STEP=step, PREFETCH=prefetch))
+      for M, step, prefetch in [(1, 1, False), (1, 2, True), (3, 2, False), (3, 1, True), (17, 1, False),
+                                (17, 4, False), (17, 2, True)]],
+    (bsr_large_m, 69, LARGE_M_TEST_CONFIG),
+    (bsr_grouped, 69, dict(LARGE_M_TEST_CONFIG, GROUP=2)),  # a gate block row and its up row
+    (bsr_grouped, 69, dict(LARGE_M_TEST_CONFIG, GROUP=4)),  # two of each
+    (bsr_grouped, 69, dict(LARGE_M_TEST_CONFIG, GROUP=4, HOISTED=True)),
+])
+def test_bsr_gated_epilogue(dtype, kern, M, cfg):
     """SwiGLU in the epilogue: the weight's rows are [gate; up] and each program reads the up block
     row N/BH below its gate block row; an empty gate row and an empty up row are in the weight."""
     gen = torch.Generator().manual_seed(12)
@@ -166,7 +207,6 @@ def test_bsr_gated_epilogue(dtype, kern, M, step, prefetch):
     ref = linear64(x, w, b, "swiglu", r)
     out = torch.full((M, half), float("nan"), dtype=dtype, device=DEV)
     d = lambda t: t.to(DEV)
-    cfg = dict(BLOCK_M=32, num_warps=4, num_stages=2) if kern is bsr_large_m else dict(STEP=step, PREFETCH=prefetch)
     kern.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), half, K, d(b),
                 ACT_CODES["swiglu"], d(r), None, None, out, config=cfg)
     check(out, ref, dtype)
