@@ -101,18 +101,12 @@ for s in $steps; do
     bsr_sweep_m16) step bsr_sweep_m16 300 python3 benchmarks/kernels.py --sweep --tokens 16 ;;
     # Issue 5's block-sparse cells at few tokens (the decode kernel's table)
     kernels_decode) step kernels_decode 200 python3 benchmarks/kernels.py --patterns block90,block50 --table-tokens 1 16 --rep 20 ;;
-    # Case (a) at decode with and without the decode kernel's L2 eviction hints (bsr_small_m.EVICTION_HINTS)
-    hints_decode)
-      step hints_off 150 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a
-      step hints_on 150 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a --eviction-hints ;;
     # The decode kernel's default configs on the GPU at 1-17 tokens (2-8 tokens: the step shrinks with the token tile)
     decode_tests) step decode_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
                     -k "bsr_kernels_shapes or op_3d or broadcast_table or blocks_per_step" -p no:cacheprovider ;;
-    # Several block rows per program sharing x tiles (bsr_grouped) against one (bsr_large_m): GPU tests,
-    # then the prefill shapes at 50% blocks
-    grouped_tests) step grouped_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
-                     -k "grouped or gated or epilogue_dtypes" -p no:cacheprovider ;;
-    grouped_sweep) step grouped_sweep 120 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 ;;
+    # The decode kernel's slabs over token tiles against the large-M kernel at 128-512 tokens
+    sweep_mid) step sweep_mid 300 python3 benchmarks/kernels.py --sweep --tokens 256
+               step sweep_mid_512 150 python3 benchmarks/kernels.py --sweep --tokens 128 512 --weights 11008x4096,4096x11008 ;;
     # Issue 5's whole table (every pattern, 1 to 4096 tokens)
     kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;

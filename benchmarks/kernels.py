@@ -253,7 +253,7 @@ def run_sweep(args):
     issue's two weights at many; every config checked against float64 first, the launcher's own
     choice ("default") timed beside the best, and cuBLAS on a dense weight of the same bytes as
     the speed a streaming kernel can reach."""
-    from sparsec.codegen.triton import bsr_grouped, bsr_large_m, bsr_small_m
+    from sparsec.codegen.triton import bsr_large_m, bsr_small_m
     from sparsec.codegen.triton.epilogue import ACT_CODES
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -270,6 +270,8 @@ def run_sweep(args):
              for nk, act in [((12288, 4096), "none"), ((4096, 4096), "none"), ((22016, 4096), "swiglu")]]
     if args.patterns:
         plan = [row for row in plan if row[0] in args.patterns.split(",")]
+    if args.weights:
+        plan = [row for row in plan if "x".join(map(str, row[1])) in args.weights.split(",")]
     for pattern, (N, K), M, act in plan:
         w = make_weight(N, K, pattern, dtype, dev, gen)
         p = pack_bsr(w, (64, 64))
@@ -297,32 +299,23 @@ def run_sweep(args):
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
                     cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
-            # several block rows per program sharing each x tile (their union layout built once per
-            # pack below, outside the timing: the kernel alone)
-            for group in [2, 4]:
-                for bm, nw, ns in [(64, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)]:
-                    for hoisted in [False, True]:
-                        cfgs.append(("grouped", dict(GROUP=group, HOISTED=hoisted, BLOCK_M=bm, num_warps=nw,
-                                                     num_stages=ns)))
-        kinds = {"small": bsr_small_m, "large": bsr_large_m, "grouped": bsr_grouped}
-        layouts = {}
-
-        def grouped_layout(q, group):
-            if (id(q), group) not in layouts:
-                rows = bsr_grouped.group_rows(q.row_offsets.numel() - 1, n_out // 64 if act == "swiglu" else 0, group)
-                layouts[id(q), group] = bsr_grouped.block_row_groups(q.col_indices, q.row_offsets, q.nnz_blocks,
-                                                                     -(-K // 64), rows)
-            return layouts[id(q), group]
+            if M <= 4 * bsr_small_m.MAX_SMALL_M:  # the decode kernel's slabs over several token tiles
+                for bm in [64, 128]:
+                    for rows in [64, 32]:
+                        for step in [1, 2, 4]:
+                            for ns in [3, 4]:
+                                cfgs.append(("small", dict(BLOCK_M=bm, ROWS=rows, STEP=step, num_warps=4,
+                                                           num_stages=ns)))
+        kinds = {"small": bsr_small_m, "large": bsr_large_m}
         best = []
         default_t = None
         for kind, cfg in cfgs:
             mod = kinds[kind] if kind != "default" else bsr_small_m if M <= 64 else bsr_large_m
 
-            def f(cfg=cfg, mod=mod, kind=kind):
+            def f(cfg=cfg, mod=mod):
                 q = packs.next()
-                extra = dict(groups=grouped_layout(q, cfg["GROUP"])) if kind == "grouped" else {}
                 mod.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None, ACT_CODES[act],
-                           None, None, None, out, config=cfg, **extra)
+                           None, None, None, out, config=cfg)
             try:
                 f()
                 if rel_err(out, ref) > 2e-2:
@@ -344,14 +337,14 @@ def run_sweep(args):
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
               f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
+        for kind in ("small", "large"):
+            same = [(t, c) for t, k, c in best if k == kind]
+            if same and M > bsr_small_m.MAX_SMALL_M:
+                print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
             if same and M < bsr_small_m.DOT_MIN_M:
                 print(f"  PREFETCH={prefetch}: best {min(same) * 1e3:.1f}us", flush=True)
-        for group in (1, 2, 4):  # one block row a program (bsr_large_m) against groups of them
-            same = [(t, c) for t, k, c in best if k in ("large", "grouped") and c.get("GROUP", 1) == group]
-            if same:
-                print(f"  GROUP={group}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
 
 
 def run_sweep_semi_structured(args):
@@ -442,6 +435,7 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
+    p.add_argument("--weights", default="", help="--sweep: comma list of weight shapes, e.g. 11008x4096")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():

@@ -347,9 +347,6 @@ def main(argv=None):
                         "alone is predicted faster")
     parser.add_argument("--fuse-conv-always", action="store_true", help="experiment: conv-epilogue fuses the "
                         "convolutions' epilogues in the default mode too (conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS)")
-    parser.add_argument("--eviction-hints", action="store_true", help="experiment: the decode kernel marks row "
-                        "offsets, column indices and x to stay in L2 and the weights to leave first "
-                        "(bsr_small_m.EVICTION_HINTS)")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
@@ -368,11 +365,6 @@ def main(argv=None):
 
         conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS = True
         print("# experiment: fused convolution epilogues in the default mode too")
-    if args.eviction_hints:
-        from sparsec.codegen.triton import bsr_small_m
-
-        bsr_small_m.EVICTION_HINTS = True
-        print("# experiment: L2 eviction hints in the decode kernel")
     args.shapes = args.shapes.split(",")
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

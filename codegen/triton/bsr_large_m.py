@@ -84,7 +84,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     args = (x2d, values, col_indices, row_offsets,
             dummy if bias is None else bias, dummy if res2d is None else res2d,
             dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
-            out, M, N, K, m_bucket(M), x2d.stride(0), out.stride(0),
+            out, M, N, K, _m_bucket(M), x2d.stride(0), out.stride(0),
             0 if res2d is None else res2d.stride(0))
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
               HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
@@ -105,6 +105,6 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     return out
 
 
-def m_bucket(M):
+def _m_bucket(M):
     # powers of two: retune only when M changes class, not for every ragged M
     return 1 << max(0, (int(M) - 1).bit_length())

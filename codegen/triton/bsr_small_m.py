@@ -52,45 +52,12 @@ LONG_ROW_BLOCKS = 16
 # stages cut, until DOT_STAGES stages of it fit.
 SMEM_BUDGET = 200 * 1024
 DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sweep: 6 stages ~25% faster)
-# L2 eviction hints (load_kept / load_streamed): row offsets, column indices and x marked to stay, the
-# weights to leave first, so in a model whose weights overflow L2 each kernel's dependent loads hit L2.
-EVICTION_HINTS = False
-
-
-@triton.jit
-def load_kept(ptrs, mask, HINTS: tl.constexpr):
-    """Loads of the small tensors every program re-reads (row offsets, column indices, x): with
-    HINTS, marked to stay in L2 across kernels, so the next call's chain of dependent loads starts
-    from L2 while the streamed weights pass through."""
-    if HINTS:
-        return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_last")
-    else:
-        return tl.load(ptrs, mask=mask, other=0)
-
-
-@triton.jit
-def load_streamed(ptrs, mask, HINTS: tl.constexpr):
-    """Weight loads: read once per call, so with HINTS the first to leave L2."""
-    if HINTS:
-        return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-    else:
-        return tl.load(ptrs, mask=mask, other=0)
-
-
-@triton.jit
-def block_range(ro_ptr, br, HINTS: tl.constexpr):
-    """[start, end) of block row br's non-zero blocks (row offsets kept in L2 with HINTS)."""
-    if HINTS:
-        return (tl.load(ro_ptr + br, eviction_policy="evict_last"),
-                tl.load(ro_ptr + br + 1, eviction_policy="evict_last"))
-    else:
-        return tl.load(ro_ptr + br), tl.load(ro_ptr + br + 1)
 
 
 @triton.jit
 def load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
                 BH: tl.constexpr, BW: tl.constexpr, STEP: tl.constexpr, USE_DOT: tl.constexpr,
-                HAS_CPERM: tl.constexpr, HINTS: tl.constexpr):
+                HAS_CPERM: tl.constexpr):
     """The x columns and the weight slabs (rows `rr`) of non-zero blocks i .. i+STEP-1, as one tile
     STEP*BW columns wide; blocks at or past i_end are masked off (zeros, no memory traffic).
     Returns xt [BLOCK_M, STEP*BW] and the slab: [STEP*BW, ROWS] for tl.dot, else [ROWS, STEP*BW]."""
@@ -98,16 +65,16 @@ def load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
     blk = i + j // BW          # the non-zero block each column of the step belongs to
     cc = j % BW
     valid = blk < i_end
-    kcol = load_kept(ci_ptr + blk, valid, HINTS) * BW + cc
+    kcol = tl.load(ci_ptr + blk, mask=valid, other=0) * BW + cc
     k_ok = (kcol < K) & valid
     if HAS_CPERM:
-        kcol = load_kept(cperm_ptr + kcol, k_ok, HINTS)
-    xt = load_kept(x_rows + kcol[None, :], m_ok[:, None] & k_ok[None, :], HINTS)
+        kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
+    xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     w_cols = blk * (BH * BW) + cc  # int32: launcher checks values.numel() < 2**31
     if USE_DOT:
-        wt = load_streamed(v_ptr + w_cols[:, None] + rr[None, :] * BW, valid[:, None], HINTS)
+        wt = tl.load(v_ptr + w_cols[:, None] + rr[None, :] * BW, mask=valid[:, None], other=0.0)
     else:
-        wt = load_streamed(v_ptr + rr[:, None] * BW + w_cols[None, :], valid[None, :], HINTS)
+        wt = tl.load(v_ptr + rr[:, None] * BW + w_cols[None, :], mask=valid[None, :], other=0.0)
     return xt, wt
 
 
@@ -124,10 +91,9 @@ def multiply_add(acc, xt, wt, USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST:
 @triton.jit
 def add_blocks(acc, i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
                BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
-               USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr, HINTS: tl.constexpr, IEEE: tl.constexpr,
-               UPCAST: tl.constexpr):
+               USE_DOT: tl.constexpr, HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """acc + non-zero blocks i .. i+STEP-1 of the block row times their x columns (load_blocks)."""
-    xt, wt = load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP, USE_DOT, HAS_CPERM, HINTS)
+    xt, wt = load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP, USE_DOT, HAS_CPERM)
     return multiply_add(acc, xt, wt, USE_DOT, IEEE, UPCAST)
 
 
@@ -152,25 +118,26 @@ def finish_slab(acc, USE_DOT: tl.constexpr):
 def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
                    BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                    BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                   HAS_CPERM: tl.constexpr, HINTS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks.
     PREFETCH: the next step's loads are issued before this step's multiply-add, so a program keeps
     two steps of weights in flight whatever the compiler pipelines (the last iteration's loads are
     fully masked: no memory traffic)."""
-    start, end = block_range(ro_ptr, br, HINTS)
+    start = tl.load(ro_ptr + br)
+    end = tl.load(ro_ptr + br + 1)
     acc = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
         xt, wt = load_blocks(start, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
-                             USE_DOT, HAS_CPERM, HINTS)
+                             USE_DOT, HAS_CPERM)
         for i in range(start + STEP, end + STEP, STEP):
             x_next, w_next = load_blocks(i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
-                                         USE_DOT, HAS_CPERM, HINTS)
+                                         USE_DOT, HAS_CPERM)
             acc = multiply_add(acc, xt, wt, USE_DOT, IEEE, UPCAST)
             xt, wt = x_next, w_next
     else:
         for i in range(start, end, STEP):
             acc = add_blocks(acc, i, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, ROWS_, STEP,
-                             USE_DOT, HAS_CPERM, HINTS, IEEE, UPCAST)
+                             USE_DOT, HAS_CPERM, IEEE, UPCAST)
     return finish_slab(acc, USE_DOT)
 
 
@@ -178,34 +145,35 @@ def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
 def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
                            BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                            BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                           HAS_CPERM: tl.constexpr, HINTS: tl.constexpr, IEEE: tl.constexpr,
-                           UPCAST: tl.constexpr):
+                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams
     blocks of each, so a program keeps twice the bytes in flight instead of running two chains."""
-    start_a, end_a = block_range(ro_ptr, br_a, HINTS)
-    start_b, end_b = block_range(ro_ptr, br_b, HINTS)
+    start_a = tl.load(ro_ptr + br_a)
+    end_a = tl.load(ro_ptr + br_a + 1)
+    start_b = tl.load(ro_ptr + br_b)
+    end_b = tl.load(ro_ptr + br_b + 1)
     steps_end = tl.maximum(end_a - start_a, end_b - start_b)
     acc_a = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     acc_b = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
         xa, wa = load_blocks(start_a, end_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
-                             USE_DOT, HAS_CPERM, HINTS)
+                             USE_DOT, HAS_CPERM)
         xb, wb = load_blocks(start_b, end_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
-                             USE_DOT, HAS_CPERM, HINTS)
+                             USE_DOT, HAS_CPERM)
         for j in range(STEP, steps_end + STEP, STEP):
             xa_next, wa_next = load_blocks(start_a + j, end_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-                                           BH, BW, STEP, USE_DOT, HAS_CPERM, HINTS)
+                                           BH, BW, STEP, USE_DOT, HAS_CPERM)
             xb_next, wb_next = load_blocks(start_b + j, end_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-                                           BH, BW, STEP, USE_DOT, HAS_CPERM, HINTS)
+                                           BH, BW, STEP, USE_DOT, HAS_CPERM)
             acc_a = multiply_add(acc_a, xa, wa, USE_DOT, IEEE, UPCAST)
             acc_b = multiply_add(acc_b, xb, wb, USE_DOT, IEEE, UPCAST)
             xa, wa, xb, wb = xa_next, wa_next, xb_next, wb_next
     else:
         for j in range(0, steps_end, STEP):
             acc_a = add_blocks(acc_a, start_a + j, end_a, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-                               BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, HINTS, IEEE, UPCAST)
+                               BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
             acc_b = add_blocks(acc_b, start_b + j, end_b, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-                               BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, HINTS, IEEE, UPCAST)
+                               BH, BW, ROWS_, STEP, USE_DOT, HAS_CPERM, IEEE, UPCAST)
     return finish_slab(acc_a, USE_DOT), finish_slab(acc_b, USE_DOT)
 
 
@@ -215,7 +183,7 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, HINTS: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
                        UPCAST: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
@@ -228,11 +196,11 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     rr = sub * ROWS_ + tl.arange(0, ROWS_)
     if ACT == 4:  # ACT_SWIGLU
         acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
-                                         rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, HINTS,
-                                         IEEE, UPCAST)
+                                         rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE,
+                                         UPCAST)
     else:
         acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_, STEP,
-                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, HINTS, IEEE, UPCAST)
+                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST)
         up = acc
     n = br * BH + rr
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
@@ -253,7 +221,7 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
         step = max(1, BROADCAST_STEP_WEIGHTS // (rows * BW * halves * bm))
         prefetch = streams * (BH // rows) < TARGET_PROGRAMS
         warps = PREFETCH_WARPS if prefetch and blocks_per_row >= VERY_LONG_ROW_BLOCKS else 4
-        return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch, HINTS=EVICTION_HINTS,
+        return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch,
                     num_warps=warps, num_stages=4)
     step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
     bm = min(max(16, 1 << (int(M) - 1).bit_length()), MAX_SMALL_M)
@@ -265,8 +233,7 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
     while step > 1 and DOT_STAGES * stage_bytes(step) > SMEM_BUDGET:
         step //= 2
     stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step)))
-    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, HINTS=EVICTION_HINTS, num_warps=4,
-                num_stages=stages)
+    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4, num_stages=stages)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
@@ -289,7 +256,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
         out, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
         BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
-        PREFETCH=cfg["PREFETCH"], HINTS=cfg["HINTS"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
+        PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
