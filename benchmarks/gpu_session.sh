@@ -107,6 +107,14 @@ for s in $steps; do
     # The decode kernel's slabs over token tiles against the large-M kernel at 128-512 tokens
     sweep_mid) step sweep_mid 300 python3 benchmarks/kernels.py --sweep --tokens 256
                step sweep_mid_512 150 python3 benchmarks/kernels.py --sweep --tokens 128 512 --weights 11008x4096,4096x11008 ;;
+    # The decode kernel at 128 and 256 tokens (bsr_small_m.serves): GPU tests, the table's cells; the
+    # decode kernel's slabs with several blocks a step against bsr_large_m at prefill
+    mid_tokens)
+      step mid_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+        -k "bsr_kernels_shapes or op_3d" -p no:cacheprovider
+      step kernels_mid 150 python3 benchmarks/kernels.py --patterns block90,block50 --table-tokens 128 256 --rep 20
+      step sweep_2048 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 \
+        --weights 11008x4096,4096x11008,4096x4096 ;;
     # Issue 5's whole table (every pattern, 1 to 4096 tokens)
     kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;

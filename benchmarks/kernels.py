@@ -299,18 +299,20 @@ def run_sweep(args):
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
                     cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
-            if M <= 4 * bsr_small_m.MAX_SMALL_M:  # the decode kernel's slabs over several token tiles
-                for bm in [64, 128]:
-                    for rows in [64, 32]:
-                        for step in [1, 2, 4]:
+            # the decode kernel's slabs over several token tiles (bsr_small_m.serves)
+            mid = M <= bsr_small_m.MID_M
+            for bm in [64, 128]:
+                for rows in [64, 32] if mid else [64]:
+                    for step in [1, 2, 4] if mid else [1, 2]:
+                        for nw in [4] if mid else [4, 8]:
                             for ns in [3, 4]:
-                                cfgs.append(("small", dict(BLOCK_M=bm, ROWS=rows, STEP=step, num_warps=4,
+                                cfgs.append(("small", dict(BLOCK_M=bm, ROWS=rows, STEP=step, num_warps=nw,
                                                            num_stages=ns)))
         kinds = {"small": bsr_small_m, "large": bsr_large_m}
         best = []
         default_t = None
         for kind, cfg in cfgs:
-            mod = kinds[kind] if kind != "default" else bsr_small_m if M <= 64 else bsr_large_m
+            mod = kinds[kind] if kind != "default" else bsr_small_m if bsr_small_m.serves(M, N // 64) else bsr_large_m
 
             def f(cfg=cfg, mod=mod):
                 q = packs.next()
@@ -339,7 +341,7 @@ def run_sweep(args):
               flush=True)
         for kind in ("small", "large"):
             same = [(t, c) for t, k, c in best if k == kind]
-            if same and M > bsr_small_m.MAX_SMALL_M:
+            if same and M > bsr_small_m.MAX_BLOCK_M:
                 print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]

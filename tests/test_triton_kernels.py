@@ -86,7 +86,7 @@ def test_bsr_kernels_shapes(case, M):
     p = pack_bsr(w, block)
     x = torch.randn(M, K, generator=gen)
     ref = linear64(x, w, None, "none", None)
-    if M <= bsr_small_m.MAX_SMALL_M:
+    if M <= bsr_small_m.MAX_BLOCK_M:
         check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32), ref, torch.float32)
         if M < bsr_small_m.DOT_MIN_M:  # thick slabs too (the default thins them for small N)
             check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32,

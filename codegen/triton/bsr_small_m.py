@@ -1,4 +1,4 @@
-"""Block-sparse linear for few tokens (M <= 64, decode): stream the weights at bandwidth.
+"""Block-sparse linear for few tokens (decode; up to 128-256 tokens, `serves`): stream the weights.
 
 At small M the op is memory-bound: the weight blocks must be read once, at full speed.
 Grid: (block row x row slice, token tiles). Each program owns ROWS output features of one
@@ -6,7 +6,7 @@ block row (a contiguous ROWS x BW slab of every non-zero block, so loads stay co
 and ALL tokens of its tile; slicing block rows multiplies the programs so that even a
 4096-row weight fills the GPU. For M <= 8 there is no Tensor Core padding waste: a
 broadcast-multiply into a [BLOCK_M, ROWS, STEP*BW] fp32 register accumulator, reduced once at
-the end. For 8 < M <= 64 tl.dot with M padded to 16..64. Each loop step loads STEP non-zero
+the end. From 9 tokens tl.dot with M padded to 16..64, in token tiles of 64 beyond. Each loop step loads STEP non-zero
 blocks of the block row as one tile; with PREFETCH the next step's loads are issued before this
 step is multiplied (a register double buffer), for weights too short in rows to give every SM
 enough programs.
@@ -40,7 +40,14 @@ PREFETCH_WARPS = 8
 # the H200's 132 SMs), else 32 (12288x4096 at 16 tokens: 7.3 -> 7.0 us; 4096x4096 keeps 32).
 DOT_ROWS = (64, 32)
 DOT_MIN_PROGRAMS = 176
-MAX_SMALL_M = 64   # beyond this, the large-M Tensor Core kernel wins
+MAX_BLOCK_M = 64   # the token tile: more tokens run as several tiles (grid axis 1)
+# Up to MID_M tokens this kernel beats bsr_large_m (H200 sweep, `--sweep --tokens 128 256 512`, fifth
+# session): its slabs and several blocks a step keep more programs busy; at 256 tokens only on weights
+# of at most FEW_BLOCK_ROWS block rows, where bsr_large_m has too few programs (4096x11008 50% 77.7 ->
+# 53.0 us, 4096x4096 50% 32.4 -> 23.0); at 128 on every weight (11008x4096 50% 40.1 -> 28.5 us).
+ALL_WEIGHTS_M = 128
+MID_M = 256
+FEW_BLOCK_ROWS = 128
 DOT_MIN_M = 9      # from here tl.dot (M padded to 16) beats broadcast-multiply-sum
 # With tl.dot, non-zero blocks a program loads per loop step, as one tile STEP*BW columns wide: 4 for
 # block rows with LONG_ROW_BLOCKS or more non-zero blocks on average, else 2 (at 16 tokens: 50%
@@ -207,6 +214,11 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
+def serves(M, block_rows):
+    """Whether this kernel, not bsr_large_m, runs M tokens on a weight of `block_rows` block rows."""
+    return M <= ALL_WEIGHTS_M or (M <= MID_M and block_rows <= FEW_BLOCK_ROWS)
+
+
 def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
     """Hand table: BLOCK_M, USE_DOT, ROWS, STEP, num_warps, num_stages for M tokens and a weight of
     `block_rows` block rows (programs: block rows x slabs; gated programs stream two block rows)
@@ -224,8 +236,10 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
         return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch,
                     num_warps=warps, num_stages=4)
     step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
-    bm = min(max(16, 1 << (int(M) - 1).bit_length()), MAX_SMALL_M)
-    rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) >= DOT_MIN_PROGRAMS), min(DOT_ROWS[-1], BH))
+    bm = min(max(16, 1 << (int(M) - 1).bit_length()), MAX_BLOCK_M)
+    token_tiles = -(-int(M) // bm)
+    rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) * token_tiles >= DOT_MIN_PROGRAMS),
+                min(DOT_ROWS[-1], BH))
 
     def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when gated)
         return (bm + rows) * step * BW * itemsize * halves

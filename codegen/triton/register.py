@@ -57,7 +57,7 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
     x2d, out, res2d, bias, row_perm, col_perm = p
     M = x2d.shape[0]
     if M > 0:
-        launch = bsr_small_m.launch if M <= bsr_small_m.MAX_SMALL_M else bsr_large_m.launch
+        launch = bsr_small_m.launch if bsr_small_m.serves(M, row_offsets.shape[0] - 1) else bsr_large_m.launch
         launch(x2d, values, col_indices, row_offsets, n_out, in_features, bias,
                ACT_CODES[activation], res2d, row_perm, col_perm, out)
     return out.reshape(*x.shape[:-1], n_out)
