@@ -36,10 +36,12 @@ TARGET_PROGRAMS = 640
 BROADCAST_STEP_WEIGHTS = 4096
 VERY_LONG_ROW_BLOCKS = 64
 PREFETCH_WARPS = 8
-# With tl.dot (M >= DOT_MIN_M): 64-row slabs where that still leaves DOT_MIN_PROGRAMS programs (4/3 of
-# the H200's 132 SMs), else 32 (12288x4096 at 16 tokens: 7.3 -> 7.0 us; 4096x4096 keeps 32).
+# With tl.dot (M >= DOT_MIN_M): 64-row slabs where that still leaves DOT_MIN_PROGRAMS programs over all
+# token tiles (~1.2 waves of the H200's 132 SMs), else 32. At 16 tokens: 12288x4096 7.3 -> 7.0 us, and
+# the 172-block-row weights (11008x4096, gate/up) 64 rows too (50%: 17.7 -> 16.9 us, fifth session);
+# 4096x4096 keeps 32, and so do the 4096-row weights at 128 tokens (two token tiles: 128 programs).
 DOT_ROWS = (64, 32)
-DOT_MIN_PROGRAMS = 176
+DOT_MIN_PROGRAMS = 160
 MAX_BLOCK_M = 64   # the token tile: more tokens run as several tiles (grid axis 1)
 # Up to MID_M tokens this kernel beats bsr_large_m (H200 sweep, `--sweep --tokens 128 256 512`, fifth
 # session): its slabs and several blocks a step keep more programs busy; at 256 tokens only on weights
