@@ -115,12 +115,6 @@ for s in $steps; do
       step kernels_mid 150 python3 benchmarks/kernels.py --patterns block90,block50 --table-tokens 128 256 --rep 20
       step sweep_2048 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 \
         --weights 11008x4096,4096x11008,4096x4096 ;;
-    # The bitmap kernel with several K tiles a step (and the next loaded ahead): GPU tests, then the sweep
-    bitmap_sweep)
-      step bitmap_tests 100 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
-        -k "bitmap" -p no:cacheprovider
-      step bitmap_sweep 200 python3 benchmarks/kernels.py --sweep-bitmap --tokens 1 16 --patterns unstr90 \
-        --weights 11008x4096,4096x11008 ;;
     # Issue 5's whole table (every pattern, 1 to 4096 tokens)
     kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;
