@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsec import models
+from sparsec.passes.conv_epilogue import batch_norm_folded
 
 
 def folded(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """conv then eval-mode BatchNorm as one convolution: weight and bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = bn.bias - bn.running_mean * scale
+    """conv then eval-mode BatchNorm as one convolution: weight and bias (conv-epilogue's folding)."""
+    weight, bias, _ = batch_norm_folded(conv.weight.detach(), conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight.detach(), bn.bias.detach())
     return weight.contiguous(memory_format=torch.channels_last), bias
 
 

@@ -70,23 +70,30 @@ def _eval_batch_norm(node: fx.Node) -> fx.Node | None:
     return bn
 
 
+def batch_norm_folded(weight, bias, mean, var, eps, gamma=None, beta=None):
+    """(weight, bias, scale) of a convolution followed by inference-mode BatchNorm as one convolution:
+    out-channel scale = gamma / sqrt(var + eps), bias = (bias - mean) * scale + beta (fp32 math, the
+    weight's dtype out). `scale` also rescales anything added between the two (a constant map)."""
+    scale = torch.rsqrt(var.float() + eps)
+    if gamma is not None:
+        scale = scale * gamma.float()
+    shift = ((bias.float() if bias is not None else 0) - mean.float()) * scale
+    if beta is not None:
+        shift = shift + beta.float()
+    return (weight.float() * scale.reshape(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype), scale
+
+
 def fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, weight_node: fx.Node, bias_node, add, map_node, bn) -> None:
     """conv (+ map) -> batch_norm  =>  conv with scaled weight and shifted bias (+ scaled map)."""
-    get = lambda node: ir.get_constant(gm, node).float()  # noqa: E731
+    get = lambda node: None if node is None else ir.get_constant(gm, node)  # noqa: E731
     gamma, beta, mean, var = bn.args[1:5]
-    eps = bn.args[7]
-    scale = torch.rsqrt(get(var) + eps)
-    if gamma is not None:
-        scale = scale * get(gamma)
-    weight = ir.get_constant(gm, weight_node)
-    bias = get(bias_node) if bias_node is not None else torch.zeros_like(scale)
-    shift = (bias - get(mean)) * scale + (get(beta) if beta is not None else 0)
+    weight, bias, scale = batch_norm_folded(get(weight_node), get(bias_node), get(mean), get(var), bn.args[7],
+                                            get(gamma), get(beta))
     # the folded constants keep the layer's names: the report follows the layer, not the tensor
     name = ir.display_name(weight_node)
     bias_name = ir.display_name(bias_node) if bias_node is not None else name.removesuffix(".weight") + ".bias"
-    folded_w = ir.add_constant(gm, (weight.float() * scale.reshape(-1, 1, 1, 1)).to(weight.dtype), name,
-                               insert_before=conv)
-    folded_b = ir.add_constant(gm, shift.to(weight.dtype), bias_name, insert_before=conv)
+    folded_w = ir.add_constant(gm, weight, name, insert_before=conv)
+    folded_b = ir.add_constant(gm, bias, bias_name, insert_before=conv)
     args = list(conv.args) + [None] * (3 - len(conv.args))
     args[1], args[2] = folded_w, folded_b
     conv.args = tuple(args)
