@@ -136,6 +136,22 @@ def test_bsr_small_m_broadcast_table(block_rows, gated, rows, step, prefetch):
         assert cfg["STEP"] * one_block <= max(bsr_small_m.BROADCAST_STEP_WEIGHTS, one_block)
 
 
+@pytest.mark.parametrize("M,block_rows,serves,rows", [
+    (128, 172, True, 64),    # 11008 rows, two token tiles: 344 programs
+    (128, 64, True, 32),     # 4096 rows, two token tiles: 64-row slabs would leave 128 programs
+    (256, 64, True, 64),     # four token tiles: 256 programs
+    (256, 172, False, None), # bsr_large_m has programs enough
+    (512, 64, False, None),
+])
+def test_bsr_small_m_serves_mid_tokens(M, block_rows, serves, rows):
+    """Above 64 tokens the op runs the decode kernel where the H200 sweep found it faster than
+    bsr_large_m, with its slabs counted over all token tiles."""
+    assert bsr_small_m.serves(M, block_rows) is serves
+    if serves:
+        cfg = bsr_small_m.pick_config(M, 64, 64, block_rows, 32.0, False, 2)
+        assert (cfg["BLOCK_M"], cfg["USE_DOT"], cfg["ROWS"]) == (64, True, rows)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
 @pytest.mark.parametrize("kern,M", [(bsr_small_m, 3), (bsr_small_m, 17), (bsr_large_m, 69)])

@@ -6,8 +6,8 @@ block row (a contiguous ROWS x BW slab of every non-zero block, so loads stay co
 and ALL tokens of its tile; slicing block rows multiplies the programs so that even a
 4096-row weight fills the GPU. For M <= 8 there is no Tensor Core padding waste: a
 broadcast-multiply into a [BLOCK_M, ROWS, STEP*BW] fp32 register accumulator, reduced once at
-the end. From 9 tokens tl.dot with M padded to 16..64, in token tiles of 64 beyond. Each loop step loads STEP non-zero
-blocks of the block row as one tile; with PREFETCH the next step's loads are issued before this
+the end. From 9 tokens tl.dot with M padded to 16..64, in 64-token tiles beyond. Each loop step
+loads STEP non-zero blocks of the block row as one tile; with PREFETCH the next step's loads are issued before this
 step is multiplied (a register double buffer), for weights too short in rows to give every SM
 enough programs.
 """
