@@ -115,6 +115,11 @@ for s in $steps; do
       step kernels_mid 150 python3 benchmarks/kernels.py --patterns block90,block50 --table-tokens 128 256 --rep 20
       step sweep_2048 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 \
         --weights 11008x4096,4096x11008,4096x4096 ;;
+    # What bounds bsr_large_m at prefill: Nsight Compute on one launch beside cuBLAS's (needs a machine
+    # whose runtime lets ncu read the counters, device/KINDS.md); the times alone otherwise
+    ncu_large) step ncu_large 240 ncu --clock-control none -k regex:"bsr_large_m|gemm|sm90|nvjet" --launch-skip 2 \
+                 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+                 python3 benchmarks/profile_large_m.py --weight 11008x4096 --pattern block50 --tokens 2048 ;;
     # Issue 5's whole table (every pattern, 1 to 4096 tokens)
     kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;
