@@ -16,6 +16,7 @@ import triton.language as tl
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import fused_epilogue
 from .mma import interpreting, mma, traceable
+from .token_tiles import pow2_tile
 
 TILE_COLS = 64   # fixed by the format: two 32-bit bitmap words per tile row
 DOT_MIN_M = 9
@@ -92,10 +93,10 @@ def bitmap_kernel(x_ptr, v_ptr, bm_ptr, to_ptr, bias_ptr, res_ptr, rperm_ptr, cp
 def pick_config(M, TR):
     """Hand table keyed by M range."""
     if M < DOT_MIN_M:
-        bm = 1 if M == 1 else 1 << (int(M) - 1).bit_length()
+        bm = pow2_tile(M)
         return dict(BLOCK_M=bm, BLOCK_N=max(TR, 16), USE_DOT=False, num_warps=4, num_stages=3)
     if M <= 64:
-        bm = max(16, 1 << (int(M) - 1).bit_length())
+        bm = pow2_tile(M, 16)
         return dict(BLOCK_M=bm, BLOCK_N=max(TR, 32), USE_DOT=True, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=max(TR, 64), USE_DOT=True, num_warps=8, num_stages=3)
 

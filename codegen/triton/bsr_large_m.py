@@ -11,6 +11,7 @@ import triton.language as tl
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
+from .token_tiles import pow2_tile
 
 # (BLOCK_M, num_warps, num_stages): a small hand-picked set; the autotuner keys on
 # the shape class, so it runs once per (M bucket, N, K, block, epilogue: gated holds two tiles).
@@ -84,7 +85,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     args = (x2d, values, col_indices, row_offsets,
             dummy if bias is None else bias, dummy if res2d is None else res2d,
             dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
-            out, M, N, K, _m_bucket(M), x2d.stride(0), out.stride(0),
+            out, M, N, K, pow2_tile(M), x2d.stride(0), out.stride(0),  # M_BUCKET: tune once per power of two
             0 if res2d is None else res2d.stride(0))
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
               HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
@@ -104,7 +105,3 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     traceable(_autotuned)[grid](*args, **kw)
     return out
 
-
-def _m_bucket(M):
-    # powers of two: retune only when M changes class, not for every ragged M
-    return 1 << max(0, (int(M) - 1).bit_length())

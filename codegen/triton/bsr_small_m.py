@@ -17,6 +17,7 @@ import triton.language as tl
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
+from .token_tiles import pow2_tile
 
 # The config tables below were swept on an H200 (benchmarks/kernels.py --sweep --tokens 1 16, the
 # LLaMA-style decode shapes at 90% and 50% 64x64 blocks, 2026-12-02; benchmarks/RESULTS.md).
@@ -227,7 +228,7 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
     holding `blocks_per_row` non-zero blocks on average."""
     halves = 2 if gated else 1
     if M < DOT_MIN_M:
-        bm = 1 if M == 1 else 1 << (int(M) - 1).bit_length()
+        bm = pow2_tile(M)
         rows = min(ROWS, BH)
         streams = block_rows * halves
         while rows > MIN_ROWS and streams * (BH // rows) < TARGET_PROGRAMS:  # few block rows: thinner slabs
@@ -238,8 +239,8 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
         return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch,
                     num_warps=warps, num_stages=4)
     step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
-    bm = min(max(16, 1 << (int(M) - 1).bit_length()), MAX_BLOCK_M)
-    token_tiles = -(-int(M) // bm)
+    bm = pow2_tile(M, 16, MAX_BLOCK_M)
+    token_tiles = -(-M // bm)
     rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) * token_tiles >= DOT_MIN_PROGRAMS),
                 min(DOT_ROWS[-1], BH))
 

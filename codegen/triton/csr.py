@@ -18,6 +18,7 @@ import triton.language as tl
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import fused_epilogue
 from .mma import traceable
+from .token_tiles import pow2_tile
 
 MAX_M = 64   # beyond this the gathers cost more than dense Tensor Core work
 
@@ -58,7 +59,7 @@ def pick_config(M, N):
     90%, 2026-12-01): one row per program was fastest at every M (a row has ~400 non-zeros, and the
     many programs keep the loads in flight); long chunks for one token, shorter ones (a smaller
     register tile) for more."""
-    block_m = 1 if M == 1 else min(MAX_M, 1 << (int(M) - 1).bit_length())
+    block_m = pow2_tile(M, 1, MAX_M)
     return dict(BLOCK_M=block_m, ROWS=1, CHUNK=256 if block_m == 1 else 64, num_warps=4, num_stages=2)
 
 
