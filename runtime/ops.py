@@ -144,8 +144,19 @@ def _call(fn, op_name, args):
     return _ungated(fn, op_name, args) if out is NotImplemented else out
 
 
+def symbolic_tokens(x: torch.Tensor) -> bool:
+    """Whether x's token count (every dimension but the last) is symbolic: torch.compile tracing a
+    graph compiled for a dynamic batch."""
+    return any(isinstance(d, torch.SymInt) for d in x.shape[:-1])
+
+
 def _run_traceable(op_name, args):
-    """The first traceable kernel that takes these arguments, as long as none opaque comes first."""
+    """The first traceable kernel that takes these arguments, as long as none opaque comes first.
+    None for a symbolic token count: the launchers pick their tiles by the count, and traced that
+    choice becomes a guard on it (a recompile whenever the batch crosses into another tile); the
+    opaque op runs the same kernels with the real count instead (_run_host)."""
+    if symbolic_tokens(args[0]):
+        return NotImplemented
     for fn in get_kernels(op_name, args[0].device.type):
         if fn not in _TRACEABLE:
             return NotImplemented
@@ -156,9 +167,9 @@ def _run_traceable(op_name, args):
 
 
 def _run_host(op_name, ref_fn, args):
+    """The first kernel that takes these arguments (traceable ones run eagerly here), else the
+    reference."""
     for fn in get_kernels(op_name, args[0].device.type):
-        if fn in _TRACEABLE:
-            continue
         out = _call(fn, op_name, args)
         if out is not NotImplemented:
             return out

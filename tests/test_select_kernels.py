@@ -381,6 +381,42 @@ def test_token_counts_1_7_64_300_are_correct_without_recompiling(fresh_dynamo):
     assert all({r["kernel"] for r in g.report.layers} == {"csr_linear"} for g in graphs)
 
 
+def test_dynamic_batch_runs_traceable_kernels_with_real_token_counts(fresh_dynamo):
+    """A graph compiled for a dynamic batch calls the traceable (Triton) kernels through the opaque op,
+    with the real token count: a launcher's tile choice by token count never becomes a guard, so no
+    batch size recompiles. CPU stand-in for the CUDA launchers: a traceable kernel that picks a tile
+    with int(tokens), which would pin a symbolic count to one value (one graph per batch size until
+    Dynamo's recompile limit, then eager)."""
+    seen = []
+
+    def launcher(x, values, col_indices, row_offsets, out_features, in_features, *epilogue):
+        tokens = x.reshape(-1, in_features).shape[0]
+        seen.append(tokens)
+        seen.append(1 << (int(tokens) - 1).bit_length())  # the tile, as a launcher picks it
+        return reference.bsr_linear_ref(x, values, col_indices, row_offsets, out_features, in_features, *epilogue)
+
+    ops.register_kernel("bsr_linear", "cpu", launcher, traceable=True)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
+        with torch.no_grad():
+            model[0].weight.copy_(block_sparse(1024, 512, 0.1, seed=1))
+            model[2].weight.copy_(block_sparse(512, 1024, 0.1, seed=2))
+        compiled = torch.compile(model, backend="sparsec")
+        before = len(sparsec.backend.compiled_graphs())
+        with torch.no_grad():
+            for tokens in (1, 7, 64, 300, 5, 20, 130, 1000, 3):
+                x = torch.randn(tokens, 512)
+                assert output_close(compiled(x), model(x))[0], tokens
+        graphs = sparsec.backend.compiled_graphs()[before:]
+        assert len(graphs) == 2 and all(g.compiles == 1 for g in graphs)  # size 1 static, then one dynamic graph
+        assert all({r["kernel"] for r in g.report.layers} == {"bsr_linear[64x64]"} for g in graphs)
+        assert seen and all(type(v) is int for v in seen), "a kernel saw a symbolic token count"
+        assert {1000, 300, 3} <= set(seen[::2])  # the dynamic graph's calls, at their real counts
+    finally:
+        ops.unregister_kernel("bsr_linear", "cpu", launcher)
+
+
 class GatedFFN(nn.Module):
     """gate/up linears (stacked by fuse-linears) combined in one of several ways."""
 

@@ -1,9 +1,9 @@
-"""The launchers' token tiles for a symbolic token count: range guards, never a specialization.
+"""The launchers' token tiles on a symbolic token count: range guards, never a specialization.
 
-Under torch.compile with a dynamic batch the Triton launchers run on a symbolic M. A config chosen
-with int(M) would pin the compiled graph to that one count (a recompile for every batch size); one
-chosen by comparisons only adds range guards. Checked here with a ShapeEnv, the same machinery
-Dynamo and Inductor use, so no GPU is needed.
+The ops route symbolic counts away from the launchers (tests/test_select_kernels.py,
+test_dynamic_batch_runs_traceable_kernels_with_real_token_counts); this checks the launchers' own
+choice with a ShapeEnv, the machinery Dynamo and Inductor use, so that tracing one on a symbolic
+count would add range guards only, where int(M) would pin the graph to one count.
 """
 import pytest
 from torch._dynamo.source import ConstantSource

@@ -1,9 +1,9 @@
-"""Token tiles of the launchers, chosen without turning a symbolic token count into a number.
+"""Token tiles of the launchers: the next power of two, chosen by comparisons only.
 
-Under torch.compile with a dynamic batch the launchers run once on a symbolic M (Inductor traces
-into the triton_ops). `int(M)` there specializes the compiled graph to that one count, so every new
-batch size would recompile; a comparison only guards a range (M <= 16), so the graph is reused
-until M crosses into another tile.
+The ops never hand a launcher a symbolic token count (runtime.ops routes a graph compiled for a
+dynamic batch to the opaque op, which launches with the real count). Should a launcher be traced on
+one anyway, a comparison only adds a range guard (M <= 16), where int(M) would pin the compiled
+graph to that one count.
 """
 
 
