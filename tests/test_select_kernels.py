@@ -417,6 +417,28 @@ def test_dynamic_batch_runs_traceable_kernels_with_real_token_counts(fresh_dynam
         ops.unregister_kernel("bsr_linear", "cpu", launcher)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the Triton kernels")
+def test_dynamic_batch_on_cuda_compiles_two_graphs(fresh_dynamo):
+    """The same on CUDA with the real Triton kernels (run through the device tool): a 90%-block
+    MLP under torch.compile at nine batch sizes, from the decode kernel's sizes to the Tensor Core
+    kernel's, compiles two graphs and equals eager."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 2048)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(block_sparse(4096, 2048, 0.1, seed=1))
+        model[2].weight.copy_(block_sparse(2048, 4096, 0.1, seed=2))
+    model = model.to("cuda", torch.bfloat16)
+    compiled = torch.compile(model, backend="sparsec")
+    before = len(sparsec.backend.compiled_graphs())
+    with torch.no_grad():
+        for tokens in (1, 7, 64, 300, 5, 20, 130, 1000, 3):
+            x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+            assert output_close(compiled(x), model(x))[0], tokens
+    graphs = sparsec.backend.compiled_graphs()[before:]
+    assert len(graphs) == 2 and all(g.compiles == 1 for g in graphs)
+    assert all("bsr_linear[64x64]" in {r["kernel"] for r in g.report.layers} for g in graphs)
+
+
 class GatedFFN(nn.Module):
     """gate/up linears (stacked by fuse-linears) combined in one of several ways."""
 
