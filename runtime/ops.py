@@ -152,9 +152,9 @@ def symbolic_tokens(x: torch.Tensor) -> bool:
 
 def _run_traceable(op_name, args):
     """The first traceable kernel that takes these arguments, as long as none opaque comes first.
-    NotImplemented for a symbolic token count: the launchers pick their tiles by the count, and traced that
-    choice becomes a guard on it (a recompile whenever the batch crosses into another tile); the
-    opaque op runs the same kernels with the real count instead (_run_host)."""
+    NotImplemented for a symbolic token count: the launchers pick their tiles by the count, and
+    traced that choice becomes a guard on it (a recompile whenever the batch crosses into another
+    tile); the opaque op runs the same kernels with the real count instead (_run_host)."""
     if symbolic_tokens(args[0]):
         return NotImplemented
     for fn in get_kernels(op_name, args[0].device.type):
