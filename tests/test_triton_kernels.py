@@ -154,7 +154,7 @@ def test_bsr_small_m_serves_mid_tokens(M, block_rows, serves, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
-@pytest.mark.parametrize("kern,M", [(bsr_small_m, 3), (bsr_small_m, 17), (bsr_large_m, 69)])
+@pytest.mark.parametrize("kern,M", [(bsr_small_m, 3), (bsr_small_m, 17), (bsr_small_m, 69), (bsr_large_m, 69)])
 def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
     gen = torch.Generator().manual_seed(11)
     N, K, block = 70, 100, (32, 32)
@@ -173,6 +173,8 @@ def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
     *[(bsr_small_m, M, dict(STEP=step, PREFETCH=prefetch))
       for M, step, prefetch in [(1, 1, False), (1, 2, True), (3, 2, False), (3, 1, True), (17, 1, False),
                                 (17, 4, False), (17, 2, True)]],
+    (bsr_small_m, 69, {}),                    # two token tiles (the op's choice up to 128 tokens)
+    (bsr_small_m, 69, dict(BLOCK_M=32)),      # three, the last one ragged
     (bsr_large_m, 69, LARGE_M_TEST_CONFIG),
 ])
 def test_bsr_gated_epilogue(dtype, kern, M, cfg):
