@@ -160,6 +160,7 @@ def check(out, expected, model: nn.Module, x) -> str:
 
 
 PASSES = None  # --passes: a pipeline for sparsec instead of its default
+DYNAMIC = None  # --dynamic: torch.compile(dynamic=True) on both sides
 
 
 def compiled(model, backend: str, mode: str | None):
@@ -170,9 +171,10 @@ def compiled(model, backend: str, mode: str | None):
 
         from sparsec.backend import sparsec_backend
 
-        return torch.compile(model, backend=functools.partial(sparsec_backend, options={"passes": PASSES}, mode=mode))
+        return torch.compile(model, backend=functools.partial(sparsec_backend, options={"passes": PASSES}, mode=mode),
+                             dynamic=DYNAMIC)
     kwargs = {"mode": mode} if mode else {}
-    return torch.compile(model, backend=backend, **kwargs)
+    return torch.compile(model, backend=backend, dynamic=DYNAMIC, **kwargs)
 
 
 # torchao's sparse weights for the cases it has a layout for (an optional benchmark dependency:
@@ -340,6 +342,8 @@ def main(argv=None):
     parser.add_argument("--skip-other", action="store_true", help="skip the BERT and ResNet rows")
     parser.add_argument("--all-modes", action="store_true", help="decode also in the default mode (no CUDA graphs)")
     parser.add_argument("--passes", help="sparsec pipeline (default: sparsec's full pipeline)")
+    parser.add_argument("--dynamic", action="store_true", help="compile both sides for a dynamic batch "
+                        "(torch.compile(dynamic=True)): sparsec's sparse layers then run through their opaque op")
     parser.add_argument("--timing", choices=("stream", "flush"), default="stream",
                         help="CUDA: back-to-back calls (default) or do_bench's one call after an L2 flush")
     parser.add_argument("--unpriced-relayout", action="store_true", help="experiment: the cost model ignores the "
@@ -351,8 +355,8 @@ def main(argv=None):
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
     args = parser.parse_args(argv)
-    global PASSES, TIMING
-    PASSES, TIMING = args.passes, args.timing
+    global PASSES, TIMING, DYNAMIC
+    PASSES, TIMING, DYNAMIC = args.passes, args.timing, True if args.dynamic else None
     args.only = args.only.split(",")
     args.impls = args.impls.split(",")
     if args.unpriced_relayout:

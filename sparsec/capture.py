@@ -12,12 +12,14 @@ change) trace the concrete call arguments and are specialised to their shapes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import ir
@@ -66,11 +68,18 @@ def trace(fn, inputs: list, constant_names: dict[int, str], trace_inputs: list |
     `inputs` when given, with `tracing_mode` "fake" or "symbolic"; `inputs` must then hold the real
     values (tensors, and ints or SymInts for sizes) at the same positions.
     """
+    if trace_inputs is None and any(isinstance(x, torch.Tensor) and x.dim() == 0 for x in inputs):
+        # a 0-d input may be read with `.item()` (Dynamo's float attributes): real tracing cannot
+        # record that read, fake tracing records it as a symbolic scalar (_scalar_outputs)
+        mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+        trace_inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]
+        tracing_mode = "fake"
     with torch.no_grad():
         if trace_inputs is None:
             gm = make_fx(fn, pre_dispatch=True)(*inputs)
         else:
-            gm = make_fx(fn, tracing_mode=tracing_mode, pre_dispatch=True)(*trace_inputs)
+            with _scalar_outputs(trace_inputs):
+                gm = make_fx(fn, tracing_mode=tracing_mode, pre_dispatch=True)(*trace_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         raise RuntimeError(f"traced graph has {len(placeholders)} inputs for {len(inputs)} arguments")
@@ -90,6 +99,24 @@ def trace(fn, inputs: list, constant_names: dict[int, str], trace_inputs: list |
     ir.refresh_shapes(gm, example_inputs)
     source_indices = {name: index for index, name in constant_names.items()}
     return Captured(gm, input_indices, example_inputs, sources, source_indices, dynamic=tracing_mode == "symbolic")
+
+
+@contextlib.contextmanager
+def _scalar_outputs(fakes: list):
+    """Let `.item()` of a fake input trace as a symbolic scalar while capturing. With a dynamic batch,
+    Dynamo passes a module's float attributes (an RMSNorm's eps) as 0-d tensor inputs and reads them
+    with `.item()` in the graph; make_fx's fake tensors drop the value Dynamo attached to them, so the
+    read would be a data-dependent error and the whole graph would fall back. Inductor compiles the
+    read (`aten.item`) like any other."""
+    modes = {f.fake_mode for f in fakes if isinstance(f, FakeTensor)}
+    saved = {mode: mode.allow_scalar_outputs for mode in modes}
+    for mode in modes:
+        mode.allow_scalar_outputs = True
+    try:
+        yield
+    finally:
+        for mode, value in saved.items():
+            mode.allow_scalar_outputs = value
 
 
 def concrete(value):

@@ -33,6 +33,8 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from . import ir
 from .capture import Captured, concrete
@@ -114,7 +116,26 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
     # but no per-parameter sources (the torch.export path): give ours the current one.
     context = torch._guards.CompileContext.try_get()
     gm.meta.setdefault("dynamo_compile_id", context.compile_id if context else None)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    inputs = scalar_readable(example_inputs)
+    if inputs is not example_inputs:  # scalars bound in other shape environments: Inductor binds its own
+        for node in gm.graph.nodes:
+            node.meta.pop("unbacked_bindings", None)
+    return compile_fx(gm, inputs, config_patches=patches)
+
+
+def scalar_readable(example_inputs: list) -> list:
+    """Example inputs Inductor can compile a `.item()` of a 0-d input with (Dynamo's float
+    attributes in a graph recompiled outside Dynamo): as fakes of a mode with a shape environment
+    that allows scalar outputs. Inside Dynamo's compile (its own fakes carry the values) and without
+    0-d inputs, as they are."""
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and context.fake_mode is not None:
+        return example_inputs
+    if not any(isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) and x.dim() == 0 for x in example_inputs):
+        return example_inputs
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    mode.allow_scalar_outputs = True
+    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +381,11 @@ def _lookup(module: torch.nn.Module, name: str):
     return None
 
 
+# Weight sets whose compiled code a CompiledVariants keeps (a frame shared by this many modules
+# still runs compiled; past it, each further set recompiles on change as before).
+MAX_WEIGHT_SETS = 64
+
+
 class CompiledVariants:
     """Callable over the caller's full argument list; guards weights, specialises per shape.
 
@@ -390,6 +416,10 @@ class CompiledVariants:
         self.compiles = 0
         self.weight_recompiles = 0
         self.notes: list[str] = []
+        # Compiled states of other weight sets, by the weights' identity: one Dynamo frame can serve
+        # several modules (a graph break inside a block repeated per layer, its parameters graph
+        # inputs), and each layer's weights need their own compiled code; alternating layers reuse it.
+        self.weight_sets: dict[tuple, tuple] = {}
 
     # -- reports -----------------------------------------------------------------------------
 
@@ -443,7 +473,9 @@ class CompiledVariants:
                 return f"weight {guard.name!r} had its storage (.data) replaced"
         return None
 
-    def _on_weight_change(self, why: str) -> None:
+    def _on_weight_change(self, why: str, args) -> None:
+        if self._switch_weight_set(args):
+            return  # weights compiled for before, unchanged since: their code runs
         if self.options.on_weight_change == "error":
             raise WeightChangedError(
                 f"{why} after sparsec compiled the model, and sparsec baked its value into the compiled "
@@ -453,12 +485,31 @@ class CompiledVariants:
         self.weight_recompiles += 1
         if self.dynamic_variant is not None:
             self.note("weights changed after a dynamic-shape compile: recompiled variants are specialised per input shape")
-        self.variants.clear()
-        self.reports.clear()
-        self.guards.clear()
+        self.variants = {}
+        self.reports = {}
+        self.guards = {}
         self._bulk_guards = None
         self.dynamic_variant = None
         self.range_variants = []
+
+    def _weight_set_key(self, tensors) -> tuple:
+        return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+
+    def _switch_weight_set(self, args) -> bool:
+        """Keep the compiled state of the weights just guarded, and restore the one compiled for the
+        live weights if there is one (unchanged since): True when restored, so nothing recompiles."""
+        if self.guards and len(self.weight_sets) < MAX_WEIGHT_SETS:
+            own = self._weight_set_key(g.tensor for g in self.guards.values())
+            if all(g.tensor._version == g.version and g.tensor.data_ptr() == g.data_ptr for g in self.guards.values()):
+                self.weight_sets[own] = (self.variants, self.reports, self.guards, self.dynamic_variant,
+                                         self.range_variants)
+        live = self._weight_set_key(self._live(g, args) for g in self.guards.values())
+        state = self.weight_sets.get(live)
+        if state is None:
+            return False
+        self.variants, self.reports, self.guards, self.dynamic_variant, self.range_variants = state
+        self._bulk_guards = None
+        return True
 
     # -- compiling ---------------------------------------------------------------------------
 
@@ -537,7 +588,7 @@ class CompiledVariants:
         if self.guards:
             why = self.weights_changed(args)
             if why is not None:
-                self._on_weight_change(why)
+                self._on_weight_change(why, args)
         if self.dynamic_variant is not None:
             if self.range_variants:
                 tokens = token_count(args, self.key_indices or [])

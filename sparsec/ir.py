@@ -16,6 +16,7 @@ import re
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -129,8 +130,12 @@ def display_name(node: fx.Node) -> str:
 
 
 def refresh_shapes(gm: fx.GraphModule, example_inputs) -> None:
-    """Recompute `node.meta["val"]` for every node by running the graph on fake tensors."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    """Recompute `node.meta["val"]` for every node by running the graph on fake tensors. A read of a
+    0-d input (`aten.item`, Dynamo's float attributes with a dynamic batch) gives a symbolic scalar."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    mode.allow_scalar_outputs = True
+    for node in gm.graph.nodes:  # symbols of the tracing's shape environment, not of this one
+        node.meta.pop("unbacked_bindings", None)
     fake_inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with mode:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)

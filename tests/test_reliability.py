@@ -491,3 +491,65 @@ def test_in_place_ops_on_intermediates_are_optimized():
     run(torch.compile(model, backend="sparsec", options=FAST), model, torch.randn(2, 3, 8, 8))
     graphs = new_graphs(before)
     assert graphs and all(isinstance(g, (CompiledVariants, UnchangedGraph)) and not g.failed for g in graphs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames shared by several modules; Dynamo's float inputs
+# ---------------------------------------------------------------------------------------------
+
+class BlockWithBreak(nn.Module):
+    """A residual block with a graph break in its middle and an RMSNorm-style float attribute."""
+
+    def __init__(self, width: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.eps = 1e-6
+        self.up = nn.Linear(width, 2 * width, bias=False)
+        self.down = nn.Linear(2 * width, width, bias=False)
+        with torch.no_grad():
+            for layer in (self.up, self.down):
+                layer.weight.mul_((torch.rand_like(layer.weight) < 0.1).float())  # 90% zeros
+
+    def forward(self, x):
+        h = F.relu(self.up(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)))
+        torch._dynamo.graph_break()
+        return x + self.down(h)
+
+
+def blocks_with_breaks(layers: int = 3, width: int = 64) -> nn.Module:
+    return nn.Sequential(*[BlockWithBreak(width, seed) for seed in range(layers)]).eval()
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_frame_shared_by_layers_keeps_one_compiled_state_per_layer(dynamic):
+    """Dynamo compiles a block's code once for every layer (the parameters are graph inputs), while
+    sparsec folds each layer's weights into its own code: alternating layers must reuse their
+    compiled states, not recompile on every call."""
+    model = blocks_with_breaks()
+    before = len(backend.compiled_graphs())
+    compiled = torch.compile(model, backend="sparsec", dynamic=dynamic)
+    for tokens in (4, 4, 4):
+        run(compiled, model, torch.randn(tokens, 64))
+    graphs = [g for g in new_graphs(before) if isinstance(g, CompiledVariants)]
+    warm = compiles(graphs)
+    for tokens in (4, 4, 4):
+        run(compiled, model, torch.randn(tokens, 64))
+    assert graphs and not any(g.failed for g in graphs)
+    assert compiles(graphs) == warm, "a layer's weights recompiled though they did not change"
+    assert warm <= 2 * 3  # one state per layer in each of the two frames of the block
+
+
+def test_float_attributes_under_dynamic_true_compile_with_sparse_kernels():
+    """With torch.compile(dynamic=True) Dynamo passes float attributes (the norm's eps) as 0-d tensor
+    inputs read with .item(); sparsec captures and compiles them (it fell back to Inductor before)."""
+    model = blocks_with_breaks(layers=1)
+    before = len(backend.compiled_graphs())
+    compiled = torch.compile(model, backend="sparsec", dynamic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not compile" warning
+        for tokens in (3, 8, 20):
+            run(compiled, model, torch.randn(tokens, 64))
+    graphs = [g for g in new_graphs(before) if isinstance(g, CompiledVariants)]
+    assert graphs and not any(g.failed for g in graphs)
+    kernels = {row["kernel"] for g in graphs for row in g.report.layers}
+    assert kernels - {"dense"}, kernels
