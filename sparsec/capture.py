@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import ir
@@ -71,9 +70,7 @@ def trace(fn, inputs: list, constant_names: dict[int, str], trace_inputs: list |
     if trace_inputs is None and any(isinstance(x, torch.Tensor) and x.dim() == 0 for x in inputs):
         # a 0-d input may be read with `.item()` (Dynamo's float attributes): real tracing cannot
         # record that read, fake tracing records it as a symbolic scalar (_scalar_outputs)
-        mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
-        trace_inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in inputs]
-        tracing_mode = "fake"
+        trace_inputs, tracing_mode = ir.static_fakes(ir.scalar_reading_fake_mode(), inputs), "fake"
     with torch.no_grad():
         if trace_inputs is None:
             gm = make_fx(fn, pre_dispatch=True)(*inputs)

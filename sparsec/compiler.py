@@ -33,8 +33,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import ir
 from .capture import Captured, concrete
@@ -133,9 +132,7 @@ def scalar_readable(example_inputs: list) -> list:
         return example_inputs
     if not any(isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) and x.dim() == 0 for x in example_inputs):
         return example_inputs
-    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
-    mode.allow_scalar_outputs = True
-    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    return ir.static_fakes(ir.scalar_reading_fake_mode(), example_inputs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,14 +129,25 @@ def display_name(node: fx.Node) -> str:
     return node.meta.get("source_name", node.name)
 
 
-def refresh_shapes(gm: fx.GraphModule, example_inputs) -> None:
-    """Recompute `node.meta["val"]` for every node by running the graph on fake tensors. A read of a
-    0-d input (`aten.item`, Dynamo's float attributes with a dynamic batch) gives a symbolic scalar."""
+def scalar_reading_fake_mode() -> FakeTensorMode:
+    """A fake mode whose 0-d fakes may be read with `.item()` (giving a symbolic scalar): Dynamo's
+    float attributes under `dynamic=True` reach the graph as 0-d tensors read that way."""
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
     mode.allow_scalar_outputs = True
+    return mode
+
+
+def static_fakes(mode: FakeTensorMode, values) -> list:
+    """`values` with every tensor replaced by a fake of `mode` of the same, static, shape."""
+    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in values]
+
+
+def refresh_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    """Recompute `node.meta["val"]` for every node by running the graph on fake tensors."""
+    mode = scalar_reading_fake_mode()
     for node in gm.graph.nodes:  # symbols of the tracing's shape environment, not of this one
         node.meta.pop("unbacked_bindings", None)
-    fake_inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    fake_inputs = static_fakes(mode, example_inputs)
     with mode:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
 
