@@ -67,8 +67,8 @@ def trace(fn, inputs: list, constant_names: dict[int, str], trace_inputs: list |
     `inputs` when given, with `tracing_mode` "fake" or "symbolic"; `inputs` must then hold the real
     values (tensors, and ints or SymInts for sizes) at the same positions.
     """
-    if trace_inputs is None and any(isinstance(x, torch.Tensor) and x.dim() == 0 for x in inputs):
-        # a 0-d input may be read with `.item()` (Dynamo's float attributes): real tracing cannot
+    if trace_inputs is None and any(ir.is_dynamo_float(x) for i, x in enumerate(inputs) if i not in constant_names):
+        # a float Dynamo passes as a 0-d tensor is read with `.item()`: real tracing cannot
         # record that read, fake tracing records it as a symbolic scalar (_scalar_outputs)
         trace_inputs, tracing_mode = ir.static_fakes(ir.scalar_reading_fake_mode(), inputs), "fake"
     with torch.no_grad():

@@ -123,14 +123,14 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
 
 
 def scalar_readable(example_inputs: list) -> list:
-    """Example inputs Inductor can compile a `.item()` of a 0-d input with (Dynamo's float
-    attributes in a graph recompiled outside Dynamo): as fakes of a mode with a shape environment
-    that allows scalar outputs. Inside Dynamo's compile (its own fakes carry the values) and without
-    0-d inputs, as they are."""
+    """Example inputs with which Inductor can compile the `.item()` of a float Dynamo passes as a 0-d
+    tensor (`ir.is_dynamo_float`), for a graph recompiled outside Dynamo: fakes of a mode that allows
+    scalar outputs. Inside Dynamo's compile (its own fakes carry the values) and without such
+    inputs, as they are."""
     context = torch._guards.TracingContext.try_get()
     if context is not None and context.fake_mode is not None:
         return example_inputs
-    if not any(isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) and x.dim() == 0 for x in example_inputs):
+    if not any(ir.is_dynamo_float(x) and not isinstance(x, FakeTensor) for x in example_inputs):
         return example_inputs
     return ir.static_fakes(ir.scalar_reading_fake_mode(), example_inputs)
 

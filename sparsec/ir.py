@@ -137,6 +137,13 @@ def scalar_reading_fake_mode() -> FakeTensorMode:
     return mode
 
 
+def is_dynamo_float(value) -> bool:
+    """A 0-d float64 CPU tensor: how Dynamo passes a Python float (a module's eps) under
+    `dynamic=True`, read in the graph with `.item()`."""
+    return (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.float64
+            and value.device.type == "cpu")
+
+
 def static_fakes(mode: FakeTensorMode, values) -> list:
     """`values` with every tensor replaced by a fake of `mode` of the same, static, shape."""
     return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in values]
