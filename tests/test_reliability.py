@@ -553,3 +553,26 @@ def test_float_attributes_under_dynamic_true_compile_with_sparse_kernels():
     assert graphs and not any(g.failed for g in graphs)
     kernels = {row["kernel"] for g in graphs for row in g.report.layers}
     assert kernels - {"dense"}, kernels
+
+
+def test_sliced_heads_keep_a_dynamic_sequence_length_dynamic():
+    """channel-slice rewrites the head-splitting views for the heads it removes; with
+    torch.compile(dynamic=True) the other sizes of those views stay symbolic, so one compile serves
+    every sequence length (they were written as numbers: a recompile per length)."""
+    from sparsec import models
+
+    torch.manual_seed(0)
+    model = models.LlamaStack(128, 4, 256, 1).eval()
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj.weight[64:] = 0  # heads 2 and 3 dead
+        attn.o_proj.weight[:, 64:] = 0
+    before = len(backend.compiled_graphs())
+    compiled = torch.compile(model, backend="sparsec", dynamic=True)
+    for s in (9, 17, 5, 33):
+        run(compiled, model, torch.randn(1, s, 128))
+    graphs = [g for g in new_graphs(before) if isinstance(g, CompiledVariants)]
+    assert len(graphs) == 1 and graphs[0].compiles == 1 and graphs[0].dynamic_variant is not None
+    stats = {p["name"]: p.get("stats", {}) for p in graphs[0].report.passes}
+    assert stats["channel-slice"].get("heads_removed", 0) >= 2, stats["channel-slice"]
