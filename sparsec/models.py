@@ -34,7 +34,10 @@ class LlamaAttention(nn.Module):
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = (p(x).view(b, s, self.heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1)
+        # a branch, not is_causal=s > 1: with a symbolic length (torch.compile(dynamic=True)) that is a
+        # SymBool, which SDPA does not take (a graph break); a branch makes it a guard on the length
+        causal = True if s > 1 else False  # noqa: SIM210
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
