@@ -116,9 +116,8 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
     context = torch._guards.CompileContext.try_get()
     gm.meta.setdefault("dynamo_compile_id", context.compile_id if context else None)
     inputs = scalar_readable(example_inputs)
-    if inputs is not example_inputs:  # scalars bound in other shape environments: Inductor binds its own
-        for node in gm.graph.nodes:
-            node.meta.pop("unbacked_bindings", None)
+    if inputs is not example_inputs:
+        ir.drop_unbacked_bindings(gm)
     return compile_fx(gm, inputs, config_patches=patches)
 
 
@@ -310,6 +309,10 @@ class _Guard:
     data_ptr: int
     index: int | None  # position in the caller's arguments (Dynamo graphs), else looked up by name
 
+    def holds(self, live: torch.Tensor) -> bool:
+        """Whether `live` is the folded weight, unchanged since it was folded."""
+        return live is self.tensor and live._version == self.version and live.data_ptr() == self.data_ptr
+
 
 # Bumped by torch's global registration hooks whenever any module anywhere gets a parameter, buffer or
 # submodule assigned (`m.weight = nn.Parameter(...)`, `prune.remove`, swapping a layer). While it
@@ -376,6 +379,11 @@ def _lookup(module: torch.nn.Module, name: str):
         if value is not _MISSING:
             return value
     return None
+
+
+def _weight_set_key(tensors) -> tuple:
+    """The identity of a set of weights as they are now (object, version counter, storage)."""
+    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
 
 
 # Weight sets whose compiled code a CompiledVariants keeps (a frame shared by this many modules
@@ -460,7 +468,7 @@ class CompiledVariants:
         for guard in self.guards.values():
             index = guard.index
             live = args[index] if index is not None and index < count else self._live(guard, args)
-            if live is guard.tensor and live._version == guard.version and live.data_ptr() == guard.data_ptr:
+            if guard.holds(live):
                 continue
             if live is not guard.tensor:
                 return f"weight {guard.name!r} was replaced by another tensor"
@@ -482,25 +490,21 @@ class CompiledVariants:
         self.weight_recompiles += 1
         if self.dynamic_variant is not None:
             self.note("weights changed after a dynamic-shape compile: recompiled variants are specialised per input shape")
-        self.variants = {}
+        self.variants = {}  # new containers: a state kept in weight_sets holds the old ones
         self.reports = {}
         self.guards = {}
         self._bulk_guards = None
         self.dynamic_variant = None
         self.range_variants = []
 
-    def _weight_set_key(self, tensors) -> tuple:
-        return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
-
     def _switch_weight_set(self, args) -> bool:
         """Keep the compiled state of the weights just guarded, and restore the one compiled for the
         live weights if there is one (unchanged since): True when restored, so nothing recompiles."""
-        if self.guards and len(self.weight_sets) < MAX_WEIGHT_SETS:
-            own = self._weight_set_key(g.tensor for g in self.guards.values())
-            if all(g.tensor._version == g.version and g.tensor.data_ptr() == g.data_ptr for g in self.guards.values()):
-                self.weight_sets[own] = (self.variants, self.reports, self.guards, self.dynamic_variant,
-                                         self.range_variants)
-        live = self._weight_set_key(self._live(g, args) for g in self.guards.values())
+        guards = list(self.guards.values())
+        if guards and len(self.weight_sets) < MAX_WEIGHT_SETS and all(g.holds(g.tensor) for g in guards):
+            self.weight_sets[_weight_set_key(g.tensor for g in guards)] = (
+                self.variants, self.reports, self.guards, self.dynamic_variant, self.range_variants)
+        live = _weight_set_key(self._live(g, args) for g in guards)
         state = self.weight_sets.get(live)
         if state is None:
             return False

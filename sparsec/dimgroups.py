@@ -759,10 +759,11 @@ def _reshape_dims(b: Builder, node, x):
 def _view_rewrite(node, new_shape):
     shape = list(new_shape(node))
     if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
-        if list(node.args[1]) != shape and _shape(node) != tuple(shape):
+        old_shape = _shape(node)
+        if list(node.args[1]) != shape and old_shape != tuple(shape):
             # only the resized dims take a number: the others keep their argument (a symbolic size
             # of a dynamic graph, or -1), so the graph stays general in them
-            kept = [arg if old == new else new for arg, old, new in zip(node.args[1], _shape(node), shape)]
+            kept = [arg if old == new else new for arg, old, new in zip(node.args[1], old_shape, shape)]
             node.args = (node.args[0], kept) + tuple(node.args[2:])
     elif node.target is aten.unflatten.int:
         dim = node.args[1] % len(_shape(node.args[0]))

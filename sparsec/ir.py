@@ -149,11 +149,18 @@ def static_fakes(mode: FakeTensorMode, values) -> list:
     return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in values]
 
 
+def drop_unbacked_bindings(gm: fx.GraphModule) -> None:
+    """Forget which nodes bound the symbolic scalars of a `.item()` read: those symbols belong to the
+    shape environment that traced the graph, and a later fake run (shape refresh, Inductor outside
+    Dynamo) binds its own."""
+    for node in gm.graph.nodes:
+        node.meta.pop("unbacked_bindings", None)
+
+
 def refresh_shapes(gm: fx.GraphModule, example_inputs) -> None:
     """Recompute `node.meta["val"]` for every node by running the graph on fake tensors."""
     mode = scalar_reading_fake_mode()
-    for node in gm.graph.nodes:  # symbols of the tracing's shape environment, not of this one
-        node.meta.pop("unbacked_bindings", None)
+    drop_unbacked_bindings(gm)
     fake_inputs = static_fakes(mode, example_inputs)
     with mode:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
