@@ -381,6 +381,20 @@ def test_token_counts_1_7_64_300_are_correct_without_recompiling(fresh_dynamo):
     assert all({r["kernel"] for r in g.report.layers} == {"csr_linear"} for g in graphs)
 
 
+# From one token (Dynamo's static graph) through the decode kernel's sizes to the Tensor Core kernel's.
+DYNAMIC_BATCH_TOKENS = (1, 7, 64, 300, 5, 20, 130, 1000, 3)
+
+
+def block_sparse_mlp(width: int) -> nn.Module:
+    """width -> 2 width -> width with 90% of each weight's 64x64 blocks zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(block_sparse(2 * width, width, 0.1, seed=1))
+        model[2].weight.copy_(block_sparse(width, 2 * width, 0.1, seed=2))
+    return model
+
+
 def test_dynamic_batch_runs_traceable_kernels_with_real_token_counts(fresh_dynamo):
     """A graph compiled for a dynamic batch calls the traceable (Triton) kernels through the opaque op,
     with the real token count: a launcher's tile choice by token count never becomes a guard, so no
@@ -397,15 +411,11 @@ def test_dynamic_batch_runs_traceable_kernels_with_real_token_counts(fresh_dynam
 
     ops.register_kernel("bsr_linear", "cpu", launcher, traceable=True)
     try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
-        with torch.no_grad():
-            model[0].weight.copy_(block_sparse(1024, 512, 0.1, seed=1))
-            model[2].weight.copy_(block_sparse(512, 1024, 0.1, seed=2))
+        model = block_sparse_mlp(512)
         compiled = torch.compile(model, backend="sparsec")
         before = len(sparsec.backend.compiled_graphs())
         with torch.no_grad():
-            for tokens in (1, 7, 64, 300, 5, 20, 130, 1000, 3):
+            for tokens in DYNAMIC_BATCH_TOKENS:
                 x = torch.randn(tokens, 512)
                 assert output_close(compiled(x), model(x))[0], tokens
         graphs = sparsec.backend.compiled_graphs()[before:]
@@ -422,16 +432,11 @@ def test_dynamic_batch_on_cuda_compiles_two_graphs(fresh_dynamo):
     """The same on CUDA with the real Triton kernels (run through the device tool): a 90%-block
     MLP under torch.compile at nine batch sizes, from the decode kernel's sizes to the Tensor Core
     kernel's, compiles two graphs and equals eager."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 2048)).eval()
-    with torch.no_grad():
-        model[0].weight.copy_(block_sparse(4096, 2048, 0.1, seed=1))
-        model[2].weight.copy_(block_sparse(2048, 4096, 0.1, seed=2))
-    model = model.to("cuda", torch.bfloat16)
+    model = block_sparse_mlp(2048).to("cuda", torch.bfloat16)
     compiled = torch.compile(model, backend="sparsec")
     before = len(sparsec.backend.compiled_graphs())
     with torch.no_grad():
-        for tokens in (1, 7, 64, 300, 5, 20, 130, 1000, 3):
+        for tokens in DYNAMIC_BATCH_TOKENS:
             x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
             assert output_close(compiled(x), model(x))[0], tokens
     graphs = sparsec.backend.compiled_graphs()[before:]
