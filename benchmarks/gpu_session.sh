@@ -123,6 +123,12 @@ for s in $steps; do
     # Dynamic batch with the CUDA kernels: graphs compiled over nine batch sizes, outputs against eager
     dynamic_batch) step dynamic_batch 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_select_kernels.py \
                      -k "dynamic_batch" -p no:cacheprovider ;;
+    # The bitmap kernel with several K tiles a step (and the next loaded ahead): GPU tests, then the sweep
+    bitmap_sweep)
+      step bitmap_tests 100 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+        -k "bitmap" -p no:cacheprovider
+      step bitmap_sweep 200 python3 benchmarks/kernels.py --sweep-bitmap --tokens 1 16 --patterns unstr90 \
+        --weights 11008x4096,4096x11008 ;;
     # Issue 5's whole table (every pattern, 1 to 4096 tokens)
     kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;

@@ -383,6 +383,24 @@ def run_sweep_semi_structured(args):
                   f"{t_torch} us | {t_dense / t_sp:.2f}x | {how} |", flush=True)
 
 
+def time_configs(launch, cfgs, out, ref):
+    """[(seconds, config)] of each config whose output (launch(cfg) writes `out`) matches `ref`,
+    fastest first; configs that fail to compile or run are reported and skipped."""
+    timed = []
+    for cfg in cfgs:
+        try:
+            launch(cfg)
+            if rel_err(out, ref) > 2e-2:
+                print("wrong", cfg, flush=True)
+                continue
+            t, _ = bench(lambda cfg=cfg: launch(cfg), True, 10)
+        except Exception as e:  # noqa: BLE001
+            print("fail", cfg, repr(e)[:100], flush=True)
+            continue
+        timed.append((t, cfg))
+    return sorted(timed, key=lambda r: r[0])
+
+
 def run_sweep_csr(args):
     """Config sweep for the CSR kernel on unstructured weights (to pick its hand table)."""
     from sparsec.codegen.triton import csr
@@ -398,33 +416,52 @@ def run_sweep_csr(args):
                 xt = x.t().contiguous()
                 out = torch.empty(M, N, device=dev, dtype=dtype)
                 ref = x.double() @ w.double().t()
-                best = []
-                for rows in [1, 2, 4, 8]:
-                    for chunk in [32, 64, 128, 256]:
-                        bm = 1 if M == 1 else min(64, M)
-                        if bm * rows * chunk > 8192 or bm * rows * chunk < 128:
-                            continue
-                        for nw in [4, 8]:
-                            cfg = dict(ROWS=rows, CHUNK=chunk, num_warps=nw)
+                bm = 1 if M == 1 else min(64, M)
+                cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4, 8]
+                        for chunk in [32, 64, 128, 256] if 128 <= bm * rows * chunk <= 8192 for nw in [4, 8]]
 
-                            def f(cfg=cfg):
-                                q = packs.next()
-                                csr.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out,
-                                           config=cfg)
-                            try:
-                                f()
-                                if rel_err(out, ref) > 2e-2:
-                                    print("wrong", cfg)
-                                    continue
-                                t, _ = bench(f, True, 10)
-                            except Exception as e:  # noqa: BLE001
-                                print("fail", cfg, repr(e)[:100])
-                                continue
-                            best.append((t, cfg))
-                best.sort(key=lambda r: r[0])
+                def launch(cfg):
+                    q = packs.next()
+                    csr.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+                best = time_configs(launch, cfgs, out, ref)
                 default = csr.pick_config(M, N)
                 print(f"SWEEP-CSR {pattern} {N}x{K} M={M} (default {default}): "
                       + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
+
+
+def run_sweep_bitmap(args):
+    """Config sweep for the bitmap kernel at few tokens (to pick its hand table): rows a program, K
+    tiles a loop step, the next step loaded ahead or not; the LLaMA-style weights, unstructured."""
+    from sparsec.codegen.triton import bitmap
+    dev, dtype = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(4)
+    shapes = [(11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096)]
+    if args.weights:
+        shapes = [nk for nk in shapes if f"{nk[0]}x{nk[1]}" in args.weights.split(",")]
+    for pattern in (args.patterns.split(",") if args.patterns else ["unstr90", "unstr50"]):
+        for (N, K) in shapes:
+            w = make_weight(N, K, pattern, dtype, dev, gen)
+            p = pack_bitmap(w)
+            packs = Rotor([p] + [pack_bitmap(w) for _ in range(n_copies(p.nbytes) - 1)])
+            for M in args.tokens:
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                out = torch.empty(M, N, device=dev, dtype=dtype)
+                ref = x.double() @ w.double().t()
+                dot = M >= bitmap.DOT_MIN_M
+                cfgs = [dict(BLOCK_N=bn, KSTEP=ks, PREFETCH=pf, num_warps=nw, num_stages=ns)
+                        for bn in ([32, 64] if dot else [16, 32, 64]) for ks in [1, 2, 4, 8]
+                        if bn * ks <= (256 if dot else 128) for pf in [False, True] for nw in [4, 8]
+                        for ns in ([2, 3] if dot else [3])]
+
+                def launch(cfg):
+                    q = packs.next()
+                    bitmap.launch(x, q.values, q.bitmap, q.tile_offsets, N, K, q.tile_rows, None, 0, None, None,
+                                  None, out, config=cfg)
+                default = time_configs(launch, [{}], out, ref)
+                best = time_configs(launch, cfgs, out, ref)
+                cublas, _ = bench(lambda: F.linear(x, w), True, 10)
+                print(f"SWEEP-BITMAP {pattern} {N}x{K} M={M}: default {default[0][0] * 1e3:.1f}us, cuBLAS "
+                      f"{cublas * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
 
 
 def main():
@@ -433,11 +470,12 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-csr", action="store_true")
+    p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
-    p.add_argument("--weights", default="", help="--sweep: comma list of weight shapes, e.g. 11008x4096")
+    p.add_argument("--weights", default="", help="--sweep, --sweep-bitmap: comma list of weight shapes, e.g. 11008x4096")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():
@@ -446,6 +484,8 @@ def main():
         run_sweep(args)
     elif args.sweep_csr:
         run_sweep_csr(args)
+    elif args.sweep_bitmap:
+        run_sweep_bitmap(args)
     elif args.sweep_2_4:
         run_sweep_semi_structured(args)
     else:

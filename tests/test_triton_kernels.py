@@ -223,6 +223,23 @@ def test_bitmap_kernel_shapes(shape, density, M):
           linear64(x, w, None, "none", None), torch.float32)
 
 
+@pytest.mark.parametrize("kstep,prefetch", [(2, False), (4, True), (2, True)])
+@pytest.mark.parametrize("shape,tile_rows", [((70, 100), 16), ((33, 200), 32), ((48, 390), 8)])
+@pytest.mark.parametrize("M", [1, 5, 17])
+def test_bitmap_tiles_per_step(shape, tile_rows, M, kstep, prefetch):
+    """Several K tiles a loop step, with and without the next step loaded ahead: tile counts not a
+    multiple of the step (masked tiles), a step wider than the whole weight (2 tiles, step 4)."""
+    N, K = shape
+    gen = torch.Generator().manual_seed(N + K + M + kstep)
+    w = torch.randn(N, K, generator=gen) * (torch.rand(N, K, generator=gen) < 0.2)
+    w[N // 3] = 0
+    p = pack_bitmap(w, tile_rows=tile_rows, col_perm=torch.randperm(K, generator=gen))
+    x = torch.randn(M, K, generator=gen)
+    cfg = dict(KSTEP=kstep, PREFETCH=prefetch, BLOCK_N=max(16, tile_rows))
+    check(run_bitmap(x, w, p, None, "none", None, torch.float32, cfg), linear64(x, w, None, "none", None),
+          torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["none", "gelu", "silu", "relu"])
 @pytest.mark.parametrize("M,tile_rows", [(1, 16), (17, 16), (5, 32), (69, 16)])

@@ -2,11 +2,14 @@
 
 Weight format (runtime/formats.py BitmapWeight): tiles of TR rows x 64 columns; per row of
 a tile two 32-bit bitmap words; the non-zeros packed tile by tile, row-major in a tile.
-Per K step a program loads the [BLOCK_N] x 2 words, rebuilds the positions of the packed
-values on chip (popcount of the words -> per-row counts -> exclusive prefix sum inside each
-TR-row tile; inside a row, popcount of the bits below the column), gathers the non-zeros
-into a dense [BLOCK_N, 64] register tile and feeds tl.dot (or, for M <= 8, a
-broadcast-multiply-sum). Memory traffic: ~1 bit + the non-zeros per weight element.
+Per loop step a program loads the [BLOCK_N] x 2 words of KSTEP K tiles, rebuilds the positions
+of the packed values on chip (popcount of the words -> per-row counts -> exclusive prefix sum
+inside each TR-row tile; inside a row, popcount of the bits below the column), gathers the
+non-zeros into a dense [BLOCK_N, KSTEP*64] register tile and feeds tl.dot (or, for M <= 8, a
+broadcast-multiply-sum). Each step is two dependent loads (words, then values), so at few
+tokens the loop is latency-bound: several tiles a step and PREFETCH (the next step loaded
+before this one is multiplied) keep more loads in flight. Memory traffic: ~1 bit + the
+non-zeros per weight element.
 """
 import os
 
@@ -37,55 +40,83 @@ def _popc(x, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def load_step(kt, x_rows, m_ok, v_ptr, bm_rows, to_rows, n_ok, cperm_ptr, K, NTC,
+              TR: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, USE_ASM: tl.constexpr,
+              HAS_CPERM: tl.constexpr):
+    """The x columns and the weight rows of K tiles kt .. kt+KSTEP-1 as dense tiles: xt [BLOCK_M,
+    KSTEP*64] and w [BLOCK_N, KSTEP*64], the non-zeros placed from the tiles' bitmaps (tiles at or
+    past NTC are masked off: no memory traffic)."""
+    TC: tl.constexpr = 64
+    t = kt + tl.arange(0, KSTEP)
+    tile_ok = n_ok[:, None] & (t < NTC)[None, :]                         # [BLOCK_N, KSTEP]
+    w0 = tl.load(bm_rows[:, None] + 2 * t[None, :], mask=tile_ok, other=0)
+    w1 = tl.load(bm_rows[:, None] + 2 * t[None, :] + 1, mask=tile_ok, other=0)
+    toff = tl.load(to_rows[:, None] + t[None, :], mask=tile_ok, other=0)
+    cnt0 = _popc(w0, USE_ASM)
+    cnt = cnt0 + _popc(w1, USE_ASM)
+    # exclusive prefix of row counts inside each TR-row tile
+    incl = tl.reshape(tl.cumsum(tl.reshape(cnt, [BLOCK_N // TR, TR, KSTEP]), axis=1), [BLOCK_N, KSTEP])
+    base = toff + incl - cnt
+    c = tl.arange(0, TC)
+    cw = c % 32
+    hi = (c >= 32)[None, None, :]
+    word = tl.where(hi, w1[:, :, None], w0[:, :, None])                  # [BLOCK_N, KSTEP, TC]
+    pre = _popc(word & ((1 << cw) - 1)[None, None, :], USE_ASM) + tl.where(hi, cnt0[:, :, None], 0)
+    nz = (word & (1 << cw)[None, None, :]) != 0
+    w = tl.load(v_ptr + (base[:, :, None] + pre), mask=nz, other=0.0)
+    kcol = kt * TC + tl.arange(0, KSTEP * TC)
+    k_ok = kcol < K
+    if HAS_CPERM:
+        kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
+    xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    return xt, tl.reshape(w, [BLOCK_N, KSTEP * TC])
+
+
+@triton.jit
+def multiply_add(acc, xt, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + xt times w^T: acc [BLOCK_M, BLOCK_N] with tl.dot, else [BLOCK_M, BLOCK_N, KSTEP*64]
+    (broadcast-multiply, reduced once after the loop)."""
+    if USE_DOT:
+        return mma(xt, tl.trans(w), acc, IEEE, UPCAST)
+    else:
+        return acc + xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
+@triton.jit
 def bitmap_kernel(x_ptr, v_ptr, bm_ptr, to_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr, out_ptr,
                   M, N, K, N_PAD, KW, NTC, stride_xm, stride_om, stride_rm,
-                  TR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                  USE_DOT: tl.constexpr, USE_ASM: tl.constexpr,
+                  TR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KSTEP: tl.constexpr,
+                  USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, USE_ASM: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                   HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr):
-    TC: tl.constexpr = 64
+                  UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N_PAD
-    c = tl.arange(0, TC)
-    cw = c % 32
-    lowmask = ((1 << cw) - 1)[None, :]        # bits below column c in its word
-    bitsel = (1 << cw)[None, :]
-    hi = (c >= 32)[None, :]
     bm_rows = bm_ptr + n.to(tl.int64) * KW
     to_rows = to_ptr + (n // TR).to(tl.int64) * NTC
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, TC), dtype=tl.float32)
-    for kt in range(0, NTC):
-        w0 = tl.load(bm_rows + 2 * kt, mask=n_ok, other=0)
-        w1 = tl.load(bm_rows + 2 * kt + 1, mask=n_ok, other=0)
-        toff = tl.load(to_rows + kt, mask=n_ok, other=0)
-        cnt0 = _popc(w0, USE_ASM)
-        cnt = cnt0 + _popc(w1, USE_ASM)
-        # exclusive prefix of row counts inside each TR-row tile
-        incl = tl.reshape(tl.cumsum(tl.reshape(cnt, [BLOCK_N // TR, TR]), axis=1), [BLOCK_N])
-        base = toff + incl - cnt
-        word = tl.where(hi, w1[:, None], w0[:, None])
-        pre = _popc(word & lowmask, USE_ASM) + tl.where(hi, cnt0[:, None], 0)
-        nz = (word & bitsel) != 0
-        w = tl.load(v_ptr + (base[:, None] + pre), mask=nz, other=0.0)  # [BLOCK_N, TC]
-        kcol = kt * TC + c
-        k_ok = kcol < K
-        if HAS_CPERM:
-            kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
-        xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if USE_DOT:
-            acc = mma(xt, tl.trans(w), acc, IEEE, UPCAST)
-        else:
-            acc3 += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N, KSTEP * 64), dtype=tl.float32)
+    if PREFETCH:  # the next step's loads issued before this step's multiply (a register double buffer)
+        xt, w = load_step(0, x_rows, m_ok, v_ptr, bm_rows, to_rows, n_ok, cperm_ptr, K, NTC, TR, BLOCK_N,
+                          KSTEP, USE_ASM, HAS_CPERM)
+        for kt in range(KSTEP, NTC + KSTEP, KSTEP):
+            x_next, w_next = load_step(kt, x_rows, m_ok, v_ptr, bm_rows, to_rows, n_ok, cperm_ptr, K, NTC, TR,
+                                       BLOCK_N, KSTEP, USE_ASM, HAS_CPERM)
+            acc = multiply_add(acc, xt, w, USE_DOT, IEEE, UPCAST)
+            xt, w = x_next, w_next
+    else:
+        for kt in range(0, NTC, KSTEP):
+            xt, w = load_step(kt, x_rows, m_ok, v_ptr, bm_rows, to_rows, n_ok, cperm_ptr, K, NTC, TR, BLOCK_N,
+                              KSTEP, USE_ASM, HAS_CPERM)
+            acc = multiply_add(acc, xt, w, USE_DOT, IEEE, UPCAST)
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+        acc = tl.sum(acc, axis=2)
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, acc)
 
@@ -94,11 +125,14 @@ def pick_config(M, TR):
     """Hand table keyed by M range."""
     if M < DOT_MIN_M:
         bm = pow2_tile(M)
-        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 16), USE_DOT=False, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 16), KSTEP=1, PREFETCH=False, USE_DOT=False, num_warps=4,
+                    num_stages=3)
     if M <= 64:
         bm = pow2_tile(M, 16)
-        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 32), USE_DOT=True, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=max(TR, 64), USE_DOT=True, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 32), KSTEP=1, PREFETCH=False, USE_DOT=True, num_warps=4,
+                    num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=max(TR, 64), KSTEP=1, PREFETCH=False, USE_DOT=True, num_warps=8,
+                num_stages=3)
 
 
 def _use_asm():
@@ -123,8 +157,8 @@ def launch(x2d, values, bitmap, tile_offsets, N, K, tile_rows, bias, act_code, r
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
         out, M, N, K, n_pad, kw, ntc, x2d.stride(0), out.stride(0),
         0 if res2d is None else res2d.stride(0),
-        TR=TR, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
-        USE_ASM=_use_asm(), HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
+        TR=TR, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], KSTEP=cfg["KSTEP"], USE_DOT=cfg["USE_DOT"],
+        PREFETCH=cfg["PREFETCH"], USE_ASM=_use_asm(), HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
         HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
