@@ -129,6 +129,10 @@ for s in $steps; do
         -k "bitmap" -p no:cacheprovider
       step bitmap_sweep 200 python3 benchmarks/kernels.py --sweep-bitmap --tokens 1 16 --patterns unstr90 \
         --weights 11008x4096,4096x11008 ;;
+    # Issue 14's case (a) and (e) compiled for a dynamic batch (the sparse layers through their opaque op)
+    # in the default mode and with CUDA graphs, against Inductor compiled the same way
+    models_dynamic) step models_dynamic 300 python3 benchmarks/models.py --skip-other --all-modes --dynamic \
+                      --shapes decode1,decode16,prefill --only a,e ;;
     # Issue 5's whole table (every pattern, 1 to 4096 tokens)
     kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;

@@ -33,12 +33,12 @@ def test_pow2_tile_is_the_next_power_of_two_within_bounds(smallest, largest):
 def test_launcher_configs_leave_a_symbolic_token_count_symbolic(tokens):
     env = ShapeEnv()
     m, symbol = symbolic(env, "M", tokens)
-    configs = [bsr_small_m.pick_config(m, 64, 64, 64, 32.0, False, 2), bitmap.pick_config(m, 16),
+    configs = [bsr_small_m.pick_config(m, 64, 64, 64, 32.0, False, 2), bitmap.pick_config(m, 16, 4096),
                csr.pick_config(m, 4096), {"bucket": pow2_tile(m)}]
     assert symbol not in env.replacements, "a launcher turned the token count into a constant"
     assert env.guards, "the configs should depend on the token count through range guards"
     # the same configs as for the plain number
-    assert configs == [bsr_small_m.pick_config(tokens, 64, 64, 64, 32.0, False, 2), bitmap.pick_config(tokens, 16),
+    assert configs == [bsr_small_m.pick_config(tokens, 64, 64, 64, 32.0, False, 2), bitmap.pick_config(tokens, 16, 4096),
                        csr.pick_config(tokens, 4096), {"bucket": pow2_tile(tokens)}]
 
 

@@ -121,16 +121,28 @@ def bitmap_kernel(x_ptr, v_ptr, bm_ptr, to_ptr, bias_ptr, res_ptr, rperm_ptr, cp
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, acc)
 
 
-def pick_config(M, TR):
-    """Hand table keyed by M range."""
+# The few-token table below was swept on an H200 (`benchmarks/kernels.py --sweep-bitmap --tokens 1 16
+# --patterns unstr90`, sixth session): KSTEP_FEW K tiles a step halved the kernel's time (11008x4096 at
+# one token 87.7 -> 45.7 us, 4096x11008 128.2 -> 47.9 us; at 16 tokens 108.6 -> 51.8 and 168.1 -> 77.3),
+# 8 warps on rows of LONG_ROW_TILES K tiles or more; loading the next step ahead (PREFETCH) lost
+# everywhere. More tokens take proportionally fewer tiles a step (the broadcast accumulator and the
+# tl.dot x tile keep the size swept at 1 and 16 tokens; not swept themselves). Many tokens (M > 64)
+# keep one tile a step: not swept.
+KSTEP_FEW = 8
+LONG_ROW_TILES = 128
+
+
+def pick_config(M, TR, K):
+    """Hand table keyed by M range and the row length K."""
+    warps = 8 if K // TILE_COLS >= LONG_ROW_TILES else 4
     if M < DOT_MIN_M:
         bm = pow2_tile(M)
-        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 16), KSTEP=1, PREFETCH=False, USE_DOT=False, num_warps=4,
-                    num_stages=3)
+        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 16), KSTEP=max(1, KSTEP_FEW // bm), PREFETCH=False, USE_DOT=False,
+                    num_warps=warps, num_stages=3)
     if M <= 64:
         bm = pow2_tile(M, 16)
-        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 32), KSTEP=1, PREFETCH=False, USE_DOT=True, num_warps=4,
-                    num_stages=3)
+        return dict(BLOCK_M=bm, BLOCK_N=max(TR, 32), KSTEP=max(1, KSTEP_FEW * 16 // bm), PREFETCH=False, USE_DOT=True,
+                    num_warps=warps, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=max(TR, 64), KSTEP=1, PREFETCH=False, USE_DOT=True, num_warps=8,
                 num_stages=3)
 
@@ -143,7 +155,7 @@ def launch(x2d, values, bitmap, tile_offsets, N, K, tile_rows, bias, act_code, r
            col_perm, out, config=None):
     M = x2d.shape[0]
     TR = int(tile_rows)
-    cfg = dict(pick_config(M, TR))
+    cfg = dict(pick_config(M, TR, K))
     if config:
         cfg.update(config)
     assert cfg["BLOCK_N"] % TR == 0, "BLOCK_N must be a multiple of the tile rows"
