@@ -133,6 +133,30 @@ for s in $steps; do
     # in the default mode and with CUDA graphs, against Inductor compiled the same way
     models_dynamic) step models_dynamic 300 python3 benchmarks/models.py --skip-other --all-modes --dynamic \
                       --shapes decode1,decode16,prefill --only a,e ;;
+    # Programmatic dependent launch in a CUDA graph: case (a)'s decode kernels and norms, with and without
+    pdl_chain) step pdl_chain 200 python3 benchmarks/pdl_chain.py --tokens 1 16 ;;
+    # PDL and the bitmap table on the GPU: kernel chains against serial launches, a reduce-overhead model
+    pdl_tests)
+      step pdl_kernel_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+        -k "pdl or bitmap" -p no:cacheprovider
+      step pdl_model_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_select_kernels.py \
+        -k "pdl" -p no:cacheprovider ;;
+    # Case (a) and (e) at decode in both modes (static shapes)
+    models_decode_modes) step models_decode_modes 300 python3 benchmarks/models.py --skip-other --all-modes \
+                           --shapes decode1,decode16 --only a,e ;;
+    # Case (a) at decode with CUDA graphs (PDL on both kinds of kernels), then compiled for a dynamic batch
+    pdl_decode)
+      step pdl_decode 150 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a
+      step dynamic_decode 200 python3 benchmarks/models.py --skip-other --all-modes --dynamic --shapes decode1,decode16 \
+        --only a ;;
+    # Issue 14's decode table (every case, CUDA graphs), then case (a) compiled for a dynamic batch at 16
+    # tokens (both modes) and at prefill
+    final_decode)
+      step dynamic_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_select_kernels.py \
+        -k "dynamic_batch_on_cuda" -p no:cacheprovider
+      step final_decode 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16
+      step dynamic_a 240 python3 benchmarks/models.py --skip-other --all-modes --dynamic --shapes decode16,prefill \
+        --only a ;;
     # Issue 5's whole table (every pattern, 1 to 4096 tokens)
     kernels_table) step kernels_table 420 python3 benchmarks/kernels.py --rep 20 ;;
     *) echo "unknown step $s" ;;

@@ -99,6 +99,10 @@ class Candidate:
     efficiency: float = 1.0  # multiplies the kernel's KernelModel efficiencies (block shape)
     permuted: bool = False  # packed with block-reorder's row/column permutations
     relayout_bytes: float = 0.0  # a separate pass after the kernel (2:4: its product turned tokens first)
+    # Host time a call costs when the kernel is launched from Python on every call (the opaque op of a
+    # graph compiled for a dynamic batch, without CUDA graphs): the device time hides no more than its
+    # own length of it, so the call takes at least this long.
+    host_s: float = 0.0
 
     def at_tokens(self, m: int, m_new: int, n: int, k: int, element_size: int) -> "Candidate":
         """The same format for `m_new` tokens instead of `m` (weight bytes fixed, activations and
@@ -106,7 +110,7 @@ class Candidate:
         weight_bytes = self.bytes - (m * k + m * n) * element_size
         return Candidate(self.kernel, self.block, bytes=weight_bytes + (m_new * k + m_new * n) * element_size,
                          flops=self.flops / m * m_new, efficiency=self.efficiency, permuted=self.permuted,
-                         relayout_bytes=self.relayout_bytes / m * m_new)
+                         relayout_bytes=self.relayout_bytes / m * m_new, host_s=self.host_s)
 
     @property
     def label(self) -> str:
@@ -116,7 +120,7 @@ class Candidate:
     def with_permutation(self) -> "Candidate":
         """The same format packed with row/column permutations (slower per tile, see above)."""
         return Candidate(self.kernel, self.block, self.bytes, self.flops, efficiency=self.efficiency * PERMUTED_EFFICIENCY,
-                         permuted=True)
+                         permuted=True, host_s=self.host_s)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -129,7 +133,8 @@ def predict(candidate: Candidate, ceilings: Ceilings, device_type: str) -> float
     memory_s = candidate.bytes / (ceilings.bandwidth * model.bw_efficiency * candidate.efficiency)
     compute_s = candidate.flops / (ceilings.peak_flops * model.flop_efficiency * candidate.efficiency)
     relayout_s = candidate.relayout_bytes / (ceilings.bandwidth * RELAYOUT_EFFICIENCY)
-    candidate.predicted_s = ceilings.launch_s + model.latency_s + max(memory_s, compute_s) + relayout_s
+    device_s = ceilings.launch_s + model.latency_s + max(memory_s, compute_s) + relayout_s
+    candidate.predicted_s = max(device_s, candidate.host_s)
     return candidate.predicted_s
 
 

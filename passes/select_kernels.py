@@ -41,7 +41,10 @@ MIN_WEIGHT_ELEMENTS = 64 * 64
 # at each probe inside the range and at its ends. Where the best kernel of a layer changes between
 # two probes, the pass reports a boundary (stats "token_boundaries"), and the compiler builds one
 # graph per range and picks one per call by the input's token count (compiler.CompiledVariants).
-DYNAMIC_TOKEN_PROBES = (1, 16, 256, 4096)
+# 1024: where a graph compiled for a dynamic batch launches its kernels from Python on every call
+# (OPAQUE_HOST_S), the 90%-block LLaMA-sized layers cover that host time from about there on, so a
+# prefill of 1024-4095 tokens gets its own range, with them sparse.
+DYNAMIC_TOKEN_PROBES = (1, 16, 256, 1024, 4096)
 # SwiGLU goes into the epilogue wherever a kernel of the chosen format implements it: with two
 # non-zero blocks a step the gated kernel beat the plain one plus Inductor's fused silu*mul kernel
 # at one token too (H200, 90% 64x64 blocks, 22016x4096: 11.5 us vs 11.2-11.4 + 1.1 us; at 16 tokens
@@ -282,17 +285,20 @@ def probes_for(token_range) -> tuple:
 
 
 def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=None, col_perm=None,
-           token_probes=(), two_four: bool = True):
+           token_probes=(), two_four: bool = True, host_s: float = 0.0):
     """(chosen candidate, all candidates, measured times or {}) for one layer.
 
     `token_probes`: other token counts the layer will run at (a dynamic graph); a sparse choice must
-    also be predicted no slower than dense at each of them. `two_four`: as in candidates_for."""
+    also be predicted no slower than dense at each of them. `two_four`: as in candidates_for.
+    `host_s`: host time each call of a sparse kernel costs (`opaque_host_seconds`)."""
     ceilings = cost_model.ceilings_for(device, weight.dtype, measure=autotune)
     found = candidates_for(weight, m, device.type, row_perm, col_perm, two_four)
     # A format whose kernel cannot run here (a C++ library that failed to build) is no candidate;
     # asked only when a sparse format could win, so dense models never build kernels.
     ready = {c.kernel for c in found[1:] if kernels_ready(c.kernel, device.type)} if len(found) > 1 else set()
     found = [found[0]] + [c for c in found[1:] if c.kernel in ready]
+    for c in found[1:]:
+        c.host_s = host_s
     for c in found:
         cost_model.predict(c, ceilings, device.type)
     dense = found[0]
@@ -321,8 +327,36 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
     return best, found, measured
 
 
-def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
-    """New constant nodes holding the packed weight, and the op's format arguments."""
+# Host time of one sparse layer's call through its opaque op (runtime.ops._run_host: the op's dispatch,
+# the launcher's Python, Triton's launch), paid on every call where the GPU kernels are not traced into
+# Inductor's code: a graph compiled for a dynamic batch on CUDA without CUDA graphs. H200 machine,
+# case (a) at 16 tokens in the default mode: 1.896 ms a forward with a dynamic batch against 0.718
+# static, over 16 sparse layers (sixth session, benchmarks/RESULTS.md).
+OPAQUE_HOST_S = 75e-6
+
+
+def opaque_host_seconds(ctx, device: torch.device) -> float:
+    """Host time each sparse kernel call will cost on top of Inductor's own launches (see OPAQUE_HOST_S)."""
+    return OPAQUE_HOST_S if ctx.token_range is not None and not ctx.cuda_graphs and device.type == "cuda" else 0.0
+
+
+def _launch_with_pdl(ctx, device: torch.device) -> bool:
+    """Whether block-sparse kernels launch with programmatic dependent launch: under CUDA graphs (where
+    the opaque op's host work is not paid per call) on a GPU that has it. Measured on the H200 with
+    case (a)'s decode kernels and norms in one CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6
+    us at 16 tokens, 140.5 -> 139.0 at one; with Inductor's kernels launched the same way too
+    (compiler.inductor_compile) 134.7 and 131.0."""
+    if not (ctx.cuda_graphs and device.type == "cuda"):
+        return False
+    from sparsec.codegen.triton.pdl import pdl_supported  # triton comes with torch's CUDA builds
+
+    return pdl_supported(device)
+
+
+def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm, launch_pdl=False):
+    """New constant nodes holding the packed weight, and the op's format arguments. launch_pdl: a
+    block-sparse linear runs through its opaque op, which launches the kernel itself, with
+    programmatic dependent launch (`codegen/triton/pdl.py`; a traced launch cannot take it)."""
     from sparsec.runtime import ops  # noqa: F401  (registers torch.ops.sparsec.*)
 
     name = ir.display_name(weight_node)
@@ -334,7 +368,8 @@ def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm):
     if choice.kernel == "bsr_linear":
         packed = formats.pack_bsr(weight, choice.block, row_perm=row_perm, col_perm=col_perm)
         parts = (("bsr_values", packed.values), ("bsr_col_indices", packed.col_indices), ("bsr_row_offsets", packed.row_offsets))
-        target, extra = torch.ops.sparsec.bsr_linear.default, ()
+        target = torch.ops.sparsec.bsr_linear_host.default if launch_pdl else torch.ops.sparsec.bsr_linear.default
+        extra = ()
     else:
         packed = formats.pack_bitmap(weight, row_perm=row_perm, col_perm=col_perm)
         parts = (("bitmap_values", packed.values), ("bitmap_bits", packed.bitmap), ("bitmap_tile_offsets", packed.tile_offsets))
@@ -362,12 +397,13 @@ def _to_rows(gm, x: fx.Node, form: LinearForm, after: fx.Node) -> fx.Node:
 
 
 def rewrite(gm: fx.GraphModule, op: fx.Node, form: LinearForm, weight_node, bias_node, choice, row_perm, col_perm,
-            gate_ok: bool = False) -> dict:
+            gate_ok: bool = False, launch_pdl: bool = False) -> dict:
     """Replace `op` (and its fusable activation / residual add, or with `gate_ok` a SwiGLU product)
     by the chosen sparse kernel."""
     weight = form.matrix
     x = op.args[0]
-    target, format_nodes, extra, perm_nodes = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm)
+    target, format_nodes, extra, perm_nodes = _pack(gm, op, weight_node, weight, choice, row_perm, col_perm,
+                                                    launch_pdl)
     last, activation, residual, absorbed = op, "none", None, []
     act = activation_user(op)
     gated = _swiglu_users(op) if gate_ok and act is None and form.to_rows is None else None
@@ -469,7 +505,7 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         layer_device = weight.device if weight.device.type != "meta" else device
         choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
                                          layer_device, ctx.options.autotune, row_perm, col_perm, token_probes=probes,
-                                         two_four=form.to_rows is None)
+                                         two_four=form.to_rows is None, host_s=opaque_host_seconds(ctx, layer_device))
         facts = {"tokens": m, "predicted_ms": {c.label: round(c.predicted_s * 1e3, 5) for c in found}}
         if probes:
             facts["dynamic_tokens"] = f"sparse only if no slower than dense at M={list(probes)}"
@@ -490,7 +526,8 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         if choice.kernel == "semi_structured_linear":
             fused = rewrite_semi_structured(gm, op, weight_node, bias_node, weight)
         else:
-            fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok)
+            fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok,
+                            launch_pdl=_launch_with_pdl(ctx, layer_device))
         mark_layer(fused["node"], name, form.op, ir.get_constant(gm, weight_node).shape, info,
                    choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
                    label=choice.label)

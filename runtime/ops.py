@@ -46,6 +46,7 @@ import importlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from . import reference
 from .formats import BitmapWeight, BSRWeight, CSRWeight, SemiStructuredWeight
@@ -168,11 +169,14 @@ def _run_traceable(op_name, args):
 
 def _run_host(op_name, ref_fn, args):
     """The first kernel that takes these arguments (traceable ones run eagerly here), else the
-    reference."""
-    for fn in get_kernels(op_name, args[0].device.type):
-        out = _call(fn, op_name, args)
-        if out is not NotImplemented:
-            return out
+    reference. The Triton launchers go straight to the kernel: through wrap_triton's higher-order op
+    (its default outside a triton_op) a launch costs ~0.5 ms of host time (H200 machine, decode at
+    16 tokens with a dynamic batch: 8.5 ms a forward against Inductor's 1.2)."""
+    with set_wrap_triton_enabled(False):
+        for fn in get_kernels(op_name, args[0].device.type):
+            out = _call(fn, op_name, args)
+            if out is not NotImplemented:
+                return out
     return ref_fn(*args)
 
 

@@ -104,11 +104,38 @@ def _device_of(inputs, captured: Captured) -> torch.device:
     return torch.device("cpu")
 
 
+# Inductor launches the sparse kernels it traces (user-defined Triton kernels) through Triton's own
+# Python launcher unless told to launch them as it launches its own kernels: without CUDA graphs that
+# host work is paid by every sparse layer of every call.
+STATIC_USER_KERNEL_LAUNCH = "static_launch_user_defined_triton_kernels"
+
+
+def _pdl_device(example_inputs: list) -> bool:
+    """The graph runs on a GPU with programmatic dependent launch. Under CUDA graphs Inductor's own
+    kernels then launch with it too (`triton.enable_pdl`: each waits for the kernel ahead only before
+    reading what it wrote), so that a norm after a block-sparse kernel starts early, and the
+    block-sparse kernel after the norm (launched with PDL by its opaque op, passes/select_kernels.py)
+    as well: H200, case (a)'s decode kernels and norms in one CUDA graph (`benchmarks/pdl_chain.py`)
+    140.6 -> 134.7 us at 16 tokens, 139.0 -> 131.0 at one, over the block-sparse kernels' PDL alone.
+    Without CUDA graphs it stays off: Inductor launches such kernels through a slower host path."""
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
+    if device is None or device.type != "cuda":
+        return False
+    from sparsec.codegen.triton.pdl import pdl_supported  # triton comes with torch's CUDA builds
+
+    return pdl_supported(device)
+
+
 def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None) -> Callable:
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
+    if not patches.get("triton.cudagraphs"):
+        if hasattr(torch._inductor.config, STATIC_USER_KERNEL_LAUNCH):
+            patches[STATIC_USER_KERNEL_LAUNCH] = True
+    elif _pdl_device(example_inputs) and hasattr(torch._inductor.config.triton, "enable_pdl"):
+        patches["triton.enable_pdl"] = True
     # sparsec's constants are the model's weights: with CUDA graphs they must stay where they are
     # rather than be copied into graph-owned memory on every replay (a full weight copy per call).
     # AOTAutograd marks parameters and buffers static for graphs that carry a Dynamo compile id

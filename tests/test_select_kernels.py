@@ -104,6 +104,32 @@ def test_dynamic_graph_keeps_only_kernels_no_slower_at_any_size(every_kernel_exi
     assert dynamic_choice(block_sparse(11008, 4096, 0.1)) == "bsr_linear"
 
 
+def test_host_launched_kernels_must_cover_their_host_time(every_kernel_exists, monkeypatch):
+    """A sparse layer launched from Python on every call (a dynamic graph on CUDA without CUDA graphs)
+    takes at least its host time: at decode, where the 90%-block kernel's few microseconds cannot
+    hide it, the layer stays dense; at prefill the kernel's time covers it and it stays sparse. The
+    same graph under CUDA graphs (no host work per call) or static (traced launches) keeps it sparse."""
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(cost_model.NOMINAL_CEILINGS, "cpu", cost_model.NOMINAL_CEILINGS["cuda"])
+    for kernel in ("dense", "bsr_linear", "bitmap_linear"):
+        monkeypatch.setitem(cost_model.KERNEL_MODELS, (kernel, "cpu"), cost_model.KERNEL_MODELS[(kernel, "cuda")])
+    weight = block_sparse(11008, 4096, 0.1).to(torch.bfloat16)
+    cuda = torch.device("cuda")
+
+    def dynamic_choice(m, cuda_graphs=False, token_range=(2, None)):
+        ctx = SimpleNamespace(token_range=token_range, cuda_graphs=cuda_graphs)
+        host_s = select_kernels.opaque_host_seconds(ctx, cuda)
+        return select_kernels.choose(weight, None, m, torch.device("cpu"), autotune=False, host_s=host_s)[0].kernel
+
+    assert dynamic_choice(16) == "dense"
+    assert dynamic_choice(4096) == "bsr_linear"
+    assert dynamic_choice(16, cuda_graphs=True) == "bsr_linear"
+    assert dynamic_choice(16, token_range=None) == "bsr_linear"
+    assert select_kernels.opaque_host_seconds(SimpleNamespace(token_range=(2, None), cuda_graphs=False),
+                                              torch.device("cpu")) == 0.0
+
+
 def test_dynamic_batch_reaches_select_kernels(cpu_kernels, every_kernel_exists):
     """torch.compile with dynamic=True: the report says the choice was checked over token counts."""
     model = pruned_ffn()
@@ -114,7 +140,7 @@ def test_dynamic_batch_reaches_select_kernels(cpu_kernels, every_kernel_exists):
             x = torch.randn(m, 256)
             assert output_close(fn(x), model(x))[0]
     rows = {r["name"]: r for r in backend.last_report().layers}
-    assert "M=[2, 16, 256, 4096]" in rows["up.weight"]["dynamic_tokens"]
+    assert "M=[2, 16, 256, 1024, 4096]" in rows["up.weight"]["dynamic_tokens"]
 
 
 def test_permuted_layout_only_when_it_saves_enough_tiles(every_kernel_exists, monkeypatch):
@@ -428,12 +454,15 @@ def test_dynamic_batch_runs_traceable_kernels_with_real_token_counts(fresh_dynam
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the Triton kernels")
-def test_dynamic_batch_on_cuda_compiles_two_graphs(fresh_dynamo):
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_dynamic_batch_on_cuda_compiles_two_graphs(fresh_dynamo, mode):
     """The same on CUDA with the real Triton kernels (run through the device tool): a 90%-block
     MLP under torch.compile at nine batch sizes, from the decode kernel's sizes to the Tensor Core
-    kernel's, compiles two graphs and equals eager."""
+    kernel's, compiles two graphs and equals eager. The static one-token graph runs the block-sparse
+    kernel; so does the dynamic one under CUDA graphs, while in the default mode its layers are too
+    small to pay for the opaque op's host time per call (select_kernels.OPAQUE_HOST_S)."""
     model = block_sparse_mlp(2048).to("cuda", torch.bfloat16)
-    compiled = torch.compile(model, backend="sparsec")
+    compiled = torch.compile(model, backend="sparsec", mode=mode)
     before = len(sparsec.backend.compiled_graphs())
     with torch.no_grad():
         for tokens in DYNAMIC_BATCH_TOKENS:
@@ -441,7 +470,28 @@ def test_dynamic_batch_on_cuda_compiles_two_graphs(fresh_dynamo):
             assert output_close(compiled(x), model(x))[0], tokens
     graphs = sparsec.backend.compiled_graphs()[before:]
     assert len(graphs) == 2 and all(g.compiles == 1 for g in graphs)
-    assert all("bsr_linear[64x64]" in {r["kernel"] for r in g.report.layers} for g in graphs)
+    sparse = ["bsr_linear[64x64]" in {r["kernel"] for r in g.report.layers} for g in graphs]
+    assert sparse == ([True, True] if mode else [True, False])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch: Hopper or later")
+def test_cuda_graphs_launch_decode_kernels_with_pdl(fresh_dynamo, monkeypatch):
+    """Under mode="reduce-overhead" the block-sparse layers run through their opaque op, which launches
+    the decode kernel with programmatic dependent launch (a traced launch cannot); the replayed graph
+    equals eager on fresh inputs."""
+    from sparsec.codegen.triton import bsr_small_m
+
+    launches = []
+    launch = bsr_small_m.launch
+    monkeypatch.setattr(bsr_small_m, "launch", lambda *a, pdl=False, **k: launches.append(pdl) or launch(*a, pdl=pdl, **k))
+    model = block_sparse_mlp(2048).to("cuda", torch.bfloat16)
+    compiled = torch.compile(model, backend="sparsec", mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+            assert output_close(compiled(x), model(x))[0]
+    assert launches and all(launches)
 
 
 class GatedFFN(nn.Module):

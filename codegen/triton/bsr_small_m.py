@@ -17,6 +17,7 @@ import triton.language as tl
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
+from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .token_tiles import pow2_tile
 
 # The config tables below were swept on an H200 (benchmarks/kernels.py --sweep --tokens 1 16, the
@@ -128,13 +129,14 @@ def finish_slab(acc, USE_DOT: tl.constexpr):
 def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
                    BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                    BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks.
     PREFETCH: the next step's loads are issued before this step's multiply-add, so a program keeps
     two steps of weights in flight whatever the compiler pipelines (the last iteration's loads are
     fully masked: no memory traffic)."""
     start = tl.load(ro_ptr + br)
     end = tl.load(ro_ptr + br + 1)
+    wait_for_producer(PDL)
     acc = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
         xt, wt = load_blocks(start, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
@@ -155,7 +157,7 @@ def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
 def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
                            BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                            BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams
     blocks of each, so a program keeps twice the bytes in flight instead of running two chains."""
     start_a = tl.load(ro_ptr + br_a)
@@ -163,6 +165,7 @@ def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a,
     start_b = tl.load(ro_ptr + br_b)
     end_b = tl.load(ro_ptr + br_b + 1)
     steps_end = tl.maximum(end_a - start_a, end_b - start_b)
+    wait_for_producer(PDL)
     acc_a = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     acc_b = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
@@ -194,7 +197,7 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, PDL: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
@@ -207,11 +210,12 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     if ACT == 4:  # ACT_SWIGLU
         acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
                                          rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE,
-                                         UPCAST)
+                                         UPCAST, PDL)
     else:
         acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_, STEP,
-                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST)
+                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST, PDL)
         up = acc
+    release_dependents(PDL)
     n = br * BH + rr
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
@@ -254,8 +258,9 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
-           col_perm, out, config=None):
-    """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated)."""
+           col_perm, out, config=None, pdl=False):
+    """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated). pdl: launched as a
+    programmatic dependent launch (`codegen.triton.pdl`): only where the launch is not traced."""
     M = x2d.shape[0]
     nnz_blocks, BH, BW = values.shape
     gated = act_code == ACT_SWIGLU
@@ -275,5 +280,6 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
         PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
-        IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_launch(pdl))
     return out

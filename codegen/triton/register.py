@@ -4,6 +4,7 @@ No host syncs: everything chosen here depends on shapes/dtypes only (M, block sh
 on tensor values, so a call can be captured in a CUDA graph.
 """
 import torch
+from torch._library.triton import is_wrap_triton_enabled
 
 from sparsec.runtime import ops as _ops
 
@@ -11,6 +12,7 @@ from sparsec.runtime import formats, reference
 
 from . import bitmap, bitmap_decode, bsr_large_m, bsr_small_m, csr
 from .epilogue import ACT_CODES
+from .pdl import pdl_supported
 
 BITMAP_DECODE_MIN_M = 64   # above this many tokens: decode to dense + cuBLAS
 _OK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,10 +58,13 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
         return NotImplemented
     x2d, out, res2d, bias, row_perm, col_perm = p
     M = x2d.shape[0]
-    if M > 0:
-        launch = bsr_small_m.launch if bsr_small_m.serves(M, row_offsets.shape[0] - 1) else bsr_large_m.launch
-        launch(x2d, values, col_indices, row_offsets, n_out, in_features, bias,
-               ACT_CODES[activation], res2d, row_perm, col_perm, out)
+    args = (x2d, values, col_indices, row_offsets, n_out, in_features, bias, ACT_CODES[activation], res2d, row_perm,
+            col_perm, out)
+    if M > 0 and bsr_small_m.serves(M, row_offsets.shape[0] - 1):
+        # launched here rather than traced into Inductor's code: with PDL where the GPU has it
+        bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device))
+    elif M > 0:
+        bsr_large_m.launch(*args)
     return out.reshape(*x.shape[:-1], n_out)
 
 
