@@ -104,12 +104,6 @@ def _device_of(inputs, captured: Captured) -> torch.device:
     return torch.device("cpu")
 
 
-# Inductor launches the sparse kernels it traces (user-defined Triton kernels) through Triton's own
-# Python launcher unless told to launch them as it launches its own kernels: without CUDA graphs that
-# host work is paid by every sparse layer of every call.
-STATIC_USER_KERNEL_LAUNCH = "static_launch_user_defined_triton_kernels"
-
-
 def _pdl_device(example_inputs: list) -> bool:
     """The graph runs on a GPU with programmatic dependent launch. Under CUDA graphs Inductor's own
     kernels then launch with it too (`triton.enable_pdl`: each waits for the kernel ahead only before
@@ -131,10 +125,8 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
-    if not patches.get("triton.cudagraphs"):
-        if hasattr(torch._inductor.config, STATIC_USER_KERNEL_LAUNCH):
-            patches[STATIC_USER_KERNEL_LAUNCH] = True
-    elif _pdl_device(example_inputs) and hasattr(torch._inductor.config.triton, "enable_pdl"):
+    if patches.get("triton.cudagraphs") and _pdl_device(example_inputs) and hasattr(torch._inductor.config.triton,
+                                                                                       "enable_pdl"):
         patches["triton.enable_pdl"] = True
     # sparsec's constants are the model's weights: with CUDA graphs they must stay where they are
     # rather than be copied into graph-owned memory on every replay (a full weight copy per call).
