@@ -503,10 +503,13 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         m = decision_tokens(op, weight.shape[1], ctx)
         probes = probes_for(ctx.token_range) if ctx.token_range else ()
         layer_device = weight.device if weight.device.type != "meta" else device
+        host_s = opaque_host_seconds(ctx, layer_device)
         choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
                                          layer_device, ctx.options.autotune, row_perm, col_perm, token_probes=probes,
-                                         two_four=form.to_rows is None, host_s=opaque_host_seconds(ctx, layer_device))
+                                         two_four=form.to_rows is None, host_s=host_s)
         facts = {"tokens": m, "predicted_ms": {c.label: round(c.predicted_s * 1e3, 5) for c in found}}
+        if host_s:
+            facts["host_ms_per_call"] = f"{host_s * 1e3:g} (sparse kernels launched from Python on every call)"
         if probes:
             facts["dynamic_tokens"] = f"sparse only if no slower than dense at M={list(probes)}"
             # where this layer's best format changes with the tokens, inside the range
