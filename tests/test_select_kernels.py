@@ -1,7 +1,6 @@
 """select-kernels: the cost model's choices, the rewrite with fused epilogues, the decision cache."""
 
 import json
-
 import re
 
 import pytest
