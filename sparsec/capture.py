@@ -77,6 +77,10 @@ def trace(fn, inputs: list, constant_names: dict[int, str], trace_inputs: list |
         else:
             with _scalar_outputs(trace_inputs):
                 gm = make_fx(fn, tracing_mode=tracing_mode, pre_dispatch=True)(*trace_inputs)
+            # make_fx leaves its symbolic trace's ShapeEnv on the module, which Inductor's graph cache
+            # cannot pickle (a warning and a cache miss on every dynamic graph); Inductor takes the same
+            # ShapeEnv from the inputs' fakes without it.
+            gm.shape_env = None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         raise RuntimeError(f"traced graph has {len(placeholders)} inputs for {len(inputs)} arguments")

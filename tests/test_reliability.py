@@ -576,3 +576,20 @@ def test_sliced_heads_keep_a_dynamic_sequence_length_dynamic():
     assert len(graphs) == 1 and graphs[0].compiles == 1 and graphs[0].dynamic_variant is not None
     stats = {p["name"]: p.get("stats", {}) for p in graphs[0].report.passes}
     assert stats["channel-slice"].get("heads_removed", 0) >= 2, stats["channel-slice"]
+
+
+def test_dynamic_graphs_reach_inductors_cache(caplog):
+    """A graph captured for a dynamic batch can be keyed by Inductor's FX graph cache: no "Failed to
+    pickle cache key" warning (with a traceback) on every compile, as the ShapeEnv make_fx left on the
+    module gave."""
+    from sparsec import models
+
+    torch.manual_seed(0)
+    model = models.LlamaStack(128, 4, 256, 1).eval()
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[:, 64:] = 0
+    compiled = torch.compile(model, backend="sparsec", dynamic=True)
+    with caplog.at_level("WARNING", logger="torch._inductor.codecache"):
+        for tokens in (3, 8):
+            run(compiled, model, torch.randn(tokens, 1, 128))
+    assert not [r for r in caplog.records if "pickle" in r.getMessage()]
