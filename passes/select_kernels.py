@@ -340,17 +340,20 @@ def opaque_host_seconds(ctx, device: torch.device) -> float:
     return OPAQUE_HOST_S if ctx.token_range is not None and not ctx.cuda_graphs and device.type == "cuda" else 0.0
 
 
-def _launch_with_pdl(ctx, device: torch.device) -> bool:
-    """Whether block-sparse kernels launch with programmatic dependent launch: under CUDA graphs (where
-    the opaque op's host work is not paid per call) on a GPU that has it. Measured on the H200 with
-    case (a)'s decode kernels and norms in one CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6
-    us at 16 tokens, 140.5 -> 139.0 at one; with Inductor's kernels launched the same way too
+def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice, weight: torch.Tensor) -> bool:
+    """Whether this block-sparse layer runs through its opaque op, which launches the streaming kernel
+    (bsr_small_m) with programmatic dependent launch: under CUDA graphs (where the opaque op's host
+    work is not paid per call), on a GPU that has it, at a token count that kernel serves (the
+    many-token kernel has no PDL and stays a traced launch). Measured on the H200 with case (a)'s
+    decode kernels and norms in one CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6 us at 16
+    tokens, 140.5 -> 139.0 at one; with Inductor's kernels launched the same way too
     (compiler.inductor_compile) 134.7 and 131.0."""
-    if not (ctx.cuda_graphs and device.type == "cuda"):
+    if not (ctx.cuda_graphs and device.type == "cuda" and choice.kernel == "bsr_linear"):
         return False
-    from sparsec.codegen.triton.pdl import pdl_supported  # triton comes with torch's CUDA builds
+    from sparsec.codegen.triton import bsr_small_m  # triton comes with torch's CUDA builds
+    from sparsec.codegen.triton.pdl import pdl_supported
 
-    return pdl_supported(device)
+    return pdl_supported(device) and bsr_small_m.serves(tokens, -(-weight.shape[0] // choice.block[0]))
 
 
 def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm, launch_pdl=False):
@@ -530,7 +533,7 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
             fused = rewrite_semi_structured(gm, op, weight_node, bias_node, weight)
         else:
             fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok,
-                            launch_pdl=_launch_with_pdl(ctx, layer_device))
+                            launch_pdl=_launch_with_pdl(ctx, layer_device, m, choice, weight))
         mark_layer(fused["node"], name, form.op, ir.get_constant(gm, weight_node).shape, info,
                    choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
                    label=choice.label)

@@ -479,6 +479,26 @@ def test_dynamic_batch_on_cuda_compiles_two_graphs(fresh_dynamo, mode):
     assert sparse == ([True, True] if mode else [True, False])
 
 
+def test_pdl_launch_only_for_the_streaming_kernel_under_cuda_graphs(monkeypatch):
+    """A block-sparse layer goes through its opaque op (to launch with PDL) only under CUDA graphs, on
+    CUDA, at token counts the streaming kernel serves: the many-token kernel stays a traced launch."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("triton")
+    from sparsec.codegen.triton import pdl
+
+    monkeypatch.setattr(pdl, "pdl_supported", lambda device: True)
+    weight = torch.empty(11008, 4096)
+    bsr = SimpleNamespace(kernel="bsr_linear", block=(64, 64))
+    graphs, cuda = SimpleNamespace(cuda_graphs=True), torch.device("cuda")
+    assert select_kernels._launch_with_pdl(graphs, cuda, 16, bsr, weight)
+    assert not select_kernels._launch_with_pdl(graphs, cuda, 2048, bsr, weight)
+    assert not select_kernels._launch_with_pdl(SimpleNamespace(cuda_graphs=False), cuda, 16, bsr, weight)
+    assert not select_kernels._launch_with_pdl(graphs, torch.device("cpu"), 16, bsr, weight)
+    assert not select_kernels._launch_with_pdl(graphs, cuda, 1, SimpleNamespace(kernel="csr_linear", block=None),
+                                               weight)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch: Hopper or later")
 def test_cuda_graphs_launch_decode_kernels_with_pdl(fresh_dynamo, monkeypatch):
