@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,9 +108,8 @@ class Candidate:
         """The same format for `m_new` tokens instead of `m` (weight bytes fixed, activations and
         flops scale with the tokens)."""
         weight_bytes = self.bytes - (m * k + m * n) * element_size
-        return Candidate(self.kernel, self.block, bytes=weight_bytes + (m_new * k + m_new * n) * element_size,
-                         flops=self.flops / m * m_new, efficiency=self.efficiency, permuted=self.permuted,
-                         relayout_bytes=self.relayout_bytes / m * m_new, host_s=self.host_s)
+        return replace(self, bytes=weight_bytes + (m_new * k + m_new * n) * element_size, flops=self.flops / m * m_new,
+                       relayout_bytes=self.relayout_bytes / m * m_new, predicted_s=0.0)
 
     @property
     def label(self) -> str:
@@ -119,8 +118,7 @@ class Candidate:
 
     def with_permutation(self) -> "Candidate":
         """The same format packed with row/column permutations (slower per tile, see above)."""
-        return Candidate(self.kernel, self.block, self.bytes, self.flops, efficiency=self.efficiency * PERMUTED_EFFICIENCY,
-                         permuted=True, host_s=self.host_s)
+        return replace(self, efficiency=self.efficiency * PERMUTED_EFFICIENCY, permuted=True, predicted_s=0.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
