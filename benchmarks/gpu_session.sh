@@ -120,6 +120,8 @@ for s in $steps; do
     ncu_large) step ncu_large 240 ncu --clock-control none -k regex:"bsr_large_m|gemm|sm90|nvjet" --launch-skip 2 \
                  --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
                  python3 benchmarks/profile_large_m.py --weight 11008x4096 --pattern block50 --tokens 2048 ;;
+    # Where the ResNet-50-style row's time goes under CUDA graphs, kernel by kernel, both sides
+    resnet_profile) step resnet_profile 240 python3 benchmarks/profile_decode.py --model resnet ;;
     # Dynamic batch with the CUDA kernels: graphs compiled over nine batch sizes, outputs against eager
     dynamic_batch) step dynamic_batch 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_select_kernels.py \
                      -k "dynamic_batch" -p no:cacheprovider ;;

@@ -290,8 +290,6 @@ def _torchao_row(model, case, mode, x, expected, shape_name, floor, ref, device,
 
 def run_other(args, device, dtype, out):
     """BERT-base-style encoder with 2:4 FFN weights, ResNet-50-style with 50% bottleneck channels dead."""
-    import torch.nn.utils.prune as prune
-
     rows = []
     full = device == "cuda"
     with torch.no_grad():
@@ -302,17 +300,28 @@ def run_other(args, device, dtype, out):
             two_four_prune_(layer.output.weight)
         x = torch.randn(32 if full else 4, 128 if full else 32, 768, device=device, dtype=dtype)
         rows += _compare("bert 2:4 FFN", bert, x, device, out)
-        resnet = models.randomize_batchnorm(models.ResNetStyle(64, (3, 4, 6, 3) if full else (1, 1), 1000,
-                                                                   imagenet_stem=True))
-        for block in resnet.modules():
-            if isinstance(block, models.Bottleneck):
-                for conv in (block.conv1, block.conv2):
-                    prune.ln_structured(conv, "weight", amount=0.5, n=2, dim=0)
-                    prune.remove(conv, "weight")
-        resnet = resnet.to(device, dtype).eval().to(memory_format=torch.channels_last)
-        img = torch.randn(64 if full else 4, 3, 224 if full else 64, 224 if full else 64, device=device, dtype=dtype)
-        rows += _compare("resnet50 50% channels", resnet, img.to(memory_format=torch.channels_last), device, out)
+        resnet, img = pruned_resnet(device, dtype, full)
+        rows += _compare("resnet50 50% channels", resnet, img, device, out)
     return rows
+
+
+def pruned_resnet(device, dtype, full: bool) -> tuple[nn.Module, torch.Tensor]:
+    """The ResNet-50-style row's model (half the output channels of every bottleneck's first two
+    convolutions pruned to zero, torch.nn.utils.prune) and its input, channels_last: batch 64 x 224^2
+    (full) or 4 x 64^2 with two stages."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    resnet = models.randomize_batchnorm(models.ResNetStyle(64, (3, 4, 6, 3) if full else (1, 1), 1000,
+                                                           imagenet_stem=True))
+    for block in resnet.modules():
+        if isinstance(block, models.Bottleneck):
+            for conv in (block.conv1, block.conv2):
+                prune.ln_structured(conv, "weight", amount=0.5, n=2, dim=0)
+                prune.remove(conv, "weight")
+    resnet = resnet.to(device, dtype).eval().to(memory_format=torch.channels_last)
+    img = torch.randn(64 if full else 4, 3, 224 if full else 64, 224 if full else 64, device=device, dtype=dtype)
+    return resnet, img.to(memory_format=torch.channels_last)
 
 
 def _compare(label, model, x, device, out) -> list[tuple]:

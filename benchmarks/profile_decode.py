@@ -1,6 +1,8 @@
-"""Where the time goes in one compiled forward: the top GPU kernels of the LLaMA-style stack.
+"""Where the time goes in one compiled forward: the top GPU kernels of the LLaMA-style stack, or of
+the ResNet-50-style row of benchmarks/models.py.
 
     python benchmarks/profile_decode.py --case a --tokens 1 --mode reduce-overhead
+    python benchmarks/profile_decode.py --model resnet
 
 Prints the kernels by total GPU time over 20 calls and the wall time per call, for sparsec and
 Inductor side by side, so a gap to the floor can be assigned to kernels or to launch overhead.
@@ -15,10 +17,10 @@ import torch
 
 from sparsec import models
 
-from models import compiled, prune_case  # benchmarks/models.py
+from models import compiled, prune_case, pruned_resnet  # benchmarks/models.py
 
 
-def profile(fn, x, label: str, calls: int = 20) -> None:
+def profile(fn, x, label: str, calls: int = 20, top: int = 20) -> None:
     for _ in range(5):
         fn(x)
     torch.cuda.synchronize()
@@ -33,14 +35,17 @@ def profile(fn, x, label: str, calls: int = 20) -> None:
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_ms = sum(e.device_time_total for e in events) / 1e3 / calls
-    print(f"\n## {label}: wall {wall_ms:.3f} ms/call, GPU busy {gpu_ms:.3f} ms/call")
-    rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:20]
+    triton_ms = sum(e.device_time_total for e in events if e.key.startswith("triton")) / 1e3 / calls
+    print(f"\n## {label}: wall {wall_ms:.3f} ms/call, GPU busy {gpu_ms:.3f} ms/call "
+          f"(Inductor's triton_* kernels {triton_ms:.3f}, the rest {gpu_ms - triton_ms:.3f})")
+    rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:top]
     for e in rows:
         print(f"  {e.device_time_total / 1e3 / calls:8.4f} ms  x{e.count // calls:<3} {e.key[:90]}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("llama", "resnet"), default="llama")
     parser.add_argument("--case", default="a")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--mode", default="reduce-overhead")
@@ -54,10 +59,15 @@ def main():
 
         bsr_small_m.STEPS = tuple(args.steps)
     mode = None if args.mode == "default" else args.mode
-    torch.manual_seed(0)
-    model = models.LlamaStack(4096, 32, 11008, 4).to("cuda", torch.bfloat16).eval()
-    prune_case(model, args.case)
     with torch.no_grad():
+        if args.model == "resnet":
+            model, x = pruned_resnet("cuda", torch.bfloat16, full=True)
+            for backend in ("inductor", "sparsec")[args.skip_inductor:]:
+                profile(compiled(model, backend, mode), x, f"{backend} {args.mode} ResNet-50-style", top=40)
+            return
+        torch.manual_seed(0)
+        model = models.LlamaStack(4096, 32, 11008, 4).to("cuda", torch.bfloat16).eval()
+        prune_case(model, args.case)
         for tokens in args.tokens:
             x = torch.randn(tokens, 1, 4096, device="cuda", dtype=torch.bfloat16)
             if not args.skip_inductor:
