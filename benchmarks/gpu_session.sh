@@ -68,6 +68,8 @@ for s in $steps; do
             done ;;
     # The BERT 2:4 and ResNet 50%-channel rows of issue 14 alone; decode also without CUDA graphs
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
+    # the same with Inductor's kernels in sparsec's graphs left without PDL (what PDL gives these models)
+    models_other_nopdl) step models_other_nopdl 240 python3 benchmarks/models.py --shapes none --no-inductor-pdl ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     models_decode16|models_decode1|models_prefill)
       step "$s" 220 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;

@@ -461,7 +461,8 @@ def permute_group(gm: fx.GraphModule, group, tile: int = TILE, *, time_budget: f
     after = dict(before)
     if result.tiles_after >= result.tiles_before:
         return False, result, before, after
-    after_w = {id(m): weight_tiles(weights[id(m)].index_select(m.dim, result.perm)) for m in group.weights}
+    after_w = {id(m): weight_tiles(weights[id(m)].index_select(m.dim, result.perm.to(weights[id(m)].device)))
+               for m in group.weights}
     after = {t: sum(a[t] for a in after_w.values()) for t in TILE_SIZES}
     if after[tile] >= before[tile]:  # the proxy (large convs, fused slices) did not hold: keep the original
         return False, result, before, before

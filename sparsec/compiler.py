@@ -104,6 +104,11 @@ def _device_of(inputs, captured: Captured) -> torch.device:
     return torch.device("cpu")
 
 
+# Experiment switch (benchmarks/models.py --no-inductor-pdl): Inductor's kernels without PDL under CUDA
+# graphs, to measure what it gives per model.
+INDUCTOR_PDL = True
+
+
 def _pdl_device(example_inputs: list) -> bool:
     """The graph runs on a GPU with programmatic dependent launch. Under CUDA graphs Inductor's own
     kernels then launch with it too (`triton.enable_pdl`: each waits for the kernel ahead only before
@@ -125,8 +130,8 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
-    if patches.get("triton.cudagraphs") and _pdl_device(example_inputs) and hasattr(torch._inductor.config.triton,
-                                                                                       "enable_pdl"):
+    if (INDUCTOR_PDL and patches.get("triton.cudagraphs") and _pdl_device(example_inputs)
+            and hasattr(torch._inductor.config.triton, "enable_pdl")):
         patches["triton.enable_pdl"] = True
     # sparsec's constants are the model's weights: with CUDA graphs they must stay where they are
     # rather than be copied into graph-owned memory on every replay (a full weight copy per call).
