@@ -69,6 +69,8 @@ for s in $steps; do
     # The BERT 2:4 and ResNet 50%-channel rows of issue 14 alone; decode also without CUDA graphs
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs left without PDL (what PDL gives these models)
+    # the same with the 3-channel stem fused too (conv_epilogue.CHANNEL_ALIGN = 1)
+    models_other_fuse_stem) step models_other_fuse_stem 240 python3 benchmarks/models.py --shapes none --fuse-stem ;;
     models_other_nopdl) step models_other_nopdl 240 python3 benchmarks/models.py --shapes none --no-inductor-pdl ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     models_decode16|models_decode1|models_prefill)

@@ -366,6 +366,8 @@ def main(argv=None):
                         "alone is predicted faster")
     parser.add_argument("--fuse-conv-always", action="store_true", help="experiment: conv-epilogue fuses the "
                         "convolutions' epilogues in the default mode too (conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS)")
+    parser.add_argument("--fuse-stem", action="store_true", help="experiment: conv-epilogue fuses convolutions "
+                        "whose input channels are not a multiple of 8 too (the 3-channel stem; conv_epilogue.CHANNEL_ALIGN)")
     parser.add_argument("--no-inductor-pdl", action="store_true", help="experiment: sparsec's graphs compiled by "
                         "Inductor without programmatic dependent launch under CUDA graphs (compiler.INDUCTOR_PDL)")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
@@ -394,6 +396,11 @@ def main(argv=None):
 
         conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS = True
         print("# experiment: fused convolution epilogues in the default mode too")
+    if args.fuse_stem:
+        from sparsec.passes import conv_epilogue
+
+        conv_epilogue.CHANNEL_ALIGN = 1
+        print("# experiment: the stem's convolution fused with its epilogue too")
     args.shapes = args.shapes.split(",")
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -26,7 +26,6 @@ import torch.fx as fx
 from sparsec import ir
 from sparsec.dimgroups import POINTWISE, _RESHAPES, _SPLIT_OPS, build_dim_groups, refine
 from sparsec.pass_manager import PassResult, register_pass
-from sparsec.passes.conv_epilogue import CHANNEL_ALIGN, fuses_epilogues
 
 aten = torch.ops.aten
 
@@ -496,14 +495,11 @@ def _foldable(site) -> bool:
     return True
 
 
-def decide(dg, S: Status, group, carriers=frozenset()):
-    """(removable mask over the group's channels, folds [(site, positions, values)], whether the
-    group holds a carrier channel). `carriers`: (consumer node, input position) pairs that carry
-    folded constants (`_fold_into_carrier`): kept, never folded again."""
+def decide(dg, S: Status, group):
+    """(removable mask over the group's channels, folds [(site, positions, values)])."""
     removable = torch.ones(group.size, dtype=torch.bool)
     folds = []
     any_site = False
-    carried = False
     for site in group.all_sites():
         x, d = site.a
         for s, e, c in dg.segments_of(x, d):
@@ -515,14 +511,12 @@ def decide(dg, S: Status, group, carriers=frozenset()):
             vanish = za.clone()
             if site.b is not None:
                 vanish |= S.zero(site.b[0], site.b[1])[s:e]
-            fold = torch.zeros_like(vanish)
+            ok = vanish.clone()
+            fold = torch.zeros_like(ok)
             if _foldable(site):
                 mask, val = S.const(x, d)
                 fold = mask[s:e] & ~vanish
-                held = torch.tensor([(site.node, p) in carriers for p in range(s, e)], dtype=torch.bool)
-                carried |= bool(held.any())
-                fold &= ~held
-            ok = vanish | fold
+                ok |= fold
             per = torch.ones(group.size, dtype=torch.long)
             per.scatter_reduce_(0, coord, ok.long(), reduce="amin")
             removable &= per.bool()
@@ -530,7 +524,7 @@ def decide(dg, S: Status, group, carriers=frozenset()):
                 folds.append((site, s, e, coord, fold, S.const(x, d)[1][s:e]))
     if not any_site:
         removable[:] = False
-    return removable, folds, carried
+    return removable, folds
 
 
 def _bias_of(gm, node, index, length, dtype, device):
@@ -540,10 +534,8 @@ def _bias_of(gm, node, index, length, dtype, device):
     return None, torch.zeros(length, dtype=dtype, device=device)
 
 
-def apply_folds(gm, folds_by_site, carriers: set | None = None) -> int:
-    """Fold constant channels into their consumers' biases; zero the consumer columns. A padded
-    convolution, where the channels' contribution varies near the borders, gets it as a constant map
-    added after it, or, when `carriers` is a set, through one of the channels (added to the set)."""
+def apply_folds(gm, folds_by_site) -> int:
+    """Fold constant channels into their consumers' biases; zero the consumer columns."""
     count = 0
     for site, positions in folds_by_site.items():
         node = site.node
@@ -569,16 +561,10 @@ def apply_folds(gm, folds_by_site, carriers: set | None = None) -> int:
             padding = args[4] if args[4] is not None else [0] * nsp
             dilation = args[5] if args[5] is not None else [1] * nsp
             contrib = node.target(const_in, w.double().cpu(), None, stride, padding, dilation, 1)
-            flat = contrib[0].reshape(contrib.shape[1], -1)
-            uniform = bool((flat == flat[:, :1]).all())
-            if not uniform and carriers is not None:  # borders differ: one channel carries the rest
-                carriers.add((node, _fold_into_carrier(w, pos, vals)))
-                ir.set_constant(gm, w_node, w)
-                count += len(pos) - 1  # the carrier stays
-                continue
             w[:, pos.to(w.device)] = 0
+            flat = contrib[0].reshape(contrib.shape[1], -1)
             bias_node, bias = _bias_of(gm, node, 2, w.shape[0], w.dtype, w.device)
-            if uniform:
+            if bool((flat == flat[:, :1]).all()):
                 bias = (bias.double() + flat[:, 0].to(bias.device)).to(w.dtype)
                 _set_bias(gm, node, 2, bias_node, bias, w_node)
             else:  # padding makes the contribution vary near the borders: add it as a constant map
@@ -590,20 +576,6 @@ def apply_folds(gm, folds_by_site, carriers: set | None = None) -> int:
         ir.set_constant(gm, w_node, w)
         count += len(pos)
     return count
-
-
-def _fold_into_carrier(w: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> int:
-    """Fold constant input channels `pos` (values `vals`) of a convolution weight `w` into one of them,
-    the carrier c (the largest value): W[:, c] = sum_p W[:, p] * v_p / v_c, the others' columns zeroed.
-    The carrier channel, constant v_c and zero-padded like the others, then contributes exactly what
-    they did, borders included, with no constant map after the convolution. Returns c."""
-    index = int(vals.abs().argmax())
-    scale = (vals / vals[index]).to(w.device).reshape(1, -1, *([1] * (w.dim() - 2)))
-    columns = pos.to(w.device)
-    carried = (w[:, columns].double() * scale).sum(dim=1)
-    w[:, columns] = 0
-    w[:, int(pos[index])] = carried.to(w.dtype)
-    return int(pos[index])
 
 
 def _set_bias(gm, node, index, bias_node, bias, w_node):
@@ -630,24 +602,10 @@ def _keep_one(removable: torch.Tensor) -> torch.Tensor:
     return removable
 
 
-def _aligned(removable: torch.Tensor) -> torch.Tensor:
-    """Keep a multiple of CHANNEL_ALIGN channels (when the group has such a size; cuDNN pads other
-    counts in an extra kernel, conv_epilogue.CHANNEL_ALIGN): dead channels kept
-    as padding are exact, since every consumer column of a removable channel is zero or its value is."""
-    size, keep = len(removable), int((~removable).sum())
-    target = min(size, -(-keep // CHANNEL_ALIGN) * CHANNEL_ALIGN)
-    if size % CHANNEL_ALIGN or target == keep:
-        return removable
-    padding = torch.nonzero(removable).flatten()[: target - keep]
-    removable = removable.clone()
-    removable[padding] = False
-    return removable
-
-
 def _pending_folds(decisions) -> dict:
     """{site: {input position: constant value}} for every removable channel that needs a fold."""
     folds_by_site: dict = {}
-    for g, (removable, folds, _carried) in decisions.items():
+    for g, (removable, folds) in decisions.items():
         removable = _keep_one(removable)
         for site, s, e, coord, fold, vals in folds:
             take = fold & removable[coord]
@@ -664,19 +622,18 @@ def _fold_positions(group, folds) -> torch.Tensor:
     return needs
 
 
-def plan(gm, carriers=frozenset()):
+def plan(gm):
     dg = build_dim_groups(gm)
     S = compute_status(gm)
-    decisions = {g: decide(dg, S, g, carriers) for g in dg.sliceable_groups()}
+    decisions = {}
+    for g in dg.sliceable_groups():
+        removable, folds = decide(dg, S, g)
+        decisions[g] = (removable, folds)
     return dg, decisions
 
 
 @register_pass("channel-slice", "Remove dead channels (and whole attention heads) across dimension groups, exactly")
 def channel_slice(gm, ctx):
-    # Where conv-epilogue fuses convolutions with their epilogues, a constant map after a padded
-    # convolution would keep it out of the fused call (cuDNN adds no broadcast operand): carry the
-    # folded channels through a kept one instead (one channel more, rounded up to CHANNEL_ALIGN).
-    carriers = set() if fuses_epilogues(ctx.device.type, ctx) else None
     try:
         dg, decisions = plan(gm)
     except Exception as exc:  # never fail a model: an analysis that cannot follow the graph slices nothing
@@ -691,14 +648,13 @@ def channel_slice(gm, ctx):
         folds_by_site = _pending_folds(decisions)
         if not folds_by_site:
             break
-        folded += apply_folds(gm, folds_by_site, carriers)
+        folded += apply_folds(gm, folds_by_site)
         gm.graph.lint()
         gm.recompile()
         ir.refresh_shapes(gm, ctx.example_inputs)
-        dg, decisions = plan(gm, carriers or frozenset())
+        dg, decisions = plan(gm)
     else:  # still folding: slice only what is dead without a fold
-        decisions = {g: (removable & ~_fold_positions(g, folds), [], carried)
-                     for g, (removable, folds, carried) in decisions.items()}
+        decisions = {g: (removable & ~_fold_positions(g, folds), []) for g, (removable, folds) in decisions.items()}
     # 2. slice
     selections = {}
     group_rows = []
@@ -710,10 +666,7 @@ def channel_slice(gm, ctx):
                "sliceable": g.sliceable, "permutable": g.permutable, "blocked_by": list(g.blocked_by)}
         after = g.size
         if g in decisions:
-            removable, _folds, carried = decisions[g]
-            removable = _keep_one(removable)
-            if carried:
-                removable = _aligned(removable)
+            removable = _keep_one(decisions[g][0])
             if removable.any():
                 keep = torch.nonzero(~removable).flatten()
                 selections[g] = keep

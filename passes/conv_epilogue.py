@@ -9,8 +9,11 @@ Exact up to float reassociation (the scale is applied to the weight instead of t
 float32, rounded once to the weight's dtype). Inductor runs a convolution as a cuDNN call and its
 epilogue (BatchNorm, ReLU, residual add) as a pointwise kernel that reads the convolution's output
 back from memory; one fused call writes it once (benchmarks/conv_epilogue.py). A constant map that
-channel-slice added after a padded convolution (`conv + map`) is scaled with the fold but not fused
-(cuDNN adds an operand of the output's shape only): that add and its ReLU stay with Inductor.
+channel-slice added after a padded convolution (`conv + map`, the folded constant channels' border
+terms) is scaled with the fold and, when the batch size is fixed, becomes the fused call's addend:
+cuDNN adds an operand of the output's shape only, so the map is stored broadcast over the batch, in
+the output's layout (one activation's bytes per such convolution, `constant_map_bytes` in the stats),
+in place of a pointwise kernel that reads the convolution's output back and writes it again.
 
 Runs on the devices in FUSE_ON, where the fused kernel exists; elsewhere the graph is left as is
 (Inductor's own pointwise fusion is as good there). The fused call is used only when the graph
@@ -33,6 +36,7 @@ from sparsec.pass_manager import PassResult, register_pass
 from sparsec.report import mark_layer
 from sparsec.passes.select_kernels import activation_user, conv_args, residual_user, sole_add_user
 from sparsec.runtime import ops  # noqa: F401  (registers sparsec::conv2d_relu)
+from sparsec.runtime.reference import conv2d_layout
 
 aten = torch.ops.aten
 
@@ -46,11 +50,6 @@ CHANNEL_ALIGN = 8
 # Experiment switch (benchmarks/models.py --fuse-conv-always): fuse in the default mode too, to
 # measure whether the op's host path now pays there (see the module docstring).
 FUSE_WITHOUT_CUDA_GRAPHS = False
-
-
-def fuses_epilogues(device_type: str, ctx) -> bool:
-    """Whether this pass fuses convolutions with their epilogues for a graph on `device_type`."""
-    return device_type in FUSE_ON and (ctx.cuda_graphs or FUSE_WITHOUT_CUDA_GRAPHS)
 
 
 def _is_constant(arg) -> bool:
@@ -117,18 +116,40 @@ def fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, weight_node: fx.Node, bia
     gm.graph.erase_node(bn)
 
 
-def fuse_relu(gm: fx.GraphModule, conv: fx.Node) -> str | None:
-    """conv -> [add residual] -> relu  =>  sparsec.conv2d_relu; what was fused, or None."""
-    add, residual = residual_user(conv)
-    relu = activation_user(add if add is not None else conv)
+def _map_as_addend(gm: fx.GraphModule, conv: fx.Node, add: fx.Node, map_node: fx.Node) -> fx.Node | None:
+    """The constant map of `add(conv, map)` broadcast to the convolution's output shape and layout, as
+    a new constant the fused call can add; None when the dtypes differ."""
+    out, x = conv.meta.get("val"), conv.args[0].meta.get("val")
+    map_value = ir.get_constant(gm, map_node)
+    if out is None or map_value.dtype != out.dtype:
+        return None
+    layout = conv2d_layout(x, ir.get_constant(gm, conv.args[1]))
+    full = map_value.expand(out.shape).contiguous(memory_format=layout)
+    return ir.add_constant(gm, full, ir.display_name(map_node), insert_before=add)
+
+
+def fuse_relu(gm: fx.GraphModule, conv: fx.Node, fixed_batch: bool = True) -> tuple[str, int] | None:
+    """conv -> [add residual | add constant map] -> relu  =>  sparsec.conv2d_relu; (what was fused,
+    bytes of a map stored for it), or None. A constant map is fused only with a `fixed_batch` (in a
+    graph serving many batch sizes the stored map would have to follow the batch)."""
+    add, addend = residual_user(conv)
+    map_add, map_node = _constant_map_add(conv)
+    relu = activation_user(next(node for node in (map_add, add, conv) if node is not None))
     if relu is None or relu.target is not aten.relu.default:
         return None
+    kernel = "cudnn conv+bias+add+relu" if addend is not None else "cudnn conv+bias+relu"
+    map_bytes = 0
+    if map_add is not None:
+        add, addend = map_add, _map_as_addend(gm, conv, map_add, map_node) if fixed_batch else None
+        if addend is None:
+            return None
+        map_bytes = ir.get_constant(gm, addend).nbytes
+        kernel = "cudnn conv+bias+constant map+relu"
     stride, padding, dilation, groups = conv_args(conv)
     x, weight, bias = conv.args[0], conv.args[1], conv.args[2] if len(conv.args) > 2 else None
     with gm.graph.inserting_before(relu):
         fused = gm.graph.call_function(torch.ops.sparsec.conv2d_relu.default,
-                                       (x, weight, bias, residual, list(stride), list(padding), list(dilation), groups))
-    kernel = "cudnn conv+bias+add+relu" if residual is not None else "cudnn conv+bias+relu"
+                                       (x, weight, bias, addend, list(stride), list(padding), list(dilation), groups))
     weight_value = ir.get_constant(gm, weight)
     fused.meta["val"] = relu.meta.get("val")
     mark_layer(fused, ir.display_name(weight), "conv2d", weight_value.shape,
@@ -137,7 +158,7 @@ def fuse_relu(gm: fx.GraphModule, conv: fx.Node) -> str | None:
     for node in (relu, add, conv):
         if node is not None:
             gm.graph.erase_node(node)
-    return kernel
+    return kernel, map_bytes
 
 
 def _fusable(conv: fx.Node) -> str | None:
@@ -151,6 +172,7 @@ def _fusable(conv: fx.Node) -> str | None:
 @register_pass("conv-epilogue", "Fold eval BatchNorm into convolutions; under CUDA graphs run conv+bias(+residual)+ReLU as one cuDNN call")
 def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"batch_norms_folded": 0, "fused": 0}
+    map_bytes = 0
     fuse = ctx.cuda_graphs or FUSE_WITHOUT_CUDA_GRAPHS
     if not fuse:
         stats["fusion"] = "off without CUDA graphs (the fused call's host path costs more than it saves)"
@@ -179,11 +201,17 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
         why_not = _fusable(conv)
         if why_not is not None:
             ctx.note(name, epilogue_reason=why_not)
-        elif add is None and fuse and ctx.allow_rewrite(f"fuse the epilogue of {name}"):
-            fused = fuse_relu(gm, conv)
+        elif fuse and ctx.allow_rewrite(f"fuse the epilogue of {name}"):
+            fused = fuse_relu(gm, conv, fixed_batch=ctx.token_range is None)
             if fused is not None:
                 stats["fused"] += 1
-                ctx.note(name, choice=fused)
+                map_bytes += fused[1]
+                ctx.note(name, choice=fused[0])
+            elif add is not None:
+                ctx.note(name, epilogue_reason="a constant map after it with a symbolic batch size (or no ReLU): "
+                         "its add and ReLU stay with Inductor")
+    if map_bytes:
+        stats["constant_map_bytes"] = map_bytes
     changed = stats["batch_norms_folded"] + stats["fused"] > 0
     if changed:
         gm.graph.lint()

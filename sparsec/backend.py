@@ -22,6 +22,7 @@ import weakref
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 
 from .capture import capture_dynamo_graph
 from .compiler import (
@@ -89,6 +90,8 @@ def _fallback(gm: fx.GraphModule, example_inputs, opts: Options, mode: str | Non
     if opts.inductor:
         try:
             return _remember(kind(inductor_compile(gm, list(example_inputs), mode), reason, "inductor", report))
+        except RestartAnalysis:
+            raise  # Dynamo's signal to trace again (e.g. with a symbolic float specialized): it calls us back
         except Exception as exc:  # Inductor cannot either (meta device...): eager it is
             log.debug("Inductor fallback failed", exc_info=True)
             reason = f"{reason}; Inductor failed too ({type(exc).__name__})"
@@ -124,8 +127,14 @@ def sparsec_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
         raise  # the user's own error (bad option, a pass caught changing the output): say it
     except Unsupported as why:
         return _fallback(gm, example_inputs, opts, mode, str(why))
+    except RestartAnalysis:
+        raise
     except Exception as exc:  # sparsec never fails a model that eager runs
-        warnings.warn(f"sparsec could not compile this graph and runs it without its optimizations: {type(exc).__name__}: {exc}")
         log.debug("sparsec compile failure", exc_info=True)
-        return _fallback(gm, example_inputs, opts, mode, f"compile failed: {type(exc).__name__}: {exc}")
+        # Inductor may answer with Dynamo's restart (a Python float traced as a symbol under
+        # dynamic=True, which sparsec's capture cannot branch on: a BatchNorm's eps): the graph then
+        # comes back with it specialized, and there is nothing to warn about
+        fallback = _fallback(gm, example_inputs, opts, mode, f"compile failed: {type(exc).__name__}: {exc}")
+        warnings.warn(f"sparsec could not compile this graph and runs it without its optimizations: {type(exc).__name__}: {exc}")
+        return fallback
     return _remember(compiled)

@@ -5,6 +5,8 @@ it on for the CPU (`FUSE_ON`), where sparsec::conv2d_relu runs its reference: th
 its exactness are checked here, the cuDNN kernel in the GPU tests at the end.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -166,10 +168,9 @@ def test_real_cnns_through_the_full_pipeline_equal_eager(fuse_on_cpu, seeded, na
     assert records[-1].name == "conv-epilogue" and stats["batch_norms_folded"] > 0
     assert ir.dump(gm).count("aten.batch_norm") == 1
     if name == "resnet":
-        # conv1, conv2 and conv3 (with the downsample branch as its addend) of both bottlenecks: conv2's
-        # dead input channels are carried by one kept channel (channel-slice), so no constant map
-        # stands between it and its ReLU; left: the stem and the two downsample convolutions
-        assert stats["fused"] == 6
+        # conv1, conv2 (channel-slice's constant map as its addend) and conv3 (with the downsample
+        # branch as its addend) of both bottlenecks; left: the stem and the two downsample convolutions
+        assert stats["fused"] == 6 and stats["constant_map_bytes"] > 0
         assert targets(gm).count(torch.ops.aten.conv2d.default) == 3
         assert torch.ops.aten.add.Tensor not in targets(gm)
     else:
@@ -179,6 +180,61 @@ def test_real_cnns_through_the_full_pipeline_equal_eager(fuse_on_cpu, seeded, na
             fresh = torch.randn_like(x)
             ok, why = output_close(gm(fresh), model(fresh))
             assert ok, why
+
+
+def padded_conv_after_dead_constant_channels():
+    """conv1 -> BN -> ReLU -> conv2 (3x3, padding 1) -> BN -> ReLU with half of conv1's rows zero: the
+    dead channels are relu(bn(0)) constants, most non-zero, whose terms through conv2's zero padding
+    differ at the borders (channel-slice folds them into a constant map after conv2)."""
+    model = nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+    model = models.randomize_batchnorm(model).eval()
+    prune.ln_structured(model[0], "weight", amount=0.5, n=2, dim=0)
+    prune.remove(model[0], "weight")
+    return model.to(memory_format=torch.channels_last)
+
+
+def test_a_constant_map_becomes_the_fused_calls_addend(fuse_on_cpu, seeded):
+    """The map after the padded conv2, scaled by its BatchNorm's fold, is stored broadcast over the
+    batch in the output's layout and added inside the fused call: no add is left."""
+    model = padded_conv_after_dead_constant_channels()
+    x = torch.randn(3, 8, 10, 10).to(memory_format=torch.channels_last)
+    gm, before, records = run(model, x, passes="channel-slice,conv-epilogue")
+    after = ir.dump(gm)
+    print(before, after, sep="\n")
+    assert records[0].stats["folded_channels"] > 0
+    stats = records[1].stats
+    assert stats["fused"] == 2 and stats["constant_map_bytes"] == 3 * 16 * 10 * 10 * 4
+    assert "aten.add" not in after and "aten.relu" not in after
+    fused = [n for n in gm.graph.nodes if n.target is FUSED]
+    addend = ir.get_constant(gm, fused[1].args[3])
+    assert addend.shape == (3, 16, 10, 10) and addend.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(addend[0, :, 0, 0], addend[0, :, 5, 5])  # borders differ from the interior
+    with torch.no_grad():
+        for _ in range(2):
+            fresh = torch.randn_like(x)
+            ok, why = output_close(gm(fresh), model(fresh))
+            assert ok, why
+
+
+def test_a_constant_map_with_a_dynamic_batch_stays_with_inductor(fuse_on_cpu, seeded, fresh_dynamo):
+    """A symbolic batch size has no stored map to match it: the add and ReLU after conv2 stay
+    unfused, and the compiled model still equals eager at every batch size. (Dynamo first passes
+    the BatchNorms' eps as symbolic scalars; the backend leaves that graph to Inductor, which has
+    Dynamo trace again with them specialized: one graph reaches sparsec's passes.)"""
+    model = padded_conv_after_dead_constant_channels()
+    compiled = torch.compile(model, backend="sparsec", mode="reduce-overhead", dynamic=True)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        for batch in (2, 5):
+            x = torch.randn(batch, 8, 10, 10).to(memory_format=torch.channels_last)
+            ok, why = output_close(compiled(x), model(x))
+            assert ok, why
+    assert not [w for w in caught if "sparsec could not compile" in str(w.message)]
+    graphs = sparsec.backend.compiled_graphs()
+    assert [type(g).__name__ for g in graphs] == ["CompiledVariants"]
+    report = graphs[-1].report
+    notes = " ".join(str(row) for row in report.layers)
+    assert "constant map after it with a symbolic batch size" in notes, report
 
 
 def test_torch_compile_with_the_fused_op_equals_eager(fuse_on_cpu, seeded, fresh_dynamo):
@@ -242,5 +298,8 @@ def test_resnet_on_the_gpu_equals_eager(mode, fresh_dynamo):
     x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     assert_compiled_equals_eager(model, x, mode)
     report = sparsec.backend.compiled_graphs()[-1].report
-    fused = sum(str(row.get("kernel", "")).startswith("cudnn") for row in report.layers)
+    kernels = [str(row.get("kernel", "")) for row in report.layers]
+    fused = sum(kernel.startswith("cudnn") for kernel in kernels)
     assert fused >= 5 if mode else fused == 0, report
+    # conv2 after conv1's dead constant channels: channel-slice's map is the fused call's addend
+    assert any("constant map" in kernel for kernel in kernels) == bool(mode), report
