@@ -68,10 +68,8 @@ for s in $steps; do
             done ;;
     # The BERT 2:4 and ResNet 50%-channel rows of issue 14 alone; decode also without CUDA graphs
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
-    # the same with Inductor's kernels in sparsec's graphs left without PDL (what PDL gives these models)
-    # the same with the 3-channel stem fused too (conv_epilogue.CHANNEL_ALIGN = 1)
-    models_other_fuse_stem) step models_other_fuse_stem 240 python3 benchmarks/models.py --shapes none --fuse-stem ;;
-    models_other_nopdl) step models_other_nopdl 240 python3 benchmarks/models.py --shapes none --no-inductor-pdl ;;
+    # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
+    models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     models_decode16|models_decode1|models_prefill)
       step "$s" 220 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;
@@ -126,6 +124,7 @@ for s in $steps; do
                  python3 benchmarks/profile_large_m.py --weight 11008x4096 --pattern block50 --tokens 2048 ;;
     # Where the ResNet-50-style row's time goes under CUDA graphs, kernel by kernel, both sides
     resnet_profile) step resnet_profile 240 python3 benchmarks/profile_decode.py --model resnet ;;
+    bert_profile) step bert_profile 240 python3 benchmarks/profile_decode.py --model bert ;;
     # Dynamic batch with the CUDA kernels: graphs compiled over nine batch sizes, outputs against eager
     dynamic_batch) step dynamic_batch 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_select_kernels.py \
                      -k "dynamic_batch" -p no:cacheprovider ;;

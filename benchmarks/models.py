@@ -294,16 +294,22 @@ def run_other(args, device, dtype, out):
     rows = []
     full = device == "cuda"
     with torch.no_grad():
-        torch.manual_seed(0)
-        bert = nn.Sequential(*[models.BertLayer(768, 12, 3072) for _ in range(12 if full else 2)]).to(device, dtype).eval()
-        for layer in bert:
-            two_four_prune_(layer.intermediate.weight)
-            two_four_prune_(layer.output.weight)
-        x = torch.randn(32 if full else 4, 128 if full else 32, 768, device=device, dtype=dtype)
+        bert, x = pruned_bert(device, dtype, full)
         rows += _compare("bert 2:4 FFN", bert, x, device, out)
         resnet, img = pruned_resnet(device, dtype, full)
         rows += _compare("resnet50 50% channels", resnet, img, device, out)
     return rows
+
+
+def pruned_bert(device, dtype, full: bool) -> tuple[nn.Module, torch.Tensor]:
+    """The BERT-style row's model (both FFN weights of every layer pruned 2:4) and its input: 12
+    layers, batch 32 x 128 tokens (full) or 2 layers, 4 x 32."""
+    torch.manual_seed(0)
+    bert = nn.Sequential(*[models.BertLayer(768, 12, 3072) for _ in range(12 if full else 2)]).to(device, dtype).eval()
+    for layer in bert:
+        two_four_prune_(layer.intermediate.weight)
+        two_four_prune_(layer.output.weight)
+    return bert, torch.randn(32 if full else 4, 128 if full else 32, 768, device=device, dtype=dtype)
 
 
 def pruned_resnet(device, dtype, full: bool) -> tuple[nn.Module, torch.Tensor]:
@@ -366,10 +372,9 @@ def main(argv=None):
                         "alone is predicted faster")
     parser.add_argument("--fuse-conv-always", action="store_true", help="experiment: conv-epilogue fuses the "
                         "convolutions' epilogues in the default mode too (conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS)")
-    parser.add_argument("--fuse-stem", action="store_true", help="experiment: conv-epilogue fuses convolutions "
-                        "whose input channels are not a multiple of 8 too (the 3-channel stem; conv_epilogue.CHANNEL_ALIGN)")
-    parser.add_argument("--no-inductor-pdl", action="store_true", help="experiment: sparsec's graphs compiled by "
-                        "Inductor without programmatic dependent launch under CUDA graphs (compiler.INDUCTOR_PDL)")
+    parser.add_argument("--inductor-pdl", choices=("auto", "always", "never"), default="auto", help="experiment: "
+                        "programmatic dependent launch for Inductor's kernels in sparsec's graphs under CUDA graphs: "
+                        "in graphs of short kernels (auto), always or never (compiler.INDUCTOR_PDL)")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
@@ -386,21 +391,16 @@ def main(argv=None):
 
         cost_model.RELAYOUT_EFFICIENCY = float("inf")
         print("# experiment: the copy after the 2:4 kernel is not priced (RELAYOUT_EFFICIENCY = inf)")
-    if args.no_inductor_pdl:
+    if args.inductor_pdl != "auto":
         from sparsec import compiler
 
-        compiler.INDUCTOR_PDL = False
-        print("# experiment: Inductor's kernels in sparsec's graphs without PDL")
+        compiler.INDUCTOR_PDL = args.inductor_pdl
+        print(f"# experiment: Inductor's kernels in sparsec's graphs with PDL: {args.inductor_pdl}")
     if args.fuse_conv_always:
         from sparsec.passes import conv_epilogue
 
         conv_epilogue.FUSE_WITHOUT_CUDA_GRAPHS = True
         print("# experiment: fused convolution epilogues in the default mode too")
-    if args.fuse_stem:
-        from sparsec.passes import conv_epilogue
-
-        conv_epilogue.CHANNEL_ALIGN = 1
-        print("# experiment: the stem's convolution fused with its epilogue too")
     args.shapes = args.shapes.split(",")
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -1,8 +1,10 @@
 """Where the time goes in one compiled forward: the top GPU kernels of the LLaMA-style stack, or of
-the ResNet-50-style row of benchmarks/models.py.
+the ResNet-50-style or BERT-style row of benchmarks/models.py (with sparsec's report: each layer's
+kernel).
 
     python benchmarks/profile_decode.py --case a --tokens 1 --mode reduce-overhead
     python benchmarks/profile_decode.py --model resnet
+    python benchmarks/profile_decode.py --model bert
 
 Prints the kernels by total GPU time over 20 calls and the wall time per call, for sparsec and
 Inductor side by side, so a gap to the floor can be assigned to kernels or to launch overhead.
@@ -15,9 +17,10 @@ import time
 
 import torch
 
+import sparsec
 from sparsec import models
 
-from models import compiled, prune_case, pruned_resnet  # benchmarks/models.py
+from models import compiled, prune_case, pruned_bert, pruned_resnet  # benchmarks/models.py
 
 
 def profile(fn, x, label: str, calls: int = 20, top: int = 20) -> None:
@@ -45,7 +48,7 @@ def profile(fn, x, label: str, calls: int = 20, top: int = 20) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("llama", "resnet"), default="llama")
+    parser.add_argument("--model", choices=("llama", "resnet", "bert"), default="llama")
     parser.add_argument("--case", default="a")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--mode", default="reduce-overhead")
@@ -60,10 +63,12 @@ def main():
         bsr_small_m.STEPS = tuple(args.steps)
     mode = None if args.mode == "default" else args.mode
     with torch.no_grad():
-        if args.model == "resnet":
-            model, x = pruned_resnet("cuda", torch.bfloat16, full=True)
+        if args.model in ("resnet", "bert"):
+            build = pruned_resnet if args.model == "resnet" else pruned_bert
+            model, x = build("cuda", torch.bfloat16, full=True)
             for backend in ("inductor", "sparsec")[args.skip_inductor:]:
-                profile(compiled(model, backend, mode), x, f"{backend} {args.mode} ResNet-50-style", top=40)
+                profile(compiled(model, backend, mode), x, f"{backend} {args.mode} {args.model}", top=40)
+            print(sparsec.backend.last_report())
             return
         torch.manual_seed(0)
         model = models.LlamaStack(4096, 32, 11008, 4).to("cuda", torch.bfloat16).eval()

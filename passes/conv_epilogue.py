@@ -41,12 +41,6 @@ from sparsec.runtime.reference import conv2d_layout
 aten = torch.ops.aten
 
 FUSE_ON = ("cuda",)
-# cuDNN's Tensor Core convolutions take channels_last channel counts in multiples of 8 (16 bytes of
-# bf16); a convolution with fewer or unaligned input channels (a network's 3-channel stem) has its
-# input padded by an extra kernel, and its fused call ran slower than Inductor's convolution plus
-# pointwise kernel (ResNet-50's stem on an H200: 0.438 ms fused, 0.388 + 0.038 ms unfused), so such
-# convolutions are left as they are.
-CHANNEL_ALIGN = 8
 # Experiment switch (benchmarks/models.py --fuse-conv-always): fuse in the default mode too, to
 # measure whether the op's host path now pays there (see the module docstring).
 FUSE_WITHOUT_CUDA_GRAPHS = False
@@ -161,6 +155,32 @@ def fuse_relu(gm: fx.GraphModule, conv: fx.Node, fixed_batch: bool = True) -> tu
     return kernel, map_bytes
 
 
+def move_addend_biases(gm: fx.GraphModule) -> int:
+    """Where a fused call's addend is a convolution with a constant bias read by nothing else (a
+    ResNet's downsample branch after its BatchNorm fold), that bias joins the fused call's:
+    relu(conv(x) + b + (conv'(x') + b')) = relu(conv(x) + (b + b') + conv'(x')). Inductor runs a CUDA
+    convolution with a bias as the convolution and a pointwise kernel that adds it; without the bias
+    the branch is one cuDNN call. Returns how many biases moved."""
+    moved = 0
+    for fused in [n for n in gm.graph.nodes if n.target is torch.ops.sparsec.conv2d_relu.default]:
+        addend = fused.args[3]
+        if not isinstance(addend, fx.Node) or addend.target is not aten.conv2d.default or len(addend.users) != 1:
+            continue
+        theirs = addend.args[2] if len(addend.args) > 2 else None
+        if not _is_constant(theirs):
+            continue
+        ours = fused.args[2]
+        bias = ir.get_constant(gm, theirs).float()
+        if ours is not None:
+            bias = bias + ir.get_constant(gm, ours).float()
+        dtype = ir.get_constant(gm, fused.args[1]).dtype
+        name = ir.display_name(ours) if ours is not None else ir.display_name(fused.args[1]).removesuffix(".weight") + ".bias"
+        fused.args = fused.args[:2] + (ir.add_constant(gm, bias.to(dtype), name, insert_before=fused),) + fused.args[3:]
+        addend.args = addend.args[:2] + (None,) + addend.args[3:]
+        moved += 1
+    return moved
+
+
 def _fusable(conv: fx.Node) -> str | None:
     """Why the fused kernel is not used for this convolution, or None."""
     groups = conv_args(conv)[3]
@@ -188,10 +208,6 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
         x = conv.args[0].meta.get("val") if isinstance(conv.args[0], fx.Node) else None
         if x is None or x.dim() != 4 or not ir.get_constant(gm, weight_node).is_floating_point():
             continue  # not a batched 2-D convolution with a float weight
-        if x.shape[1] % CHANNEL_ALIGN:
-            ctx.note(name, epilogue_reason=f"{x.shape[1]} input channels, not a multiple of {CHANNEL_ALIGN}: "
-                     "cuDNN pads them, and its fused call was slower there; left to Inductor")
-            continue
         add, map_node = _constant_map_add(conv)
         bn = _eval_batch_norm(add if add is not None else conv)
         if bn is not None and ctx.allow_rewrite(f"fold {bn.name} into {name}"):
@@ -212,6 +228,8 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
                          "its add and ReLU stay with Inductor")
     if map_bytes:
         stats["constant_map_bytes"] = map_bytes
+    if stats["fused"]:
+        stats["addend_biases_moved"] = move_addend_biases(gm)
     changed = stats["batch_norms_folded"] + stats["fused"] > 0
     if changed:
         gm.graph.lint()

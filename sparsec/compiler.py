@@ -25,6 +25,7 @@ Reliability contract (see DESIGN.md, "Reliability rules"):
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import sys
 import warnings
@@ -104,19 +105,45 @@ def _device_of(inputs, captured: Captured) -> torch.device:
     return torch.device("cpu")
 
 
-# Experiment switch (benchmarks/models.py --no-inductor-pdl): Inductor's kernels without PDL under CUDA
-# graphs, to measure what it gives per model.
-INDUCTOR_PDL = True
+# Experiment switch (benchmarks/models.py --inductor-pdl): "auto" (PDL for Inductor's kernels in graphs of
+# short kernels, `_short_kernels`), "always" or "never" under CUDA graphs, to measure what it gives per model.
+INDUCTOR_PDL = "auto"
+# The most rows (tokens) a matrix product of a graph may have for its kernels to count as short: the
+# block-sparse decode kernel's range (codegen/triton/bsr_small_m.py serves up to 256 tokens).
+PDL_MAX_TOKENS = 256
+_MATRIX_PRODUCTS = ("aten.linear", "aten.mm", "aten.addmm", "aten.bmm", "aten.matmul", "sparsec.")
+_CONVOLUTIONS = ("aten.conv", "aten.convolution", "sparsec.conv2d_relu")
+
+
+def _short_kernels(gm: fx.GraphModule) -> bool:
+    """Every matrix product of the graph has at most PDL_MAX_TOKENS static rows and nothing convolves:
+    decode, whose kernels last a few microseconds, so starting the next one early pays. A BERT layer's
+    4096-token products are long and compute-bound: there Inductor's kernels launched early would only
+    sit on SMs the cuBLAS kernel ahead still uses."""
+    products = 0
+    for node in gm.graph.nodes:
+        name = ir._op_name(node.target) if node.op == "call_function" else ""
+        if name.startswith(_CONVOLUTIONS):
+            return False
+        if not name.startswith(_MATRIX_PRODUCTS) or not isinstance(node.args[0], fx.Node):
+            continue
+        x = node.args[0].meta.get("val")
+        rows = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        if not all(isinstance(size, int) for size in rows) or math.prod(rows) > PDL_MAX_TOKENS:
+            return False
+        products += 1
+    return products > 0
 
 
 def _pdl_device(example_inputs: list) -> bool:
     """The graph runs on a GPU with programmatic dependent launch. Under CUDA graphs Inductor's own
-    kernels then launch with it too (`triton.enable_pdl`: each waits for the kernel ahead only before
-    reading what it wrote), so that a norm after a block-sparse kernel starts early, and the
-    block-sparse kernel after the norm (launched with PDL by its opaque op, passes/select_kernels.py)
-    as well: H200, case (a)'s decode kernels and norms in one CUDA graph (`benchmarks/pdl_chain.py`)
-    140.6 -> 134.7 us at 16 tokens, 139.0 -> 131.0 at one, over the block-sparse kernels' PDL alone.
-    Without CUDA graphs it stays off: Inductor launches such kernels through a slower host path."""
+    kernels then launch with it too, in graphs of short kernels (`triton.enable_pdl`: each waits for
+    the kernel ahead only before reading what it wrote), so that a norm after a block-sparse kernel
+    starts early, and the block-sparse kernel after the norm (launched with PDL by its opaque op,
+    passes/select_kernels.py) as well: H200, case (a)'s decode kernels and norms in one CUDA graph
+    (`benchmarks/pdl_chain.py`) 140.6 -> 134.7 us at 16 tokens, 139.0 -> 131.0 at one, over the
+    block-sparse kernels' PDL alone. Without CUDA graphs it stays off: Inductor launches such
+    kernels through a slower host path."""
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
     if device is None or device.type != "cuda":
         return False
@@ -130,7 +157,8 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
-    if (INDUCTOR_PDL and patches.get("triton.cudagraphs") and _pdl_device(example_inputs)
+    wanted = INDUCTOR_PDL == "always" or (INDUCTOR_PDL == "auto" and _short_kernels(gm))
+    if (wanted and patches.get("triton.cudagraphs") and _pdl_device(example_inputs)
             and hasattr(torch._inductor.config.triton, "enable_pdl")):
         patches["triton.enable_pdl"] = True
     # sparsec's constants are the model's weights: with CUDA graphs they must stay where they are

@@ -105,3 +105,21 @@ def test_a_graph_sparsec_cannot_capture_runs_as_eager(monkeypatch):
         expected = model(x)
     assert torch.allclose(out, expected)
     assert any("simulated capture failure" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("name, tokens, short", [("llama", (16, 1), True), ("llama", (1, 300), False),
+                                                  ("bert", (2, 200), False), ("resnet", None, False)])
+def test_inductor_pdl_only_for_graphs_of_short_kernels(name, tokens, short):
+    """Decode-sized products (at most PDL_MAX_TOKENS rows) get PDL for Inductor's kernels under CUDA
+    graphs; a long prefill or BERT batch, or any convolution, does not."""
+    from sparsec.capture import capture_module
+    from sparsec.compiler import PDL_MAX_TOKENS, _short_kernels
+
+    assert PDL_MAX_TOKENS == 256
+    if name == "resnet":
+        model, x = models.ResNetStyle(8, (1,), 10).eval(), torch.randn(1, 3, 8, 8)
+    elif name == "bert":
+        model, x = models.BertLayer(64, 4, 128).eval(), torch.randn(*tokens, 64)
+    else:
+        model, x = models.LlamaStack(64, 4, 128, 1).eval(), torch.randn(*tokens, 64)
+    assert _short_kernels(capture_module(model, (x,)).gm) is short
