@@ -70,6 +70,8 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
+    # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
+    decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     models_decode16|models_decode1|models_prefill)
       step "$s" 220 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;

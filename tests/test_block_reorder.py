@@ -1,5 +1,7 @@
 """block-reorder: permutations recorded for the kernel's packed format, only when they pay."""
 
+import re
+
 import torch
 import torch.nn as nn
 
@@ -87,3 +89,22 @@ def test_with_select_kernels_the_function_is_unchanged():
     captured, _ctx, _records = run(model, inputs, passes="analyze,block-reorder,select-kernels")
     with torch.no_grad():
         torch.testing.assert_close(captured.gm(*captured.example_inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_a_2_4_weight_is_not_searched():
+    """Every row of a 2:4 weight keeps half its columns, so any order leaves at least half the tiles,
+    more than a reordered kernel (4x a tile) could afford: the pass says so without searching."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
+    with torch.no_grad():
+        for lin in (model[0], model[2]):
+            groups = lin.weight.reshape(-1, 4)
+            keep = groups.abs().topk(2, dim=1).indices
+            groups.copy_(torch.zeros_like(groups).scatter(1, keep, groups.gather(1, keep)))
+    captured, ctx, records = run(model, (torch.randn(2, 512),))
+    stats = records["block-reorder"].stats
+    assert stats["considered"] == 2 and stats["skipped"] == 2 and stats["reordered"] == 0
+    assert stats["tiles_after"] == stats["tiles_before"] == 2 * 128
+    note = ctx.layer_notes["0.weight"]["block_reorder"]
+    floor = int(re.search(r"not searched: any order leaves at least (\d+) of its 128 tiles64", note).group(1))
+    assert 64 <= floor <= 128  # half of every row's columns: at least 4 of 8 tiles in each block of rows

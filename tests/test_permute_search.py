@@ -8,6 +8,8 @@ The full-size timing (11008x4096 pair in <= 30 s) is the `slow` test at the end.
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsec import permute_search as ps
 from sparsec.analysis import count_nonzero_tiles
@@ -126,3 +128,26 @@ def test_full_size_pair_within_30_seconds():
     scrambled = shuffled(masks, g)
     result = ps.search_permutation(scrambled, TILE, show_progress=False)
     assert result.tiles_after <= 1.3 * reference
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 200), cols=st.integers(1, 200), density=st.floats(0.0, 1.0), tile=st.sampled_from([8, 16, 64]),
+       seed=st.integers(0, 2**16))
+def test_tile_lower_bound_holds_for_every_order(rows, cols, density, tile, seed):
+    """No row/column order leaves fewer tiles than the bound: the stored one, random ones, the search's."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < density
+    bound = ps.tile_lower_bound(mask, tile)
+    assert bound <= ps.count_tiles(mask, tile)
+    for _ in range(3):
+        assert bound <= ps.count_tiles(mask, tile, torch.randperm(rows, generator=g), torch.randperm(cols, generator=g))
+    found = ps.search_biperm(mask, tile, ("greedy",), rows=True, cols=True, time_budget=1.0, show_progress=False)
+    assert bound <= ps.count_tiles(mask, tile, found.row_perm, found.col_perm)
+
+
+def test_tile_lower_bound_is_reached_by_planted_blocks():
+    """Block-diagonal 64x64 blocks, scrambled: the bound is the planted count (the search can reach it)."""
+    mask = torch.block_diag(*[torch.ones(64, 64, dtype=torch.bool)] * 4)
+    g = torch.Generator().manual_seed(0)
+    scrambled = mask[torch.randperm(256, generator=g)][:, torch.randperm(256, generator=g)]
+    assert ps.tile_lower_bound(scrambled, 64) == 4 < ps.count_tiles(scrambled, 64)
