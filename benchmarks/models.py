@@ -306,9 +306,10 @@ def pruned_bert(device, dtype, full: bool) -> tuple[nn.Module, torch.Tensor]:
     layers, batch 32 x 128 tokens (full) or 2 layers, 4 x 32."""
     torch.manual_seed(0)
     bert = nn.Sequential(*[models.BertLayer(768, 12, 3072) for _ in range(12 if full else 2)]).to(device, dtype).eval()
-    for layer in bert:
-        two_four_prune_(layer.intermediate.weight)
-        two_four_prune_(layer.output.weight)
+    with torch.no_grad():
+        for layer in bert:
+            two_four_prune_(layer.intermediate.weight)
+            two_four_prune_(layer.output.weight)
     return bert, torch.randn(32 if full else 4, 128 if full else 32, 768, device=device, dtype=dtype)
 
 

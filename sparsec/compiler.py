@@ -112,7 +112,7 @@ INDUCTOR_PDL = "auto"
 # block-sparse decode kernel's range (codegen/triton/bsr_small_m.py serves up to 256 tokens).
 PDL_MAX_TOKENS = 256
 _MATRIX_PRODUCTS = ("aten.linear", "aten.mm", "aten.addmm", "aten.bmm", "aten.matmul", "sparsec.")
-_CONVOLUTIONS = ("aten.conv", "aten.convolution", "sparsec.conv2d_relu")
+_CONVOLUTIONS = ("aten.conv", "sparsec.conv2d_relu")  # aten.conv2d, aten.convolution...
 
 
 def _short_kernels(gm: fx.GraphModule) -> bool:
