@@ -9,7 +9,8 @@ medians. CUDA: per call over runs of back-to-back calls between two events (what
 sees: a call's host work overlaps the previous call's GPU work, and a host-bound call shows as
 such); `--timing flush` instead uses triton.testing.do_bench, which empties the L2 cache before each
 call and times it alone, so the host time of a short CUDA-graph replay that the flush kernel does
-not cover lands in the result. CPU: perf_counter, each sparsec case timed in turn with Inductor,
+not cover lands in the result. The BERT and ResNet rows take their runs from sparsec and Inductor in
+turn, so a host whose speed drifts (it sets a host-bound call's time) slows both. CPU: perf_counter, each sparsec case timed in turn with Inductor,
 call after call, so the shared machine's drift falls on both. The "floor" column is the
 ratio dense floor / sparse floor over the linear layers (bytes over bandwidth or flops over peak,
 whichever is larger, per layer), i.e. the best speed-up the pruning allows for those layers.
@@ -97,32 +98,36 @@ def median_ms(fn, x, device: str) -> float:
         import triton.testing
 
         return triton.testing.do_bench(lambda: fn(x), warmup=50, rep=300, return_mode="median")
-    return streamed_ms(fn, x)
+    return streamed_ms([fn], x)[0]
 
 
 HOST_MS: dict = {}  # id(fn) -> host ms per call of its last streamed_ms, for the log lines
 
 
-def streamed_ms(fn, x, calls: int = 50, rounds: int = 15) -> float:
-    """Median over `rounds` of the mean ms per call of `calls` back-to-back calls. Also keeps the host's
-    ms per call (the time to issue them, in HOST_MS): when it is as long as the GPU's, the call is
-    host-bound."""
-    for _ in range(10):
-        fn(x)
-    torch.cuda.synchronize()
-    per_call, host = [], []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        issued = time.perf_counter()
-        for _ in range(calls):
+def streamed_ms(fns, x, calls: int = 50, rounds: int = 15) -> list[float]:
+    """For each function, the median over `rounds` of the mean ms per call of `calls` back-to-back calls,
+    the functions' rounds taken in turn (so a host whose speed drifts during the run, which sets the
+    time of a host-bound call, slows both sides alike). Also keeps the host's ms per call (the time to
+    issue them, in HOST_MS): when it is as long as the GPU's, the call is host-bound."""
+    for fn in fns:
+        for _ in range(10):
             fn(x)
-        host.append((time.perf_counter() - issued) * 1e3 / calls)
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) / calls)
-    HOST_MS[id(fn)] = sorted(host)[len(host) // 2]
-    return sorted(per_call)[len(per_call) // 2]
+    torch.cuda.synchronize()
+    per_call, host = [[] for _ in fns], [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            issued = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            host[i].append((time.perf_counter() - issued) * 1e3 / calls)
+            end.record()
+            end.synchronize()
+            per_call[i].append(start.elapsed_time(end) / calls)
+    for fn, times in zip(fns, host):
+        HOST_MS[id(fn)] = sorted(times)[len(times) // 2]
+    return [sorted(times)[len(times) // 2] for times in per_call]
 
 
 def host_note(*fns) -> str:
@@ -347,7 +352,9 @@ def _compare(label, model, x, device, out) -> list[tuple]:
             out(f"{name}: sparsec {_error(e)}")
             rows.append((name, float("nan"), float("nan"), float("nan"), _error(e)))
             continue
-        if device == "cuda":
+        if device == "cuda" and TIMING == "stream":
+            ref, ms = streamed_ms([inductor, fn], x)
+        elif device == "cuda":
             ref, ms = median_ms(inductor, x, device), median_ms(fn, x, device)
         else:
             ms, ref = alternating_ms([fn, inductor], x)
