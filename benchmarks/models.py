@@ -10,8 +10,9 @@ sees: a call's host work overlaps the previous call's GPU work, and a host-bound
 such); `--timing flush` instead uses triton.testing.do_bench, which empties the L2 cache before each
 call and times it alone, so the host time of a short CUDA-graph replay that the flush kernel does
 not cover lands in the result. The BERT and ResNet rows take their runs from sparsec and Inductor in
-turn, so a host whose speed drifts (it sets a host-bound call's time) slows both. CPU: perf_counter, each sparsec case timed in turn with Inductor,
-call after call, so the shared machine's drift falls on both. The "floor" column is the
+turn, so a host whose speed drifts (it sets a host-bound call's time) slows both. CPU: perf_counter,
+each sparsec case timed in turn with Inductor, call after call, so the shared machine's drift falls
+on both. The "floor" column is the
 ratio dense floor / sparse floor over the linear layers (bytes over bandwidth or flops over peak,
 whichever is larger, per layer), i.e. the best speed-up the pruning allows for those layers.
 """

@@ -80,7 +80,8 @@ def block_reorder(gm: fx.GraphModule, ctx) -> PassResult:
         if info.density >= DENSE_THRESHOLD or info.density == 0:
             continue
         stats["considered"] += 1
-        tiles, floor = permute_search.count_tiles(weight != 0, TILE), permute_search.tile_lower_bound(weight != 0, TILE)
+        mask = weight != 0
+        tiles, floor = permute_search.count_tiles(mask, TILE), permute_search.tile_lower_bound(mask, TILE)
         if floor > PERMUTED_EFFICIENCY * tiles:  # a 2:4 or already block-sparse weight: not worth a search
             stats["tiles_before"] += tiles
             stats["tiles_after"] += tiles

@@ -55,9 +55,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def as_matrix(mask: torch.Tensor) -> torch.Tensor:
+    """A channel-major mask as a bool [C, K] matrix on the CPU (searches run there whatever the
+    weights' device; a convolution's kernel dimensions are flattened into K)."""
+    return mask.reshape(mask.shape[0], -1).bool().cpu()
+
+
 def signature(mask: torch.Tensor, tile: int) -> torch.Tensor:
     """bool [C, K] channel-major mask -> bool [C, ceil(K/tile)]: does channel c touch column tile j."""
-    mask = mask.reshape(mask.shape[0], -1).bool().cpu()  # searches run on the CPU whatever the weights' device
+    mask = as_matrix(mask)
     c, k = mask.shape
     pad = (-k) % tile
     if pad:
@@ -91,7 +97,7 @@ def tile_lower_bound(mask: torch.Tensor, tile: int) -> int:
 
 def count_tiles(mask: torch.Tensor, tile: int, row_perm=None, col_perm=None) -> int:
     """Exact non-zero `tile` x `tile` tiles of a 2-D mask after optional row/column permutations."""
-    m = mask.reshape(mask.shape[0], -1).bool().cpu()
+    m = as_matrix(mask)
     if row_perm is not None:
         m = m[row_perm]
     if col_perm is not None:
@@ -104,7 +110,7 @@ def tile_lower_bound(mask: torch.Tensor, tile: int) -> int:
     `tile` rows covers at least as many columns as its densest row, so it spans at least
     ceil(that / tile) tiles; grouping the rows densest first minimizes the sum of those maxima. The
     same holds for columns; the bound is the larger of the two."""
-    m = mask.reshape(mask.shape[0], -1).bool().cpu()
+    m = as_matrix(mask)
 
     def along(counts: torch.Tensor) -> int:
         block_maxima = counts.sort(descending=True).values[::tile]  # the densest line of each block
@@ -506,7 +512,7 @@ def _search_biperm(mask, tile, algorithms, *, rows, cols, rounds, time_budget, s
                    description) -> BiPermResult:
     start = time.perf_counter()
     _check_algorithms(algorithms)
-    m = mask.reshape(mask.shape[0], -1).bool().cpu()
+    m = as_matrix(mask)
     n, k = m.shape
     before = count_tiles(m, tile)
     best = (before, torch.arange(n), torch.arange(k), [])
