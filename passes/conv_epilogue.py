@@ -224,7 +224,8 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
                 map_bytes += fused[1]
                 ctx.note(name, choice=fused[0])
             elif add is not None:
-                ctx.note(name, epilogue_reason="a constant map after it with a symbolic batch size (or no ReLU): "
+                ctx.note(name, epilogue_reason="a constant map after it with a symbolic batch size (or no ReLU, or a map "
+                         "of another dtype): "
                          "its add and ReLU stay with Inductor")
     if map_bytes:
         stats["constant_map_bytes"] = map_bytes
