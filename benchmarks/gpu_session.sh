@@ -125,7 +125,13 @@ for s in $steps; do
     # whose runtime lets ncu read the counters, device/KINDS.md); the times alone otherwise
     ncu_large) step ncu_large 240 ncu --clock-control none -k regex:"bsr_large_m|gemm|sm90|nvjet" --launch-skip 2 \
                  --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-                 python3 benchmarks/profile_large_m.py --weight 11008x4096 --pattern block50 --tokens 2048 ;;
+                 python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight 11008x4096 --pattern block50 --tokens 2048 ;;
+    # What bounds the CSR kernel at one token (latency chain, L1 gathers or bandwidth), its best swept config
+    ncu_csr) step ncu_csr 240 ncu --clock-control none -k regex:"csr_kernel|gemv|gemm|nvjet" --launch-skip 2 \
+               --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+               --section WarpStateStats --section Occupancy --section LaunchStats \
+               python3 benchmarks/profile_kernel.py --kernel csr --weight 11008x4096 --pattern unstr90 --tokens 1 \
+               --config '{"ROWS": 1, "CHUNK": 512, "num_warps": 2}' ;;
     # Where the ResNet-50-style row's time goes under CUDA graphs, kernel by kernel, both sides
     resnet_profile) step resnet_profile 240 python3 benchmarks/profile_decode.py --model resnet ;;
     bert_profile) step bert_profile 240 python3 benchmarks/profile_decode.py --model bert ;;

@@ -1,0 +1,89 @@
+"""One sparse kernel launch and one cuBLAS launch of the same weight, for Nsight Compute.
+
+    ncu --clock-control none -k regex:"bsr_large_m|gemm|sm90|nvjet" --launch-skip 2 --launch-count 2 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        python benchmarks/profile_kernel.py --kernel bsr_large_m --weight 11008x4096 --pattern block50 --tokens 2048
+
+Why: the stall reasons and the L2, L1 and shared-memory throughput of a sparse kernel, beside
+cuBLAS's on the same weight, say what bounds it (bsr_large_m at prefill: L2, benchmarks/RESULTS.md;
+the CSR kernel at one token: the question of this run). Without ncu the script still checks the
+kernel against float64 and prints both times (CUDA events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.codegen.triton import bsr_large_m, csr
+from sparsec.codegen.triton.epilogue import ACT_CODES
+from sparsec.runtime.formats import pack_bsr, pack_csr
+
+from kernels import make_weight, rel_err  # benchmarks/kernels.py
+
+
+def event_ms(fn, calls: int = 10) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def bsr_large_m_launch(w, x, out, config):
+    packed = pack_bsr(w, (64, 64))
+    n, k = w.shape
+    return lambda: bsr_large_m.launch(x, packed.values, packed.col_indices, packed.row_offsets, n, k, None,
+                                      ACT_CODES["none"], None, None, None, out, config=config)
+
+
+def csr_launch(w, x, out, config):
+    packed = pack_csr(w)
+    xt = x.t().contiguous()
+    return lambda: csr.launch(xt, packed.values, packed.col_indices, packed.row_offsets, w.shape[0], None,
+                              ACT_CODES["none"], None, out, config=config)
+
+
+# kernel name -> (launch builder, default config)
+KERNELS = {
+    "bsr_large_m": (bsr_large_m_launch, dict(BLOCK_M=128, num_warps=4, num_stages=3)),
+    "csr": (csr_launch, None),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", choices=sorted(KERNELS), default="bsr_large_m")
+    parser.add_argument("--weight", default="11008x4096", help="N x K")
+    parser.add_argument("--pattern", default="block50", help="as in benchmarks/kernels.py")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--config", type=json.loads, default=None,
+                        help="the launcher's config as JSON (default: bsr_large_m BLOCK_M 128, 4 warps, 3 stages; "
+                             "csr: its own table)")
+    args = parser.parse_args()
+    n, k = map(int, args.weight.split("x"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = make_weight(n, k, args.pattern, torch.bfloat16, "cuda", gen)
+    x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(args.tokens, n, device="cuda", dtype=torch.bfloat16)
+    build, default_config = KERNELS[args.kernel]
+    sparse = build(w, x, out, args.config or default_config)
+    dense = lambda: F.linear(x, w)  # noqa: E731
+    sparse()
+    err = rel_err(out, x.double() @ w.double().t())
+    assert err < 2e-2, f"{args.kernel} disagrees with float64: {err:.1e}"
+    for fn in (sparse, dense, sparse, dense):  # launches 3-4 are the ones --launch-skip 2 profiles
+        fn()
+    torch.cuda.synchronize()
+    t_sparse, t_dense = event_ms(sparse), event_ms(dense)
+    print(f"{args.weight} {args.pattern} M={args.tokens}: {args.kernel} {t_sparse * 1e3:.1f} us, cuBLAS "
+          f"{t_dense * 1e3:.1f} us ({2.0 * args.tokens * n * k / t_dense / 1e9:.0f} TFLOP/s); rel.err {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()
