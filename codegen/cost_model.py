@@ -60,11 +60,12 @@ KERNEL_MODELS = {
     ("dense", "cuda"): KernelModel(0.95, 0.95),
     ("bsr_linear", "cuda"): KernelModel(0.75, 0.34, latency_s=1.3e-6),
     ("bitmap_linear", "cuda"): KernelModel(0.05, 0.30, latency_s=1e-6),
-    # Triton CSR (codegen/triton/csr.py), fit to benchmarks/kernels.py on the H200 (2026-12-01):
-    # the non-zeros stream at ~0.35 of the copy bandwidth (13.5 us for 11008x4096 at 90%, 53.5 us
-    # at 50%, M=1); its "flops" are gathers of x^T rows per (token, non-zero), ~0.6% of the Tensor
-    # Core peak (32 us at M=16, 80-92 us at M=64, 90%), so it wins at M=1 only.
-    ("csr_linear", "cuda"): KernelModel(0.35, 0.006, latency_s=1.5e-6),
+    # Triton CSR (codegen/triton/csr.py), fit to benchmarks/kernels.py on the H200: at M=1 the
+    # non-zeros stream at ~0.45 of the copy bandwidth with one warp a row (11.0 / 9.8 us for
+    # 11008x4096 / 4096x11008 at 90%, 2026-12-03; 0.35 with the earlier four warps); its "flops" are
+    # gathers of x^T rows per (token, non-zero), ~0.6% of the Tensor Core peak (32 us at M=16,
+    # 80-92 us at M=64, 90%, 2026-12-01), so it wins at M=1 only.
+    ("csr_linear", "cuda"): KernelModel(0.45, 0.006, latency_s=1.5e-6),
     # cuSPARSELt 2:4 (codegen/cusparselt.py), fit to benchmarks/kernels.py --sweep-2-4 on the H200
     # (2026-12-02): its half of the flops at ~0.6 of the dense peak on weights 4096 and more on each
     # side (1.4-1.5x over cuBLAS from 2048 tokens), less on narrower ones (semi_structured_efficiency);

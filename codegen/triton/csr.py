@@ -58,9 +58,13 @@ def pick_config(M, N):
     """Hand table from `benchmarks/kernels.py --sweep-csr` (H200, bf16, 11008x4096 and 4096x11008 at
     90%, 2026-12-01): one row per program was fastest at every M (a row has ~400 non-zeros, and the
     many programs keep the loads in flight); long chunks for one token, shorter ones (a smaller
-    register tile) for more."""
+    register tile) for more. One token with one warp a row (`--sweep-csr --csr-whole-rows`,
+    2026-12-03): 13.1 -> 11.0 us and 10.7 -> 9.8 us; more resident programs, each a short chain of
+    dependent loads (Nsight Compute: half of a warp's cycles wait on loads, DRAM at 31%)."""
     block_m = pow2_tile(M, 1, MAX_M)
-    return dict(BLOCK_M=block_m, ROWS=1, CHUNK=256 if block_m == 1 else 64, num_warps=4, num_stages=2)
+    if block_m == 1:
+        return dict(BLOCK_M=1, ROWS=1, CHUNK=256, num_warps=1, num_stages=2)
+    return dict(BLOCK_M=block_m, ROWS=1, CHUNK=64, num_warps=4, num_stages=2)
 
 
 def launch(xt, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
