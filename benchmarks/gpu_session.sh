@@ -56,8 +56,7 @@ for s in $steps; do
     csr_quick)
       step csr_tests 60 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k csr -p no:cacheprovider
       step csr_sweep 70 python3 benchmarks/kernels.py --sweep-csr --tokens 1 16 ;;
-    # The CSR kernels at one token: 1-2 warps a row, whole rows a pass, and the streaming kernel
-    # (programs walking rows with the next rows' loads in flight); its GPU tests first
+    # The CSR kernel at one token with 1-4 warps and whole rows a pass (is it latency-bound?); its GPU tests first
     csr_whole_rows)
       step csr_tests 90 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k csr -p no:cacheprovider
       step csr_whole_rows 240 python3 benchmarks/kernels.py --sweep-csr --csr-whole-rows --tokens 1 ;;

@@ -418,11 +418,9 @@ def run_sweep_csr(args):
                 ref = x.double() @ w.double().t()
                 bm = 1 if M == 1 else min(64, M)
                 if args.csr_whole_rows:  # fewer warps, chunks as long as a whole row: one pass, no loop
-                    cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2]
-                            for chunk in [256, 512] for nw in [1, 2]]
-                    if M == 1:  # the streaming kernel: programs a SM, each walking rows with the next ones' loads in flight
-                        cfgs += [dict(PROGRAMS_PER_SM=pps, CHUNK=chunk, num_warps=nw) for pps in [8, 16, 32]
-                                 for chunk in [256, 512] for nw in [1, 2, 4]]
+                    cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4]
+                            for chunk in [128, 256, 512, 1024, 2048] if 128 <= bm * rows * chunk <= 8192
+                            for nw in [1, 2, 4]]
                 else:
                     cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4, 8]
                             for chunk in [32, 64, 128, 256] if 128 <= bm * rows * chunk <= 8192 for nw in [4, 8]]
@@ -478,7 +476,7 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
-                   help="--sweep-csr over 1-2 warps and whole-row chunks, and the streaming kernel at one token")
+                   help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")

@@ -282,10 +282,6 @@ def test_csr_kernel_shapes(shape, density, M):
     check(run_csr(x, w, p, None, "none", None, torch.float32), ref, torch.float32)
     # several chunks per row and a row group wider than the rows that are left
     check(run_csr(x, w, p, None, "none", None, torch.float32, config=dict(CHUNK=16, ROWS=8)), ref, torch.float32)
-    if M == 1:  # the streaming kernel: each program walks several rows; rows of one and of several chunks
-        for chunk in (16, 256):
-            cfg = dict(PROGRAMS_PER_SM=2, CHUNK=chunk, num_warps=1)
-            check(run_csr(x, w, p, None, "none", None, torch.float32, config=cfg), ref, torch.float32)
 
 
 def test_csr_kernel_wide_columns():
@@ -311,12 +307,9 @@ def test_csr_epilogue_dtypes(dtype, act, M):
     x = torch.randn(M, K, generator=gen).to(dtype)
     b, r = epilogue_args(gen, M, N, dtype, True, act, True)
     check(run_csr(x, w, pack_csr(w), b, act, r, dtype), linear64(x, w, b, act, r), dtype)
-    if M == 1:
-        cfg = dict(PROGRAMS_PER_SM=4, CHUNK=32, num_warps=1)
-        check(run_csr(x, w, pack_csr(w), b, act, r, dtype, cfg), linear64(x, w, b, act, r), dtype)
 
 
-def test_csr_stream_kernel_ignores_x_past_row_ends():
+def test_csr_kernel_ignores_x_past_row_ends():
     """x holding inf where no non-zero reads it, column 0 included (the column a masked-off lane of a
     chunk would point at): those lanes must not load it, or 0 * inf makes the row NaN."""
     N, K = 20, 64
@@ -324,9 +317,8 @@ def test_csr_stream_kernel_ignores_x_past_row_ends():
     w[:, 1:9] = 1.0
     x = torch.randn(1, K)
     x[0, 0] = x[0, 9:] = float("inf")
-    for cfg in (dict(PROGRAMS_PER_SM=2, CHUNK=32, num_warps=1), None):
-        check(run_csr(x, w, pack_csr(w), None, "none", None, torch.float32, cfg),
-              linear64(x[:, 1:9], w[:, 1:9], None, "none", None), torch.float32)
+    check(run_csr(x, w, pack_csr(w), None, "none", None, torch.float32),
+          linear64(x[:, 1:9], w[:, 1:9], None, "none", None), torch.float32)
 
 
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap", "csr"])

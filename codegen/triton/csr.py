@@ -12,8 +12,6 @@ contiguous (the tile's last axis), one or two vector loads per non-zero instead 
 gathers. The products accumulate in a [ROWS, CHUNK, BLOCK_M] fp32 register tile, reduced once at
 the end.
 """
-import functools
-
 import triton
 import triton.language as tl
 
@@ -56,59 +54,6 @@ def csr_kernel(xt_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr,
                    HAS_BIAS, HAS_RES, False, ACT, y)
 
 
-@triton.jit
-def _row_start(ro_ptr, row, N):
-    """(first non-zero, non-zero count) of `row`; (0, 0) past the last row."""
-    ok = row < N
-    start = tl.load(ro_ptr + row, mask=ok, other=0)
-    return start, tl.load(ro_ptr + row + 1, mask=ok, other=0) - start
-
-
-@triton.jit
-def _row_chunk(v_ptr, ci_ptr, start, length, j0, CHUNK: tl.constexpr, INDEX16: tl.constexpr):
-    """Values (fp32) and columns of non-zeros j0 .. j0+CHUNK-1 of a row; zeros past its end."""
-    j = j0 + tl.arange(0, CHUNK)
-    ok = j < length
-    w = tl.load(v_ptr + start + j, mask=ok, other=0.0).to(tl.float32)
-    col = tl.load(ci_ptr + start + j, mask=ok, other=0).to(tl.int32)
-    if INDEX16:  # stored as int16 bit patterns of columns up to 65535
-        col = col & 0xFFFF
-    return w, col, ok
-
-
-@triton.jit
-def _gather_dot(x_ptr, stride_xk, w, col, ok):
-    """sum(w * x[col]) over the chunk's non-zeros (x not read past a row's end: x may hold inf)."""
-    return tl.sum(w * tl.load(x_ptr + col * stride_xk, mask=ok, other=0.0).to(tl.float32), axis=0)
-
-
-@triton.jit
-def csr_stream_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr, N, stride_xk,
-                      CHUNK: tl.constexpr, INDEX16: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_RES: tl.constexpr, ACT: tl.constexpr):
-    """One token: each program walks rows pid, pid + P, ... with the loads of the rows ahead in flight
-    (the offsets two rows ahead, the first chunk one row ahead), so a row's wait is its x gather only,
-    not the offsets -> non-zeros -> x chain of every row."""
-    P = tl.num_programs(0)
-    row = tl.program_id(0)
-    start, length = _row_start(ro_ptr, row, N)
-    w, col, ok = _row_chunk(v_ptr, ci_ptr, start, length, 0, CHUNK, INDEX16)
-    next_start, next_length = _row_start(ro_ptr, row + P, N)
-    token = tl.zeros((1,), dtype=tl.int32)
-    for row in range(tl.program_id(0), N, P):
-        after_start, after_length = _row_start(ro_ptr, row + 2 * P, N)
-        y = _gather_dot(x_ptr, stride_xk, w, col, ok)
-        for j0 in range(CHUNK, length, CHUNK):  # rows longer than one chunk
-            wr, cr, okr = _row_chunk(v_ptr, ci_ptr, start, length, j0, CHUNK, INDEX16)
-            y += _gather_dot(x_ptr, stride_xk, wr, cr, okr)
-        w, col, ok = _row_chunk(v_ptr, ci_ptr, next_start, next_length, 0, CHUNK, INDEX16)
-        acc = tl.zeros((1, 1), dtype=tl.float32) + y
-        fused_epilogue(acc, token, token + row, 1, N, out_ptr, 0, bias_ptr, res_ptr, 0, out_ptr,
-                       HAS_BIAS, HAS_RES, False, ACT, acc)
-        start, length = next_start, next_length
-        next_start, next_length = after_start, after_length
-
-
 def pick_config(M, N):
     """Hand table from `benchmarks/kernels.py --sweep-csr` (H200, bf16, 11008x4096 and 4096x11008 at
     90%, 2026-12-01): one row per program was fastest at every M (a row has ~400 non-zeros, and the
@@ -122,17 +67,6 @@ def pick_config(M, N):
     return dict(BLOCK_M=block_m, ROWS=1, CHUNK=64, num_warps=4, num_stages=2)
 
 
-INTERPRETER_SMS = 3  # under TRITON_INTERPRET: few programs, so each walks several rows
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    import torch
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def launch(xt, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
     """out[M, N] = epilogue(x @ W^T), with `xt` = x^T [K, M] (a view of x itself when M == 1)."""
     M = out.shape[0]
@@ -140,14 +74,6 @@ def launch(xt, values, col_indices, row_offsets, N, bias, act_code, res2d, out, 
     if config:
         cfg.update(config)
     dummy = out
-    if M == 1 and cfg.get("PROGRAMS_PER_SM"):
-        grid = (min(N, _sm_count(out.device) * cfg["PROGRAMS_PER_SM"]),)
-        traceable(csr_stream_kernel)[grid](
-            xt, values, col_indices, row_offsets, dummy if bias is None else bias,
-            dummy if res2d is None else res2d, out, N, xt.stride(0), CHUNK=cfg["CHUNK"],
-            INDEX16=col_indices.dtype.itemsize == 2, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
-            ACT=act_code, num_warps=cfg["num_warps"])
-        return out
     grid = (triton.cdiv(N, cfg["ROWS"]), triton.cdiv(M, cfg["BLOCK_M"]))
     traceable(csr_kernel)[grid](
         xt, values, col_indices, row_offsets,
