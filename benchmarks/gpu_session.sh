@@ -137,6 +137,8 @@ for s in $steps; do
                --config '{"ROWS": 1, "CHUNK": 512, "num_warps": 2}' ;;
     # Where the ResNet-50-style row's time goes under CUDA graphs, kernel by kernel, both sides
     resnet_profile) step resnet_profile 240 python3 benchmarks/profile_decode.py --model resnet ;;
+    # Dense prefill (case e, default mode), kernel by kernel on both sides: where sparsec's graph is slower
+    prefill_e_profile) step prefill_e_profile 200 python3 benchmarks/profile_decode.py --case e --tokens 2048 --prefill --mode default ;;
     bert_profile) step bert_profile 240 python3 benchmarks/profile_decode.py --model bert ;;
     # Dynamic batch with the CUDA kernels: graphs compiled over nine batch sizes, outputs against eager
     dynamic_batch) step dynamic_batch 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_select_kernels.py \

@@ -3,6 +3,7 @@ the ResNet-50-style or BERT-style row of benchmarks/models.py (with sparsec's re
 kernel).
 
     python benchmarks/profile_decode.py --case a --tokens 1 --mode reduce-overhead
+    python benchmarks/profile_decode.py --case e --tokens 2048 --prefill --mode default
     python benchmarks/profile_decode.py --model resnet
     python benchmarks/profile_decode.py --model bert
 
@@ -56,6 +57,8 @@ def main():
                         "Core path (9-64 tokens; long rows, short rows) instead of its table's, e.g. 1 1: one block "
                         "a step (below 9 tokens the step comes from bsr_small_m.BROADCAST_STEP_WEIGHTS)")
     parser.add_argument("--skip-inductor", action="store_true")
+    parser.add_argument("--prefill", action="store_true", help="input [1, tokens, 4096] (one sequence, causal "
+                        "attention) instead of [tokens, 1, 4096]")
     args = parser.parse_args()
     if args.steps:
         from sparsec.codegen.triton import bsr_small_m
@@ -74,7 +77,8 @@ def main():
         model = models.LlamaStack(4096, 32, 11008, 4).to("cuda", torch.bfloat16).eval()
         prune_case(model, args.case)
         for tokens in args.tokens:
-            x = torch.randn(tokens, 1, 4096, device="cuda", dtype=torch.bfloat16)
+            shape = (1, tokens, 4096) if args.prefill else (tokens, 1, 4096)
+            x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
             if not args.skip_inductor:
                 profile(compiled(model, "inductor", mode), x, f"inductor {args.mode} M={tokens}")
             profile(compiled(model, "sparsec", mode), x, f"sparsec {args.mode} case {args.case} M={tokens}"
