@@ -102,6 +102,17 @@ def median_ms(fn, x, device: str) -> float:
     return streamed_ms([fn], x)[0]
 
 
+def side_by_side_ms(fn, inductor, x, device: str) -> tuple[float, float]:
+    """(sparsec ms, Inductor ms), the two timed in turn, round after round: a drift of the machine during
+    the run (host speed, or the GPU's clock under sustained load: a dense prefill profiled at the same
+    kernels 7% slower in the later of two runs) then falls on both sides alike."""
+    if device != "cuda":
+        return tuple(alternating_ms([fn, inductor], x))
+    if TIMING == "stream":
+        return tuple(streamed_ms([fn, inductor], x))
+    return median_ms(fn, x, device), median_ms(inductor, x, device)
+
+
 HOST_MS: dict = {}  # id(fn) -> host ms per call of its last streamed_ms, for the log lines
 
 
@@ -260,10 +271,8 @@ def run_llama(args, device, dtype, sizes, out):
                     if "sparsec" in args.impls:
                         fn = compiled(model, "sparsec", mode)
                         verdict = check(fn(x), expected, model, x)
-                        if device == "cuda":
-                            ms, ref = median_ms(fn, x, device), base[f"inductor/{mode or 'default'}"]
-                        else:  # Inductor again, in turn with sparsec (same weights: Inductor reads them live)
-                            ms, ref = alternating_ms([fn, inductor[mode]], x)
+                        # Inductor again, in turn with sparsec (same weights: Inductor reads them live)
+                        ms, ref = side_by_side_ms(fn, inductor[mode], x, device)
                         rows.append((shape_name, case, "sparsec", mode or "default", ms, ref, floor, verdict))
                         out(f"  case {case} ({CASES[case]}), {mode or 'default'}: sparsec {ms:.3f} ms vs inductor "
                             f"{ref:.3f} ms = {ref / ms:.2f}x (floor {floor:.2f}x) {verdict}"
@@ -353,12 +362,7 @@ def _compare(label, model, x, device, out) -> list[tuple]:
             out(f"{name}: sparsec {_error(e)}")
             rows.append((name, float("nan"), float("nan"), float("nan"), _error(e)))
             continue
-        if device == "cuda" and TIMING == "stream":
-            ref, ms = streamed_ms([inductor, fn], x)
-        elif device == "cuda":
-            ref, ms = median_ms(inductor, x, device), median_ms(fn, x, device)
-        else:
-            ms, ref = alternating_ms([fn, inductor], x)
+        ms, ref = side_by_side_ms(fn, inductor, x, device)
         out(f"{name}: sparsec {ms:.3f} ms vs inductor {ref:.3f} ms = {ref / ms:.2f}x {verdict}" + host_note(fn, inductor))
         rows.append((name, ms, ref, ref / ms, verdict))
     return rows
