@@ -78,6 +78,8 @@ for s in $steps; do
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
+    # prefill with each side timed alone after 3 s of its own calls (the GPU's clock settles per load)
+    prefill_steady) step prefill_steady 280 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c,e --timing steady ;;
     models_decode16|models_decode1|models_prefill)
       step "$s" 220 python3 benchmarks/models.py --skip-other --shapes "${s#models_}" ;;
     # Issue 14's tables with torchao's rows beside sparsec's (its wheel carried in .whl/): decode for the

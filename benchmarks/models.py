@@ -9,8 +9,10 @@ medians. CUDA: per call over runs of back-to-back calls between two events (what
 sees: a call's host work overlaps the previous call's GPU work, and a host-bound call shows as
 such); `--timing flush` instead uses triton.testing.do_bench, which empties the L2 cache before each
 call and times it alone, so the host time of a short CUDA-graph replay that the flush kernel does
-not cover lands in the result. The BERT and ResNet rows take their runs from sparsec and Inductor in
-turn, so a host whose speed drifts (it sets a host-bound call's time) slows both. CPU: perf_counter,
+not cover lands in the result. Every row takes its runs from sparsec and Inductor in turn, so a host
+whose speed drifts (it sets a host-bound call's time), or a GPU whose clock drops under sustained
+load, slows both; `--timing steady` instead runs each side alone for STEADY_S seconds before timing
+it (each at the clock its own load settles to, as a user running only that model sees). CPU: perf_counter,
 each sparsec case timed in turn with Inductor, call after call, so the shared machine's drift falls
 on both. The "floor" column is the
 ratio dense floor / sparse floor over the linear layers (bytes over bandwidth or flops over peak,
@@ -110,7 +112,22 @@ def side_by_side_ms(fn, inductor, x, device: str) -> tuple[float, float]:
         return tuple(alternating_ms([fn, inductor], x))
     if TIMING == "stream":
         return tuple(streamed_ms([fn, inductor], x))
+    if TIMING == "steady":
+        return steady_ms(fn, x), steady_ms(inductor, x)
     return median_ms(fn, x, device), median_ms(inductor, x, device)
+
+
+STEADY_S = 3.0  # --timing steady: seconds of calls before a side is timed
+
+
+def steady_ms(fn, x) -> float:
+    """CUDA: median ms per call after STEADY_S seconds of back-to-back calls of `fn` alone."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < STEADY_S:
+        for _ in range(20):
+            fn(x)
+        torch.cuda.synchronize()
+    return streamed_ms([fn], x)[0]
 
 
 HOST_MS: dict = {}  # id(fn) -> host ms per call of its last streamed_ms, for the log lines
@@ -378,8 +395,9 @@ def main(argv=None):
     parser.add_argument("--passes", help="sparsec pipeline (default: sparsec's full pipeline)")
     parser.add_argument("--dynamic", action="store_true", help="compile both sides for a dynamic batch "
                         "(torch.compile(dynamic=True)): sparsec's sparse layers then run through their opaque op")
-    parser.add_argument("--timing", choices=("stream", "flush"), default="stream",
-                        help="CUDA: back-to-back calls (default) or do_bench's one call after an L2 flush")
+    parser.add_argument("--timing", choices=("stream", "steady", "flush"), default="stream",
+                        help="CUDA: back-to-back calls, the two sides in turn (default); each side alone after "
+                        "STEADY_S seconds of its own calls; or do_bench's one call after an L2 flush")
     parser.add_argument("--unpriced-relayout", action="store_true", help="experiment: the cost model ignores the "
                         "copy after the 2:4 kernel (cost_model.RELAYOUT_EFFICIENCY), so 2:4 runs wherever the kernel "
                         "alone is predicted faster")
