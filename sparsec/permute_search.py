@@ -90,11 +90,6 @@ def objective(sig: torch.Tensor, perm: torch.Tensor | None, tile: int) -> int:
     return int(s.reshape(-1, tile, b).any(dim=1).sum())
 
 
-def tile_lower_bound(mask: torch.Tensor, tile: int) -> int:
-    """No arrangement of a mask's non-zeros needs fewer tiles than this (each tile holds tile*tile)."""
-    return _cdiv(int(mask.count_nonzero()), tile * tile)
-
-
 def count_tiles(mask: torch.Tensor, tile: int, row_perm=None, col_perm=None) -> int:
     """Exact non-zero `tile` x `tile` tiles of a 2-D mask after optional row/column permutations."""
     m = as_matrix(mask)
@@ -109,7 +104,8 @@ def tile_lower_bound(mask: torch.Tensor, tile: int) -> int:
     """The fewest non-zero `tile` x `tile` tiles any row and column permutation can leave. A block of
     `tile` rows covers at least as many columns as its densest row, so it spans at least
     ceil(that / tile) tiles; grouping the rows densest first minimizes the sum of those maxima. The
-    same holds for columns; the bound is the larger of the two."""
+    same holds for columns; the bound is the larger of the two. (It is never below the non-zeros over
+    a tile's capacity: each block's densest line is at least its average.)"""
     m = as_matrix(mask)
 
     def along(counts: torch.Tensor) -> int:
