@@ -423,6 +423,12 @@ def weight_tiles(weight: torch.Tensor) -> dict[int, int]:
     return {t: count_nonzero_tiles(nz, t)[0] for t in TILE_SIZES}
 
 
+def group_tiles(weights) -> dict[int, int]:
+    """{tile size: non-zero tiles summed over `weights`}, each weight counted once."""
+    per_weight = [weight_tiles(w) for w in weights]
+    return {t: sum(tiles[t] for tiles in per_weight) for t in TILE_SIZES}
+
+
 def _apply(gm: fx.GraphModule, group: ChannelGroup, perm: torch.Tensor) -> None:
     for m in group.members:
         value = ir.get_constant(gm, m.node)
@@ -457,13 +463,11 @@ def permute_group(gm: fx.GraphModule, group, tile: int = TILE, *, time_budget: f
     masks = [channel_major(weights[id(m)], m.dim) for m in group.weights]
     result = permute_search.search_permutation(masks, tile, algorithms, time_budget=time_budget,
                                                show_progress=show_progress, description="co-permute")
-    before = {t: sum(weight_tiles(w)[t] for w in weights.values()) for t in TILE_SIZES}
-    after = dict(before)
+    before = group_tiles(weights.values())
     if result.tiles_after >= result.tiles_before:
-        return False, result, before, after
-    after_w = {id(m): weight_tiles(weights[id(m)].index_select(m.dim, result.perm.to(weights[id(m)].device)))
-               for m in group.weights}
-    after = {t: sum(a[t] for a in after_w.values()) for t in TILE_SIZES}
+        return False, result, before, dict(before)
+    after = group_tiles(weights[id(m)].index_select(m.dim, result.perm.to(weights[id(m)].device))
+                        for m in group.weights)
     if after[tile] >= before[tile]:  # the proxy (large convs, fused slices) did not hold: keep the original
         return False, result, before, before
     _apply_plan(gm, group, result.perm)
