@@ -75,6 +75,13 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
+    # The decode kernels pulling their first weight blocks into L2 before the PDL wait: GPU tests, the
+    # kernel chain with and without, then decode (a) end to end without and with
+    l2_prefetch)
+      step pdl_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k pdl -p no:cacheprovider
+      step pdl_chain_l2 150 python3 benchmarks/pdl_chain.py --tokens 1 16 --l2-prefetch 8
+      step decode_a 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a
+      step decode_a_l2 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a --l2-prefetch 8 ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;

@@ -377,12 +377,16 @@ def test_bitmap_decode_kernel(shape, tile_rows):
 @pytest.mark.skipif(not ON_GPU or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch: Hopper or later")
 @pytest.mark.parametrize("M", [1, 16])
-def test_pdl_chain_equals_serial_launches(M):
+@pytest.mark.parametrize("l2_blocks", [0, 8])
+def test_pdl_chain_equals_serial_launches(M, l2_blocks, monkeypatch):
     """Decode kernels launched with PDL (each starts before the one ahead finishes, and waits for it
     before reading x), chained so that every kernel reads the one before (including a residual from
     two kernels back), equal the same chain launched serially bit for bit, in a CUDA graph as under
-    torch.compile(mode="reduce-overhead"), on fresh inputs replayed after capture."""
+    torch.compile(mode="reduce-overhead"), on fresh inputs replayed after capture; also with each
+    program's first weight blocks prefetched into L2 before its wait (`l2_blocks`)."""
     from sparsec.codegen.triton.epilogue import ACT_SWIGLU
+
+    monkeypatch.setattr(bsr_small_m, "L2_PREFETCH_BLOCKS", l2_blocks)
 
     gen = torch.Generator().manual_seed(15)
     K = 512
