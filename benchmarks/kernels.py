@@ -417,10 +417,10 @@ def run_sweep_csr(args):
                 out = torch.empty(M, N, device=dev, dtype=dtype)
                 ref = x.double() @ w.double().t()
                 bm = 1 if M == 1 else min(64, M)
-                if args.csr_whole_rows:  # fewer warps, chunks as long as a whole row: one pass, no loop
-                    cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4]
-                            for chunk in [128, 256, 512, 1024, 2048] if 128 <= bm * rows * chunk <= 8192
-                            for nw in [1, 2, 4]]
+                if args.csr_whole_rows:  # fewer warps, chunks as long as a whole row; 16-byte value/index loads
+                    cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw, VECTOR=vector) for rows in [1, 2]
+                            for chunk in [128, 256, 512, 1024] if 128 <= bm * rows * chunk <= 8192
+                            for nw in [1, 2, 4] for vector in [False, True]]
                 else:
                     cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4, 8]
                             for chunk in [32, 64, 128, 256] if 128 <= bm * rows * chunk <= 8192 for nw in [4, 8]]
@@ -476,7 +476,7 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
-                   help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
+                   help="--sweep-csr over 1-4 warps, chunks up to a whole row, and with/without 16-byte loads (VECTOR)")
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")

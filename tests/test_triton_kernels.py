@@ -282,6 +282,9 @@ def test_csr_kernel_shapes(shape, density, M):
     check(run_csr(x, w, p, None, "none", None, torch.float32), ref, torch.float32)
     # several chunks per row and a row group wider than the rows that are left
     check(run_csr(x, w, p, None, "none", None, torch.float32, config=dict(CHUNK=16, ROWS=8)), ref, torch.float32)
+    # whole-vector loads: rows starting and ending anywhere in a vector, one or several chunks
+    for cfg in (dict(VECTOR=True), dict(VECTOR=True, CHUNK=16, ROWS=8)):
+        check(run_csr(x, w, p, None, "none", None, torch.float32, config=cfg), ref, torch.float32)
 
 
 def test_csr_kernel_wide_columns():
@@ -307,9 +310,11 @@ def test_csr_epilogue_dtypes(dtype, act, M):
     x = torch.randn(M, K, generator=gen).to(dtype)
     b, r = epilogue_args(gen, M, N, dtype, True, act, True)
     check(run_csr(x, w, pack_csr(w), b, act, r, dtype), linear64(x, w, b, act, r), dtype)
+    check(run_csr(x, w, pack_csr(w), b, act, r, dtype, dict(VECTOR=True)), linear64(x, w, b, act, r), dtype)
 
 
-def test_csr_kernel_ignores_x_past_row_ends():
+@pytest.mark.parametrize("vector", [False, True])
+def test_csr_kernel_ignores_x_past_row_ends(vector):
     """x holding inf where no non-zero reads it, column 0 included (the column a masked-off lane of a
     chunk would point at): those lanes must not load it, or 0 * inf makes the row NaN."""
     N, K = 20, 64
@@ -317,8 +322,26 @@ def test_csr_kernel_ignores_x_past_row_ends():
     w[:, 1:9] = 1.0
     x = torch.randn(1, K)
     x[0, 0] = x[0, 9:] = float("inf")
-    check(run_csr(x, w, pack_csr(w), None, "none", None, torch.float32),
+    check(run_csr(x, w, pack_csr(w), None, "none", None, torch.float32, dict(VECTOR=vector)),
           linear64(x[:, 1:9], w[:, 1:9], None, "none", None), torch.float32)
+
+
+def test_csr_vector_loads_skip_the_row_before():
+    """Whole-vector loads start at the vector boundary before a row's first non-zero, so they load the
+    end of the row before: those non-zeros must count for neither row, and their x (inf here, a column
+    only the row before uses) must not be read."""
+    N, K = 4, 32
+    w = torch.zeros(N, K)
+    w[0, 0] = 1.0        # row 0: column 0 and 4 more, 5 non-zeros, so row 1 starts mid-vector
+    w[0, 10:14] = 1.0
+    w[1, 1:4] = 2.0
+    w[2, 4:20] = 0.5     # longer than a vector: body and tail
+    w[3, 20:23] = 1.5
+    x = torch.randn(1, K)
+    x[0, 0] = float("inf")
+    out = run_csr(x, w, pack_csr(w), None, "none", None, torch.float32, dict(VECTOR=True))
+    assert torch.isinf(out[0, 0])
+    check(out[:, 1:], linear64(x[:, 1:], w[1:, 1:], None, "none", None), torch.float32)
 
 
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap", "csr"])
