@@ -282,9 +282,9 @@ def test_csr_kernel_shapes(shape, density, M):
     check(run_csr(x, w, p, None, "none", None, torch.float32), ref, torch.float32)
     # several chunks per row and a row group wider than the rows that are left
     check(run_csr(x, w, p, None, "none", None, torch.float32, config=dict(CHUNK=16, ROWS=8)), ref, torch.float32)
-    # whole-vector loads: rows starting and ending anywhere in a vector, one or several chunks
-    for cfg in (dict(VECTOR=True), dict(VECTOR=True, CHUNK=16, ROWS=8)):
-        check(run_csr(x, w, p, None, "none", None, torch.float32, config=cfg), ref, torch.float32)
+    # whole-vector loads: rows starting and ending anywhere in a vector, several chunks a row
+    check(run_csr(x, w, p, None, "none", None, torch.float32, config=dict(VECTOR=True, CHUNK=16, ROWS=8)), ref,
+          torch.float32)
 
 
 def test_csr_kernel_wide_columns():
@@ -310,7 +310,8 @@ def test_csr_epilogue_dtypes(dtype, act, M):
     x = torch.randn(M, K, generator=gen).to(dtype)
     b, r = epilogue_args(gen, M, N, dtype, True, act, True)
     check(run_csr(x, w, pack_csr(w), b, act, r, dtype), linear64(x, w, b, act, r), dtype)
-    check(run_csr(x, w, pack_csr(w), b, act, r, dtype, dict(VECTOR=True)), linear64(x, w, b, act, r), dtype)
+    if M == 1:  # whole-vector loads in each dtype (a vector of 8 values is 16 or 32 bytes)
+        check(run_csr(x, w, pack_csr(w), b, act, r, dtype, dict(VECTOR=True)), linear64(x, w, b, act, r), dtype)
 
 
 @pytest.mark.parametrize("vector", [False, True])
