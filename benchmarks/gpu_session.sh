@@ -75,6 +75,11 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
+    # bsr_large_m with several block rows a program in one loop (GROUP), at the prefill and issue 5 shapes
+    large_groups) for pattern in block90 block50; do
+                    step "large_groups_$pattern" 280 python3 benchmarks/kernels.py --sweep --large-groups \
+                      --tokens 256 2048 4096 --patterns $pattern --weights 11008x4096,4096x11008,12288x4096,4096x4096
+                  done ;;
     # The decode kernels pulling their first weight blocks into L2 before the PDL wait: GPU tests, the
     # kernel chain with and without, then decode (a) end to end without and with
     l2_prefetch)

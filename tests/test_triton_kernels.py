@@ -99,6 +99,27 @@ def test_bsr_kernels_shapes(case, M):
           ref, torch.float32)
 
 
+@pytest.mark.parametrize("group", [2, 3])
+@pytest.mark.parametrize("empty_rows", [(), (0,), (1, 2), (-1,), (0, 1, 2, 3, 4, 5, 6, 7, 8)])
+def test_bsr_large_m_grouped_rows(group, empty_rows):
+    """GROUP block rows a program in one loop: 9 block rows (a last group shorter than GROUP), empty
+    rows first, in the middle, two in a row, last, or all of them; every output written (poisoned
+    buffer), with bias, activation, residual and both permutations."""
+    gen = torch.Generator().manual_seed(group * 10 + len(empty_rows))
+    N, K, M = 9 * 16, 80, 37
+    w = sparse_weight(N, K, (16, 16), 0.4, gen, empty_rows=empty_rows)
+    w[3 * 16:4 * 16, 16:32] += 1.0  # a block row that keeps a block unless emptied above
+    if empty_rows:
+        w[[r % 9 * 16 + i for r in empty_rows for i in range(16)]] = 0.0
+    rp, cp = torch.randperm(N, generator=gen), torch.randperm(K, generator=gen)
+    x = torch.randn(M, K, generator=gen)
+    b, r = epilogue_args(gen, M, N, torch.float32, True, "gelu", True)
+    ref = linear64(x, w, b, "gelu", r)
+    cfg = dict(LARGE_M_TEST_CONFIG, GROUP=group)
+    for packed in (pack_bsr(w, (16, 16)), pack_bsr(w, (16, 16), row_perm=rp, col_perm=cp)):
+        check(run_bsr(bsr_large_m, x, w, packed, b, "gelu", r, torch.float32, config=cfg), ref, torch.float32)
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("step", [2, 4])
 @pytest.mark.parametrize("case", CASES)
