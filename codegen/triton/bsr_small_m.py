@@ -305,5 +305,6 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        L2_BLOCKS=L2_PREFETCH_BLOCKS if pdl else 0, **pdl_launch(pdl))
+        L2_BLOCKS=L2_PREFETCH_BLOCKS if pdl and values.data_ptr() % 16 == 0 else 0,  # bulk prefetch: 16-byte aligned
+        **pdl_launch(pdl))
     return out
