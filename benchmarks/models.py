@@ -10,9 +10,9 @@ sees: a call's host work overlaps the previous call's GPU work, and a host-bound
 such); `--timing flush` instead uses triton.testing.do_bench, which empties the L2 cache before each
 call and times it alone, so the host time of a short CUDA-graph replay that the flush kernel does
 not cover lands in the result. Every row takes its runs from sparsec and Inductor in turn, so a host
-whose speed drifts (it sets a host-bound call's time), or a GPU whose clock drops under sustained
+whose speed drifts (it sets a host-bound call's time), or a GPU that slows under sustained
 load, slows both; `--timing steady` instead runs each side alone for STEADY_S seconds before timing
-it (each at the clock its own load settles to, as a user running only that model sees). CPU: perf_counter,
+it (each in the state its own load settles to, as a user running only that model sees). CPU: perf_counter,
 each sparsec case timed in turn with Inductor, call after call, so the shared machine's drift falls
 on both. The "floor" column is the
 ratio dense floor / sparse floor over the linear layers (bytes over bandwidth or flops over peak,
@@ -106,7 +106,7 @@ def median_ms(fn, x, device: str) -> float:
 
 def side_by_side_ms(fn, inductor, x, device: str) -> tuple[float, float]:
     """(sparsec ms, Inductor ms), the two timed in turn, round after round: a drift of the machine during
-    the run (host speed, or the GPU's clock under sustained load: a dense prefill profiled at the same
+    the run (host speed, or the GPU slowing under sustained load: a dense prefill profiled at the same
     kernels 7% slower in the later of two runs) then falls on both sides alike."""
     if device != "cuda":
         return tuple(alternating_ms([fn, inductor], x))
