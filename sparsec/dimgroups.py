@@ -1205,8 +1205,13 @@ def build_dim_groups(gm: fx.GraphModule) -> DimGroups:
     for seg, factor_segs in seg_products:
         g = seg_group[seg]
         if comp.get(seg) in bad:
-            g.permutable = g.sliceable = False
-            g.blocked_by.append("reshaped in incompatible ways")
+            # Neither the flat dim nor these factors can change: a factor group may also be a factor
+            # of another, consistent reshape (heads split as 2x8 here and 4x4 elsewhere), and slicing it
+            # there would leave this flat dim at its old size.
+            for blocked in [g] + [seg_group[f] for f in factor_segs]:
+                blocked.permutable = blocked.sliceable = False
+                if "reshaped in incompatible ways" not in blocked.blocked_by:
+                    blocked.blocked_by.append("reshaped in incompatible ways")
             continue
         if not g.factors:
             g.factors = [seg_group[f] for f in factor_segs]
