@@ -625,11 +625,7 @@ def _fold_positions(group, folds) -> torch.Tensor:
 def plan(gm):
     dg = build_dim_groups(gm)
     S = compute_status(gm)
-    decisions = {}
-    for g in dg.sliceable_groups():
-        removable, folds = decide(dg, S, g)
-        decisions[g] = (removable, folds)
-    return dg, decisions
+    return dg, {g: decide(dg, S, g) for g in dg.sliceable_groups()}
 
 
 @register_pass("channel-slice", "Remove dead channels (and whole attention heads) across dimension groups, exactly")

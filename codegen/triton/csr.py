@@ -65,8 +65,7 @@ def csr_kernel(xt_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr,
         # partial vector alone.
         first = start // VECTOR_ELEMENTS * VECTOR_ELEMENTS
         last = end // VECTOR_ELEMENTS * VECTOR_ELEMENTS
-        span = tl.maximum(last - first, 0)
-        for j0 in range(0, tl.max(span, axis=0), CHUNK):
+        for j0 in range(0, tl.max(last - first, axis=0), CHUNK):  # last >= first: end >= start
             nz = first[:, None] + j0 + j[None, :]
             acc = _gather_products(acc, xt_ptr, stride_xk, v_ptr, ci_ptr, nz, nz < last[:, None],
                                    (nz >= start[:, None]) & (nz < last[:, None]), m, m_ok, INDEX16)
