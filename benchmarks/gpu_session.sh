@@ -75,16 +75,18 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
-    # bsr_large_m with several block rows a program in one loop (GROUP), at the prefill and issue 5 shapes
-    large_groups) for pattern in block90 block50; do
-                    step "large_groups_$pattern" 280 python3 benchmarks/kernels.py --sweep --large-groups \
-                      --tokens 256 2048 4096 --patterns $pattern --weights 11008x4096,4096x11008,12288x4096,4096x4096
-                  done ;;
+    # bsr_large_m with several block rows a program in one loop (GROUP), and the gated kernel's gate and up
+    # rows in one loop (GATED_ONE_LOOP), at the prefill and issue 5 shapes
+    large_groups|large_groups_50)
+      pattern=block90; [ "$s" = large_groups_50 ] && pattern=block50
+      step "$s" 400 python3 benchmarks/kernels.py --sweep --large-groups --tokens 256 2048 4096 --patterns $pattern \
+        --weights 11008x4096,4096x11008,12288x4096,4096x4096,22016x4096 ;;
     # The decode kernels pulling their first weight blocks into L2 before the PDL wait: GPU tests, the
-    # kernel chain with and without, then decode (a) end to end without and with
+    # kernel chain with and without; then (l2_prefetch_decode) decode (a) end to end without and with
     l2_prefetch)
       step pdl_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k pdl -p no:cacheprovider
-      step pdl_chain_l2 150 python3 benchmarks/pdl_chain.py --tokens 1 16 --l2-prefetch 8
+      step pdl_chain_l2 150 python3 benchmarks/pdl_chain.py --tokens 1 16 --l2-prefetch 8 ;;
+    l2_prefetch_decode)
       step decode_a 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a
       step decode_a_l2 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a --l2-prefetch 8 ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)

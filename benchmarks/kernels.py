@@ -295,11 +295,13 @@ def run_sweep(args):
                             for prefetch in ([False] if dot else [False, True]):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
-        elif args.large_groups:  # bsr_large_m with GROUP block rows a program, beside GROUP 1
-            for group in [1, 2, 4]:
+        elif args.large_groups:  # bsr_large_m with GROUP block rows a program (gated: gate and up in one loop)
+            loops = ([dict(GATED_ONE_LOOP=one) for one in (False, True)] if act == "swiglu"
+                     else [dict(GROUP=group) for group in (1, 2, 4)])
+            for loop in loops:
                 for bm in [128, 256]:
                     for nw, ns in [(4, 3), (8, 3)]:
-                        cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns, GROUP=group)))
+                        cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns, **loop)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
@@ -480,7 +482,8 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--large-groups", action="store_true",
-                   help="--sweep beyond 64 tokens: bsr_large_m's GROUP 1/2/4 (block rows a program) only")
+                   help="--sweep beyond 64 tokens: bsr_large_m's GROUP 1/2/4 (block rows a program) only; gated, "
+                        "GATED_ONE_LOOP off and on")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps, chunks up to a whole row, and with/without 16-byte loads (VECTOR)")
