@@ -420,7 +420,6 @@ def run_sweep_csr(args):
             packs = Rotor([p] + [pack_csr(w) for _ in range(n_copies(p.nbytes) - 1)])
             for M in args.tokens:
                 x = torch.randn(M, K, device=dev, dtype=dtype)
-                xt = x.t().contiguous()
                 out = torch.empty(M, N, device=dev, dtype=dtype)
                 ref = x.double() @ w.double().t()
                 bm = 1 if M == 1 else min(64, M)
@@ -434,7 +433,7 @@ def run_sweep_csr(args):
 
                 def launch(cfg):
                     q = packs.next()
-                    csr.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+                    csr.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
                 best = time_configs(launch, cfgs, out, ref)
                 default = csr.pick_config(M, N)
                 print(f"SWEEP-CSR {pattern} {N}x{K} M={M} (default {default}): "

@@ -283,7 +283,7 @@ def run_csr(x, w, packed, bias, act, res, dtype, config=None):
     M = x.shape[0]
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
     d = lambda t: None if t is None else t.to(DEV)
-    csr.launch(d(x).t().contiguous(), d(packed.values), d(packed.col_indices), d(packed.row_offsets), N,
+    csr.launch(d(x), d(packed.values), d(packed.col_indices), d(packed.row_offsets), N,
                d(bias), ACT_CODES[act], d(res), out, config=config)
     return out
 

@@ -9,7 +9,9 @@ time: each row's chunk is contiguous, so values and indices load coalesced, and 
 unstructured weight have nearly equal lengths, so the masked tail of the shorter rows costs little.
 The input is read transposed, x^T [K, M]: the BLOCK_M inputs that meet one non-zero are then
 contiguous (the tile's last axis), one or two vector loads per non-zero instead of BLOCK_M scalar
-gathers. The products accumulate in a [ROWS, CHUNK, BLOCK_M] fp32 register tile, reduced once at
+gathers. The launcher pads x^T's tokens to a multiple of BLOCK_M with zeros, so those loads need no
+token mask: a mask that varies along the vector makes the compiler load 2 bytes at a time (in the
+sm_90 PTX at 16 tokens: 8 scalar loads per non-zero a thread, against one 16-byte load). The products accumulate in a [ROWS, CHUNK, BLOCK_M] fp32 register tile, reduced once at
 the end.
 
 VECTOR (a config option, off in the table until measured on the GPU): a row's start is rarely a
@@ -18,6 +20,7 @@ multiple of 8, so the compiler loads values and indices 2 bytes at a time (24 lo
 before the row and stops at the one before its end, so both load as 16-byte vectors (10 per 8
 non-zeros, in the sm_90 PTX), and the last partial vector is loaded alone.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -31,15 +34,16 @@ VECTOR_ELEMENTS = tl.constexpr(8)  # VECTOR: non-zeros a 16-byte load of values 
 
 
 @triton.jit
-def _gather_products(acc, xt_ptr, stride_xk, v_ptr, ci_ptr, nz, load_ok, in_row, m, m_ok, INDEX16: tl.constexpr):
+def _gather_products(acc, xt_ptr, stride_xk, v_ptr, ci_ptr, nz, load_ok, in_row, m, INDEX16: tl.constexpr):
     """acc + w * x^T[col, m] for non-zeros `nz` [ROWS, n]: loaded where `load_ok`, counted where
-    `in_row` (x is read only there: an x element past a row's end may be inf)."""
+    `in_row` (x is read only there: an x element past a row's end may be inf). Every token `m` is a
+    column of the padded x^T."""
     w = tl.load(v_ptr + nz, mask=load_ok, other=0.0).to(tl.float32)
     col = tl.load(ci_ptr + nz, mask=load_ok, other=0).to(tl.int32)
     if INDEX16:  # stored as int16 bit patterns of columns up to 65535
         col = col & 0xFFFF
     xv = tl.load(xt_ptr + col.to(tl.int64)[:, :, None] * stride_xk + m[None, None, :],
-                 mask=in_row[:, :, None] & m_ok[None, None, :], other=0.0)
+                 mask=in_row[:, :, None], other=0.0)
     return acc + xv.to(tl.float32) * tl.where(in_row, w, 0.0)[:, :, None]
 
 
@@ -54,7 +58,6 @@ def csr_kernel(xt_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr,
     start = tl.load(ro_ptr + rows, mask=row_ok, other=0)
     end = tl.load(ro_ptr + rows + 1, mask=row_ok, other=0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
     j = tl.arange(0, CHUNK)
     # tokens last: the BLOCK_M inputs of one non-zero are contiguous in x^T, so they load as vectors
     acc = tl.zeros((ROWS, CHUNK, BLOCK_M), dtype=tl.float32)
@@ -68,18 +71,18 @@ def csr_kernel(xt_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr,
         for j0 in range(0, tl.max(last - first, axis=0), CHUNK):  # last >= first: end >= start
             nz = first[:, None] + j0 + j[None, :]
             acc = _gather_products(acc, xt_ptr, stride_xk, v_ptr, ci_ptr, nz, nz < last[:, None],
-                                   (nz >= start[:, None]) & (nz < last[:, None]), m, m_ok, INDEX16)
+                                   (nz >= start[:, None]) & (nz < last[:, None]), m, INDEX16)
         tail = tl.maximum(last, start)[:, None] + tl.arange(0, VECTOR_ELEMENTS)[None, :]
         in_tail = tail < end[:, None]
         tail_acc = _gather_products(tl.zeros((ROWS, VECTOR_ELEMENTS, BLOCK_M), dtype=tl.float32), xt_ptr, stride_xk,
-                                    v_ptr, ci_ptr, tail, in_tail, in_tail, m, m_ok, INDEX16)
+                                    v_ptr, ci_ptr, tail, in_tail, in_tail, m, INDEX16)
         y = tl.trans(tl.sum(acc, axis=1) + tl.sum(tail_acc, axis=1))   # [BLOCK_M, ROWS]
     else:
         length = end - start
         for j0 in range(0, tl.max(length, axis=0), CHUNK):
             in_row = (j0 + j)[None, :] < length[:, None]            # [ROWS, CHUNK]
             nz = start[:, None] + j0 + j[None, :]
-            acc = _gather_products(acc, xt_ptr, stride_xk, v_ptr, ci_ptr, nz, in_row, in_row, m, m_ok, INDEX16)
+            acc = _gather_products(acc, xt_ptr, stride_xk, v_ptr, ci_ptr, nz, in_row, in_row, m, INDEX16)
         y = tl.trans(tl.sum(acc, axis=1))                           # [BLOCK_M, ROWS]
     fused_epilogue(y, m, rows, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, out_ptr,
                    HAS_BIAS, HAS_RES, False, ACT, y)
@@ -98,12 +101,19 @@ def pick_config(M, N):
     return dict(BLOCK_M=block_m, ROWS=1, CHUNK=64, num_warps=4, num_stages=2, VECTOR=False)
 
 
-def launch(xt, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
-    """out[M, N] = epilogue(x @ W^T), with `xt` = x^T [K, M] (a view of x itself when M == 1)."""
+def padded_transpose(x2d, block_m):
+    """x^T [K, M rounded up to block_m], the padding zeros (a view of x itself when M == 1)."""
+    pad = -x2d.shape[0] % block_m
+    return x2d.t().contiguous() if pad == 0 else torch.nn.functional.pad(x2d.t(), (0, pad))
+
+
+def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
+    """out[M, N] = epilogue(x @ W^T) for x2d [M, K]."""
     M = out.shape[0]
     cfg = dict(pick_config(M, N))
     if config:
         cfg.update(config)
+    xt = padded_transpose(x2d, cfg["BLOCK_M"])
     dummy = out
     grid = (triton.cdiv(N, cfg["ROWS"]), triton.cdiv(M, cfg["BLOCK_M"]))
     traceable(csr_kernel)[grid](
