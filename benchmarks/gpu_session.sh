@@ -56,10 +56,12 @@ for s in $steps; do
     csr_quick)
       step csr_tests 60 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k csr -p no:cacheprovider
       step csr_sweep 70 python3 benchmarks/kernels.py --sweep-csr --tokens 1 16 ;;
-    # The CSR kernel at one token with 1-4 warps and whole rows a pass (is it latency-bound?); its GPU tests first
+    # The CSR kernel at one token with 1-4 warps, whole rows a pass, 16-byte value/index loads (VECTOR); its GPU tests first
     csr_whole_rows)
       step csr_tests 90 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k csr -p no:cacheprovider
-      step csr_whole_rows 240 python3 benchmarks/kernels.py --sweep-csr --csr-whole-rows --tokens 1 16 ;;
+      step csr_whole_rows 150 python3 benchmarks/kernels.py --sweep-csr --csr-whole-rows --tokens 1 ;;
+    # The CSR kernel at 16 and 64 tokens (x^T padded to whole token tiles: 16-byte x loads)
+    csr_tokens) step csr_tokens 200 python3 benchmarks/kernels.py --sweep-csr --tokens 16 64 ;;
     csr_table_m1) step kernels_unstr_m1 120 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --table-tokens 1 --rep 20 ;;
     csr_table) step kernels_unstr 200 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --rep 20 ;;
     # co-permute's effect on kernel time with the real MiniLM weights (issue 7; the file is made on
