@@ -12,7 +12,8 @@ back from memory; one fused call writes it once (benchmarks/conv_epilogue.py). A
 channel-slice added after a padded convolution (`conv + map`, the folded constant channels' border
 terms) is scaled with the fold and, when the batch size is fixed, becomes the fused call's addend:
 cuDNN adds an operand of the output's shape only, so the map is stored broadcast over the batch, in
-the output's layout (one activation's bytes per such convolution, `constant_map_bytes` in the stats),
+the output's layout (one activation's bytes per such convolution, `constant_map_bytes` in the stats, at most
+MAX_CONSTANT_MAP_BYTES a graph),
 in place of a pointwise kernel that reads the convolution's output back and writes it again.
 
 Runs on the devices in FUSE_ON, where the fused kernel exists; elsewhere the graph is left as is
@@ -41,6 +42,9 @@ from sparsec.runtime.reference import conv2d_layout
 aten = torch.ops.aten
 
 FUSE_ON = ("cuda",)
+# Stored constant maps (each one activation's bytes, batch included) are capped per graph: past this,
+# a convolution's map stays a pointwise add for Inductor (ResNet-50 at batch 64 stores 88 MB).
+MAX_CONSTANT_MAP_BYTES = 256 * 2**20
 # Experiment switch (benchmarks/models.py --fuse-conv-always): fuse in the default mode too, to
 # measure whether the op's host path now pays there (see the module docstring).
 FUSE_WITHOUT_CUDA_GRAPHS = False
@@ -110,22 +114,26 @@ def fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, weight_node: fx.Node, bia
     gm.graph.erase_node(bn)
 
 
-def _map_as_addend(gm: fx.GraphModule, conv: fx.Node, add: fx.Node, map_node: fx.Node) -> fx.Node | None:
+def _map_as_addend(gm: fx.GraphModule, conv: fx.Node, add: fx.Node, map_node: fx.Node,
+                   max_bytes: int) -> fx.Node | None:
     """The constant map of `add(conv, map)` broadcast to the convolution's output shape and layout, as
-    a new constant the fused call can add; None when the dtypes differ."""
+    a new constant the fused call can add; None when the dtypes differ or it would take more than
+    `max_bytes`."""
     out, x = conv.meta.get("val"), conv.args[0].meta.get("val")
     map_value = ir.get_constant(gm, map_node)
-    if out is None or map_value.dtype != out.dtype:
+    if out is None or map_value.dtype != out.dtype or out.numel() * out.element_size() > max_bytes:
         return None
     layout = conv2d_layout(x, ir.get_constant(gm, conv.args[1]))
     full = map_value.expand(out.shape).contiguous(memory_format=layout)
     return ir.add_constant(gm, full, ir.display_name(map_node), insert_before=add)
 
 
-def fuse_relu(gm: fx.GraphModule, conv: fx.Node, fixed_batch: bool = True) -> tuple[str, int] | None:
+def fuse_relu(gm: fx.GraphModule, conv: fx.Node, fixed_batch: bool = True,
+              map_budget: int = MAX_CONSTANT_MAP_BYTES) -> tuple[str, int] | None:
     """conv -> [add residual | add constant map] -> relu  =>  sparsec.conv2d_relu; (what was fused,
     bytes of a map stored for it), or None. A constant map is fused only with a `fixed_batch` (in a
-    graph serving many batch sizes the stored map would have to follow the batch)."""
+    graph serving many batch sizes the stored map would have to follow the batch) and when it takes
+    at most `map_budget` bytes."""
     add, addend = residual_user(conv)
     map_add, map_node = _constant_map_add(conv)
     relu = activation_user(next(node for node in (map_add, add, conv) if node is not None))
@@ -134,7 +142,7 @@ def fuse_relu(gm: fx.GraphModule, conv: fx.Node, fixed_batch: bool = True) -> tu
     kernel = "cudnn conv+bias+add+relu" if addend is not None else "cudnn conv+bias+relu"
     map_bytes = 0
     if map_add is not None:
-        add, addend = map_add, _map_as_addend(gm, conv, map_add, map_node) if fixed_batch else None
+        add, addend = map_add, _map_as_addend(gm, conv, map_add, map_node, map_budget) if fixed_batch else None
         if addend is None:
             return None
         map_bytes = ir.get_constant(gm, addend).nbytes
@@ -218,14 +226,15 @@ def conv_epilogue(gm: fx.GraphModule, ctx) -> PassResult:
         if why_not is not None:
             ctx.note(name, epilogue_reason=why_not)
         elif fuse and ctx.allow_rewrite(f"fuse the epilogue of {name}"):
-            fused = fuse_relu(gm, conv, fixed_batch=ctx.token_range is None)
+            fused = fuse_relu(gm, conv, fixed_batch=ctx.token_range is None,
+                              map_budget=MAX_CONSTANT_MAP_BYTES - map_bytes)
             if fused is not None:
                 stats["fused"] += 1
                 map_bytes += fused[1]
                 ctx.note(name, choice=fused[0])
             elif add is not None:
-                ctx.note(name, epilogue_reason="a constant map after it with a symbolic batch size (or no ReLU, or a map "
-                         "of another dtype): "
+                ctx.note(name, epilogue_reason="a constant map after it with a symbolic batch size (or no ReLU, a map "
+                         f"of another dtype, or stored maps past {MAX_CONSTANT_MAP_BYTES >> 20} MiB): "
                          "its add and ReLU stay with Inductor")
     if map_bytes:
         stats["constant_map_bytes"] = map_bytes

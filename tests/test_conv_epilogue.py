@@ -218,6 +218,23 @@ def test_a_constant_map_becomes_the_fused_calls_addend(fuse_on_cpu, seeded):
             assert ok, why
 
 
+def test_constant_maps_past_the_cap_stay_with_inductor(fuse_on_cpu, seeded, monkeypatch):
+    """A cap on stored maps one byte short of conv2's map: conv2's add and ReLU stay unfused (conv1
+    still fuses), the report says why, and the graph still equals eager."""
+    from sparsec.passes import conv_epilogue
+    monkeypatch.setattr(conv_epilogue, "MAX_CONSTANT_MAP_BYTES", 3 * 16 * 10 * 10 * 4 - 1)
+    model = padded_conv_after_dead_constant_channels()
+    x = torch.randn(3, 8, 10, 10).to(memory_format=torch.channels_last)
+    gm, _, records = run(model, x, passes="channel-slice,conv-epilogue")
+    stats = records[1].stats
+    assert stats["fused"] == 1 and "constant_map_bytes" not in stats
+    assert "aten.add" in ir.dump(gm)
+    with torch.no_grad():
+        fresh = torch.randn_like(x)
+        ok, why = output_close(gm(fresh), model(fresh))
+        assert ok, why
+
+
 def test_a_constant_map_with_a_dynamic_batch_stays_with_inductor(fuse_on_cpu, seeded, fresh_dynamo):
     """A symbolic batch size has no stored map to match it: the add and ReLU after conv2 stay
     unfused, and the compiled model still equals eager at every batch size. (Dynamo first passes
