@@ -56,11 +56,11 @@ for s in $steps; do
     csr_quick)
       step csr_tests 60 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k csr -p no:cacheprovider
       step csr_sweep 70 python3 benchmarks/kernels.py --sweep-csr --tokens 1 16 ;;
-    # The CSR kernel at one token with 1-4 warps, whole rows a pass, 16-byte value/index loads (VECTOR); its GPU tests first
+    # The CSR kernel at one token with 1-4 warps and whole rows a pass (is it latency-bound?); its GPU tests first
     csr_whole_rows)
       step csr_tests 90 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k csr -p no:cacheprovider
       step csr_whole_rows 150 python3 benchmarks/kernels.py --sweep-csr --csr-whole-rows --tokens 1 ;;
-    # The CSR kernel at 16 and 64 tokens (x^T padded to whole token tiles: 16-byte x loads)
+    # The CSR kernel at 16 and 64 tokens
     csr_tokens) step csr_tokens 200 python3 benchmarks/kernels.py --sweep-csr --tokens 16 64 ;;
     csr_table_m1) step kernels_unstr_m1 120 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --table-tokens 1 --rep 20 ;;
     csr_table) step kernels_unstr 200 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --rep 20 ;;
@@ -77,20 +77,6 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
-    # bsr_large_m with several block rows a program in one loop (GROUP), and the gated kernel's gate and up
-    # rows in one loop (GATED_ONE_LOOP), at the prefill and issue 5 shapes
-    large_groups|large_groups_50)
-      pattern=block90; [ "$s" = large_groups_50 ] && pattern=block50
-      step "$s" 400 python3 benchmarks/kernels.py --sweep --large-groups --tokens 256 2048 4096 --patterns $pattern \
-        --weights 11008x4096,4096x11008,12288x4096,4096x4096,22016x4096 ;;
-    # The decode kernels pulling their first weight blocks into L2 before the PDL wait: GPU tests, the
-    # kernel chain with and without; then (l2_prefetch_decode) decode (a) end to end without and with
-    l2_prefetch)
-      step pdl_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k pdl -p no:cacheprovider
-      step pdl_chain_l2 150 python3 benchmarks/pdl_chain.py --tokens 1 16 --l2-prefetch 8 ;;
-    l2_prefetch_decode)
-      step decode_a 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a
-      step decode_a_l2 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a --l2-prefetch 8 ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;

@@ -295,13 +295,6 @@ def run_sweep(args):
                             for prefetch in ([False] if dot else [False, True]):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
-        elif args.large_groups:  # bsr_large_m with GROUP block rows a program (gated: gate and up in one loop)
-            loops = ([dict(GATED_ONE_LOOP=one) for one in (False, True)] if act == "swiglu"
-                     else [dict(GROUP=group) for group in (1, 2, 4)])
-            for loop in loops:
-                for bm in [128, 256]:
-                    for nw, ns in [(4, 3), (8, 3)]:
-                        cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns, **loop)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
@@ -420,20 +413,21 @@ def run_sweep_csr(args):
             packs = Rotor([p] + [pack_csr(w) for _ in range(n_copies(p.nbytes) - 1)])
             for M in args.tokens:
                 x = torch.randn(M, K, device=dev, dtype=dtype)
+                xt = x.t().contiguous()
                 out = torch.empty(M, N, device=dev, dtype=dtype)
                 ref = x.double() @ w.double().t()
                 bm = 1 if M == 1 else min(64, M)
-                if args.csr_whole_rows:  # fewer warps, chunks as long as a whole row; 16-byte value/index loads
-                    cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw, VECTOR=vector) for rows in [1, 2]
-                            for chunk in [128, 256, 512, 1024] if 128 <= bm * rows * chunk <= 8192
-                            for nw in [1, 2, 4] for vector in [False, True]]
+                if args.csr_whole_rows:  # fewer warps, chunks as long as a whole row: one pass, no loop
+                    cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4]
+                            for chunk in [128, 256, 512, 1024, 2048] if 128 <= bm * rows * chunk <= 8192
+                            for nw in [1, 2, 4]]
                 else:
                     cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4, 8]
                             for chunk in [32, 64, 128, 256] if 128 <= bm * rows * chunk <= 8192 for nw in [4, 8]]
 
                 def launch(cfg):
                     q = packs.next()
-                    csr.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+                    csr.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
                 best = time_configs(launch, cfgs, out, ref)
                 default = csr.pick_config(M, N)
                 print(f"SWEEP-CSR {pattern} {N}x{K} M={M} (default {default}): "
@@ -480,12 +474,9 @@ def main():
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--large-groups", action="store_true",
-                   help="--sweep beyond 64 tokens: bsr_large_m's GROUP 1/2/4 (block rows a program) only; gated, "
-                        "GATED_ONE_LOOP off and on")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
-                   help="--sweep-csr over 1-4 warps, chunks up to a whole row, and with/without 16-byte loads (VECTOR)")
+                   help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")

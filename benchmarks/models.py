@@ -406,9 +406,6 @@ def main(argv=None):
     parser.add_argument("--inductor-pdl", choices=("auto", "always", "never"), default="auto", help="experiment: "
                         "programmatic dependent launch for Inductor's kernels in sparsec's graphs under CUDA graphs: "
                         "in graphs of short kernels (auto), always or never (compiler.INDUCTOR_PDL)")
-    parser.add_argument("--l2-prefetch", type=int, default=None, help="experiment: blocks each decode-kernel "
-                        "program pulls into L2 before its PDL wait (bsr_small_m.L2_PREFETCH_BLOCKS; default: the "
-                        "module's)")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
@@ -430,11 +427,6 @@ def main(argv=None):
 
         compiler.INDUCTOR_PDL = args.inductor_pdl
         print(f"# experiment: Inductor's kernels in sparsec's graphs with PDL: {args.inductor_pdl}")
-    if args.l2_prefetch is not None:
-        from sparsec.codegen.triton import bsr_small_m
-
-        bsr_small_m.L2_PREFETCH_BLOCKS = args.l2_prefetch
-        print(f"# experiment: decode kernels prefetch {args.l2_prefetch} blocks into L2 before their PDL wait")
     if args.fuse_conv_always:
         from sparsec.passes import conv_epilogue
 

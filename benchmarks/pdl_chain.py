@@ -6,9 +6,7 @@ The block-sparse linears of issue 14's case (a) (4 layers: q/k/v stacked, o with
 stacked with SwiGLU in the epilogue, down with the residual; 90% 64x64 blocks, bf16), launched back to
 back in one CUDA graph, with an RMSNorm (compiled by Inductor) before q/k/v and before gate/up as in
 the stack. Variants: no PDL; the block-sparse kernels launched with PDL (`codegen.triton.pdl`);
-Inductor's kernels compiled with PDL (`torch._inductor.config.triton.enable_pdl`); both; both with
-each program's first `--l2-prefetch` weight blocks pulled into L2 before its PDL wait
-(`bsr_small_m.L2_PREFETCH_BLOCKS`). A variant's
+Inductor's kernels compiled with PDL (`torch._inductor.config.triton.enable_pdl`); both. A variant's
 output must equal bit for bit the variant without our kernels' PDL that runs the same RMSNorm build
 (two Inductor builds of the norm may tune its reduction differently, which the script reports
 separately), and repeated replays must be identical (a race between overlapping kernels would show
@@ -94,8 +92,6 @@ def graph_time(fn, reps: int = 200, checks: int = 20):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--l2-prefetch", type=int, default=8,
-                        help="blocks a program prefetches into L2 before its PDL wait, in the last variant")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     layers = make_layers(gen)
@@ -104,18 +100,16 @@ def main():
              for flag in (False, True)}
     # (label, block-sparse kernels with PDL, Inductor's kernels with PDL, the variant it must equal bit
     # for bit: the one with the same RMSNorm build, since two Inductor builds may tune the norm's
-    # reduction differently; the blocks prefetched into L2 before the PDL wait)
-    variants = [("no PDL", False, False, None, 0), ("block-sparse kernels with PDL", True, False, 0, 0),
-                ("Inductor's kernels with PDL", False, True, None, 0),
-                ("block-sparse and Inductor kernels with PDL", True, True, 2, 0),
-                (f"both, and {args.l2_prefetch} blocks into L2 before the wait", True, True, 3, args.l2_prefetch)]
+    # reduction differently)
+    variants = [("no PDL", False, False, None), ("block-sparse kernels with PDL", True, False, 0),
+                ("Inductor's kernels with PDL", False, True, None),
+                ("block-sparse and Inductor kernels with PDL", True, True, 2)]
     print("| tokens | variant | us per chain (16 block-sparse + 8 norm kernels) | equal to | replays identical |")
     print("| --- | --- | --- | --- | --- |")
     for m in args.tokens:
         x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
         outputs = []
-        for label, pdl, inductor_pdl, reference, l2_blocks in variants:
-            bsr_small_m.L2_PREFETCH_BLOCKS = l2_blocks  # read when the graph is captured
+        for label, pdl, inductor_pdl, reference in variants:
             out, us, stable = graph_time(lambda: chain(x, layers, norms[inductor_pdl], pdl))
             outputs.append(out)
             same = "-" if reference is None else \

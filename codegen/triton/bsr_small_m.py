@@ -17,7 +17,7 @@ import triton.language as tl
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
 from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
-from .pdl import pdl_launch, prefetch_to_l2, release_dependents, wait_for_producer
+from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .token_tiles import pow2_tile
 
 # The config tables below were swept on an H200 (benchmarks/kernels.py --sweep --tokens 1 16, the
@@ -63,10 +63,6 @@ LONG_ROW_BLOCKS = 16
 # stages cut, until DOT_STAGES stages of it fit.
 SMEM_BUDGET = 200 * 1024
 DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sweep: 6 stages ~25% faster)
-# Launched with PDL, a program can pull the slabs of its block row's first L2_PREFETCH_BLOCKS non-zero
-# blocks into L2 before it waits for the kernel ahead (prefetch_slabs). 0: off, until measured on the
-# GPU (`benchmarks/pdl_chain.py --l2-prefetch`, `benchmarks/models.py --l2-prefetch`).
-L2_PREFETCH_BLOCKS = 0
 
 
 @triton.jit
@@ -130,32 +126,16 @@ def finish_slab(acc, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def prefetch_slabs(v_ptr, start, end, rr, BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr,
-                   L2_BLOCKS: tl.constexpr):
-    """Into L2: this program's slab (rows `rr`, contiguous in each block) of the block row's first
-    L2_BLOCKS non-zero blocks. The weights do not depend on the kernel ahead, so under PDL they can
-    stream in while it finishes."""
-    blk = start + tl.arange(0, L2_BLOCKS)
-    first_row = tl.min(rr, axis=0)
-    ptrs = v_ptr + blk.to(tl.int64) * (BH * BW) + first_row * BW
-    slab_bytes = ROWS_ * BW * v_ptr.dtype.element_ty.primitive_bitwidth // 8
-    prefetch_to_l2(ptrs, tl.full((L2_BLOCKS,), slab_bytes, tl.int32), blk < end)
-
-
-@triton.jit
 def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
                    BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                    BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
-                   L2_BLOCKS: tl.constexpr):
+                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks.
     PREFETCH: the next step's loads are issued before this step's multiply-add, so a program keeps
     two steps of weights in flight whatever the compiler pipelines (the last iteration's loads are
     fully masked: no memory traffic)."""
     start = tl.load(ro_ptr + br)
     end = tl.load(ro_ptr + br + 1)
-    if PDL and L2_BLOCKS > 0:
-        prefetch_slabs(v_ptr, start, end, rr, BH, BW, ROWS_, L2_BLOCKS)
     wait_for_producer(PDL)
     acc = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
@@ -177,8 +157,7 @@ def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
 def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
                            BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                            BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
-                           L2_BLOCKS: tl.constexpr):
+                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams
     blocks of each, so a program keeps twice the bytes in flight instead of running two chains."""
     start_a = tl.load(ro_ptr + br_a)
@@ -186,9 +165,6 @@ def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a,
     start_b = tl.load(ro_ptr + br_b)
     end_b = tl.load(ro_ptr + br_b + 1)
     steps_end = tl.maximum(end_a - start_a, end_b - start_b)
-    if PDL and L2_BLOCKS > 0:
-        prefetch_slabs(v_ptr, start_a, end_a, rr, BH, BW, ROWS_, L2_BLOCKS)
-        prefetch_slabs(v_ptr, start_b, end_b, rr, BH, BW, ROWS_, L2_BLOCKS)
     wait_for_producer(PDL)
     acc_a = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     acc_b = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
@@ -221,7 +197,7 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr, PDL: tl.constexpr, L2_BLOCKS: tl.constexpr):
+                       UPCAST: tl.constexpr, PDL: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
@@ -234,10 +210,10 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     if ACT == 4:  # ACT_SWIGLU
         acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
                                          rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE,
-                                         UPCAST, PDL, L2_BLOCKS)
+                                         UPCAST, PDL)
     else:
         acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_, STEP,
-                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST, PDL, L2_BLOCKS)
+                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST, PDL)
         up = acc
     release_dependents(PDL)
     n = br * BH + rr
@@ -305,6 +281,5 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        L2_BLOCKS=L2_PREFETCH_BLOCKS if pdl and values.data_ptr() % 16 == 0 else 0,  # bulk prefetch: 16-byte aligned
         **pdl_launch(pdl))
     return out

@@ -30,16 +30,6 @@ def wait_for_producer(PDL: tl.constexpr):
 
 
 @triton.jit
-def prefetch_to_l2(ptrs, nbytes, ok):
-    """Start pulling `nbytes` (a multiple of 16) at each 16-byte-aligned address of `ptrs` where `ok`
-    into L2 (Hopper's bulk prefetch): no registers are held and nothing waits for it. Used before
-    `wait_for_producer`, whose wait would otherwise leave the memory system idle for this kernel."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-        "=r,l,r,r", [ptrs, ok.to(tl.int32), nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def release_dependents(PDL: tl.constexpr):
     """Let the next kernel in the stream start its programs (PDL only)."""
     if PDL:

@@ -111,7 +111,7 @@ def csr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
         wp = formats.csr_to_dense(values, col_indices, row_offsets, out_features, in_features)
         return _dense_linear(x, x2d, wp, bias, activation, res2d, None)
     if M > 0:
-        csr.launch(x2d, values, col_indices, row_offsets, out_features, bias,
+        csr.launch(x2d.t().contiguous(), values, col_indices, row_offsets, out_features, bias,
                    ACT_CODES[activation], res2d, out)
     return out.reshape(*x.shape[:-1], out_features)
 
