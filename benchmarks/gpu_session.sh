@@ -92,6 +92,8 @@ for s in $steps; do
     prefill_2_4)
       step prefill_2_4 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d,e
       step prefill_2_4_unpriced 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d --unpriced-relayout ;;
+    # Issue 14's decode table, every case, with torchao's rows (decode1 and decode16 in one run)
+    ao_decode) step ao_decode 520 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --impls sparsec,torchao ;;
     ao_prefill) step ao_prefill 300 python3 benchmarks/models.py --skip-other --shapes prefill --impls sparsec,torchao ;;
     # Case (a) at decode timed as before (do_bench: an L2 flush, then one call), beside the default
     # back-to-back timing of models_decode1/16
