@@ -48,7 +48,8 @@ def pack_two_four(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton.jit
 def dense_tile(v_ptr, codes_ptr, rows, row_ok, k0, K, ROWS: tl.constexpr, KC: tl.constexpr):
-    """[ROWS, KC] dense weights of columns k0..k0+KC rebuilt from their kept values and codes."""
+    """[ROWS, KC] dense weights of columns k0..k0+KC rebuilt from their kept values and codes (the
+    layout of pack_two_four: GROUP = 4 columns and KEPT = 2 values a group, 8 columns a code byte)."""
     G: tl.constexpr = KC // 4
     vi = k0 // 2 + tl.arange(0, KC // 2)
     v = tl.load(v_ptr + rows[:, None] * (K // 2) + vi[None, :], mask=row_ok[:, None] & (vi < K // 2)[None, :],
