@@ -460,7 +460,7 @@ def run_sweep_two_four_decode(args):
 
             def launch(cfg):
                 values, codes = packs.next()
-                two_four.launch(x, values, codes, out, cfg)
+                two_four.launch(x, values, codes, out, config=cfg)
             best = time_configs(launch, cfgs, out, ref)
             t_dense, _ = bench(lambda: torch.nn.functional.linear(x, dense.next()), True, 10)
             print(f"SWEEP-2:4-DECODE {N}x{K} M={M}: cuBLAS {t_dense * 1e3:.1f}us, byte floor ratio "

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from sparsec.codegen.triton import two_four  # noqa: E402
+from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from float64_reference import linear64  # noqa: E402
 from test_triton_kernels import DEV, check  # noqa: E402
 
@@ -62,5 +63,27 @@ def test_two_four_kernel_matches_float64(shape, M, config, dtype):
     x = torch.randn(M, k, generator=gen).to(dtype)
     values, codes = two_four.pack_two_four(w)
     out = torch.full((M, n), float("nan"), dtype=dtype, device=DEV)
-    two_four.launch(x.to(DEV), values.to(DEV), codes.to(DEV), out, config)
+    two_four.launch(x.to(DEV), values.to(DEV), codes.to(DEV), out, config=config)
     check(out, linear64(x, w, None, "none", None), dtype)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("M", [1, 16])
+def test_two_four_epilogue(act, M):
+    """Bias, activation and residual in the epilogue, at one token (multiply-adds) and 16 (dots)."""
+    gen = torch.Generator().manual_seed(M)
+    n, k = 24, 64
+    w = two_four_weight(n, k, gen)
+    x = torch.randn(M, k, generator=gen)
+    b, r = torch.randn(n, generator=gen), torch.randn(M, n, generator=gen)
+    values, codes = two_four.pack_two_four(w)
+    out = torch.full((M, n), float("nan"), device=DEV)
+    d = lambda t: t.to(DEV)  # noqa: E731
+    two_four.launch(d(x), d(values), d(codes), out, bias=d(b), act_code=ACT_CODES[act], res2d=d(r))
+    check(out, linear64(x, w, b, act, r), torch.float32)
+
+
+def test_two_four_has_no_gated_epilogue_yet():
+    with pytest.raises(NotImplementedError, match="gated"):
+        two_four.launch(torch.zeros(1, 8), torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.uint8),
+                        torch.zeros(1, 1), act_code=ACT_CODES["swiglu"])

@@ -13,13 +13,15 @@ Each program owns ROWS output rows and streams them KC columns a step. It rebuil
 [ROWS, KC] weight tile in registers (each group's 4 weights are its two values put at their two
 positions, zeros elsewhere), so x loads stay contiguous vectors and no index chain precedes a load:
 the row's values and codes sit at addresses known from the program id alone (what CSR's row offsets
-cannot give). Then the tile meets x as a Tensor Core dot (USE_DOT, 16+ tokens) or as multiply-adds.
+cannot give). Then the tile meets x as a Tensor Core dot (USE_DOT, 16+ tokens) or as multiply-adds,
+and the shared epilogue adds bias, activation and residual.
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
+from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
 
 GROUP = 4          # columns a group
@@ -66,8 +68,9 @@ def dense_tile(v_ptr, codes_ptr, rows, row_ok, k0, K, ROWS: tl.constexpr, KC: tl
 
 
 @triton.jit
-def two_four_kernel(x_ptr, v_ptr, codes_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def two_four_kernel(x_ptr, v_ptr, codes_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_rm,
                     ROWS: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                     IEEE: tl.constexpr, UPCAST: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
@@ -82,15 +85,18 @@ def two_four_kernel(x_ptr, v_ptr, codes_ptr, out_ptr, M, N, K, stride_xm, stride
             acc = mma(xt, tl.trans(w.to(xt.dtype)), acc, IEEE, UPCAST)
         else:
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    tl.store(out_ptr + m[:, None] * stride_om + rows[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
+    fused_epilogue(acc, m, rows, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, out_ptr,
+                   HAS_BIAS, HAS_RES, False, ACT, acc)
 
 
 DOT_MIN_M = 16  # Tensor Core dots need 16 rows of tokens
 
 
-def launch(x2d, values, codes, out, config=None):
-    """out[M, N] = x2d [M, K] @ W^T for W packed by pack_two_four."""
+def launch(x2d, values, codes, out, bias=None, act_code=0, res2d=None, config=None):
+    """out[M, N] = act(x2d [M, K] @ W^T + bias) + res2d for W packed by pack_two_four (the gated
+    SwiGLU epilogue is not supported yet)."""
+    if act_code == ACT_SWIGLU:
+        raise NotImplementedError("the 2:4 kernel has no gated (SwiGLU) epilogue yet")
     M, K = x2d.shape
     N = values.shape[0]
     use_dot = M >= DOT_MIN_M
@@ -98,8 +104,10 @@ def launch(x2d, values, codes, out, config=None):
                num_warps=4, num_stages=3)
     cfg.update(config or {})
     grid = (triton.cdiv(N, cfg["ROWS"]), triton.cdiv(M, cfg["BLOCK_M"]))
-    traceable(two_four_kernel)[grid](x2d, values, codes, out, M, N, K, x2d.stride(0), out.stride(0),
+    traceable(two_four_kernel)[grid](x2d, values, codes, out if bias is None else bias, out if res2d is None else res2d,
+                                     out, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
                                      ROWS=cfg["ROWS"], KC=cfg["KC"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=use_dot,
+                                     HAS_BIAS=bias is not None, HAS_RES=res2d is not None, ACT=act_code,
                                      IEEE=x2d.dtype == torch.float32, UPCAST=interpreting(),
                                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
