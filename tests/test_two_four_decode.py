@@ -52,7 +52,7 @@ def test_packing_rejects_a_weight_that_is_not_2_4():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,config", [(1, None), (3, None), (3, dict(KC=64, ROWS=4)), (16, None), (37, None)])
+@pytest.mark.parametrize("M,config", [(1, None), (3, None), (3, dict(KC=64, ROWS=4)), (9, None), (16, None), (37, None)])
 @pytest.mark.parametrize("shape", [(40, 256), (16, 200)])
 def test_two_four_kernel_matches_float64(shape, M, config, dtype):
     """Ragged rows (40 is not a multiple of 16), ragged columns (200 is not a multiple of KC), groups

@@ -100,7 +100,10 @@ def launch(x2d, values, codes, out, bias=None, act_code=0, res2d=None, config=No
     M, K = x2d.shape
     N = values.shape[0]
     use_dot = M >= DOT_MIN_M
-    cfg = dict(ROWS=16 if use_dot else 8, KC=256, BLOCK_M=16 if use_dot else triton.next_power_of_2(M),
+    block_m = 16 if use_dot else triton.next_power_of_2(M)
+    # multiply-adds hold a [BLOCK_M, ROWS, KC] product tile: KC shrinks as the tokens grow, so it stays
+    # at 2048 values (16 registers a thread at 4 warps)
+    cfg = dict(ROWS=16 if use_dot else 8, KC=256 if use_dot else max(32, 256 // block_m), BLOCK_M=block_m,
                num_warps=4, num_stages=3)
     cfg.update(config or {})
     grid = (triton.cdiv(N, cfg["ROWS"]), triton.cdiv(M, cfg["BLOCK_M"]))
