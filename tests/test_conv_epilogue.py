@@ -33,13 +33,18 @@ def targets(gm) -> list:
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def run(model, x, passes="conv-epilogue", cuda_graphs=True, graph_changed=False):
+def run_with_context(model, x, passes="conv-epilogue", cuda_graphs=True, graph_changed=False):
+    """(graph after, IR before, pass records, the pass context with its layer notes)."""
     captured = capture_module(model, (x,))
     before = ir.dump(captured.gm)
     ctx = PassContext(options=sparsec.Options(passes=passes, verify_each=True), example_inputs=captured.example_inputs,
                       cuda_graphs=cuda_graphs, graph_changed=graph_changed)
     records = run_pipeline(captured.gm, ctx)
-    return captured.gm, before, records
+    return captured.gm, before, records, ctx
+
+
+def run(model, x, passes="conv-epilogue", cuda_graphs=True, graph_changed=False):
+    return run_with_context(model, x, passes, cuda_graphs, graph_changed)[:3]
 
 
 def test_bottleneck_ir_before_and_after(fuse_on_cpu, seeded):
@@ -225,10 +230,12 @@ def test_constant_maps_past_the_cap_stay_with_inductor(fuse_on_cpu, seeded, monk
     monkeypatch.setattr(conv_epilogue, "MAX_CONSTANT_MAP_BYTES", 3 * 16 * 10 * 10 * 4 - 1)
     model = padded_conv_after_dead_constant_channels()
     x = torch.randn(3, 8, 10, 10).to(memory_format=torch.channels_last)
-    gm, _, records = run(model, x, passes="channel-slice,conv-epilogue")
+    gm, _, records, ctx = run_with_context(model, x, passes="channel-slice,conv-epilogue")
     stats = records[1].stats
     assert stats["fused"] == 1 and "constant_map_bytes" not in stats
     assert "aten.add" in ir.dump(gm)
+    reasons = [notes.get("epilogue_reason", "") for notes in ctx.layer_notes.values()]
+    assert any("stored maps past" in reason for reason in reasons), ctx.layer_notes
     with torch.no_grad():
         fresh = torch.randn_like(x)
         ok, why = output_close(gm(fresh), model(fresh))

@@ -1,7 +1,7 @@
 """2:4 linear for few tokens: the kept half of the weight streamed with 4 bits of positions per group.
 
-A prototype measured against cuBLAS (`benchmarks/kernels.py --sweep-2-4-decode`); select-kernels does
-not pick it yet. Today a 2:4 layer runs dense at few tokens, since cuSPARSELt's 2:4 product streams
+A prototype, not yet measured on a GPU (`benchmarks/kernels.py --sweep-2-4-decode` times it against
+cuBLAS); select-kernels does not pick it. Today a 2:4 layer runs dense at few tokens, since cuSPARSELt's 2:4 product streams
 its weight at ~0.25 of the bandwidth there (codegen/cost_model.py).
 
 Format (`pack_two_four`): per weight row, the two kept values of each group of 4 columns in column
