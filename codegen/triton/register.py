@@ -4,6 +4,7 @@ No host syncs: everything chosen here depends on shapes/dtypes only (M, block sh
 on tensor values, so a call can be captured in a CUDA graph.
 """
 import torch
+import triton
 from torch._library.triton import is_wrap_triton_enabled
 
 from sparsec.runtime import ops as _ops
@@ -45,8 +46,26 @@ def _prep(x, N, K, bias, residual, row_perm, col_perm, values):
     return x2d, out, res2d, bias, row_perm, col_perm
 
 
-def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_features, bias,
-                      activation, residual, row_perm, col_perm):
+# A folded RMSNorm's rms_sumsq values a program may hold ([token tile, columns]): beyond, or where the
+# many-token kernel runs (each of its many programs would re-read the columns), the launcher sums the
+# columns first (one small reduction).
+MAX_RMS_SUMSQ_LOADS = 8192
+
+
+def _rms_rows(rms_sumsq, M, many_tokens):
+    """rms_sumsq as [M, C] rows for the kernels: summed to one column where a program would hold too much."""
+    if rms_sumsq is None:
+        return None
+    rows = rms_sumsq.reshape(M, rms_sumsq.shape[-1])
+    if rows.shape[1] > 1 and (many_tokens or M * triton.next_power_of_2(rows.shape[1]) > MAX_RMS_SUMSQ_LOADS):
+        rows = rows.sum(-1, keepdim=True)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _bsr_launch(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
+                row_perm, col_perm, rms_sumsq=None, rms_eps=0.0, *, sumsq):
+    """bsr_linear (and with `sumsq` its output's sums of squares, as a pair) with the Triton kernels, or
+    NotImplemented."""
     _, BH, BW = values.shape
     if not (_pow2(BH) and _pow2(BW) and BH >= 16 and BW >= 16) or values.numel() >= 2**31:
         return NotImplemented  # tl.dot / power-of-two tiles only
@@ -58,14 +77,26 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
         return NotImplemented
     x2d, out, res2d, bias, row_perm, col_perm = p
     M = x2d.shape[0]
+    small = bsr_small_m.serves(M, row_offsets.shape[0] - 1)
+    sumsq_out = torch.empty((M, n_out // reference.SUMSQ_GROUP), device=x.device, dtype=torch.float32) if sumsq else None
+    rms = dict(rms_sumsq=_rms_rows(rms_sumsq, M, not small), rms_eps=rms_eps, sumsq_out=sumsq_out)
     args = (x2d, values, col_indices, row_offsets, n_out, in_features, bias, ACT_CODES[activation], res2d, row_perm,
             col_perm, out)
-    if M > 0 and bsr_small_m.serves(M, row_offsets.shape[0] - 1):
+    if M > 0 and small:
         # launched here rather than traced into Inductor's code: with PDL where the GPU has it
-        bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device))
+        bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device), **rms)
     elif M > 0:
-        bsr_large_m.launch(*args)
-    return out.reshape(*x.shape[:-1], n_out)
+        bsr_large_m.launch(*args, **rms)
+    y = out.reshape(*x.shape[:-1], n_out)
+    return (y, sumsq_out.reshape(*x.shape[:-1], -1)) if sumsq else y
+
+
+def bsr_linear_triton(*args):
+    return _bsr_launch(*args, sumsq=False)
+
+
+def bsr_linear_sumsq_triton(*args):
+    return _bsr_launch(*args, sumsq=True)
 
 
 def _dense_linear(x, xk, wp, bias, activation, res2d, row_perm):
@@ -117,6 +148,8 @@ def csr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
 
 
 def register_all(device_type: str = "cuda"):
-    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True, gated=True)
+    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True, gated=True, rms=True)
+    _ops.register_kernel("bsr_linear_sumsq", device_type, bsr_linear_sumsq_triton, last=True, traceable=True,
+                         rms=True)
     _ops.register_kernel("bitmap_linear", device_type, bitmap_linear_triton, last=True, traceable=True)
     _ops.register_kernel("csr_linear", device_type, csr_linear_triton, last=True, traceable=True)
