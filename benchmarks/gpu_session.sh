@@ -97,12 +97,11 @@ for s in $steps; do
       step two_four_tests 90 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_two_four_decode.py -p no:cacheprovider
       step two_four_sweep 150 python3 benchmarks/kernels.py --sweep-2-4-decode --tokens 1 16 ;;
     # RMSNorms folded into the block-sparse linears (passes/fold_rms_norm.py): the kernels' GPU tests,
-    # then case (a) and (c) with the full pipeline (rms_fold), and without the pass (rms_fold_without)
+    # then case (a) at decode with the full pipeline and without the pass
     rms_fold)
       step rms_fold_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_fold_rms_norm.py -p no:cacheprovider
-      step rms_fold_models 420 python3 benchmarks/models.py --skip-other --only a,c --shapes decode16,prefill ;;
-    rms_fold_without) step rms_fold_models_without 420 python3 benchmarks/models.py --skip-other --only a,c \
-        --shapes decode16,prefill \
+      step rms_fold_models 200 python3 benchmarks/models.py --skip-other --only a --shapes decode1,decode16
+      step rms_fold_models_without 200 python3 benchmarks/models.py --skip-other --only a --shapes decode1,decode16 \
         --passes mask-fold,analyze,channel-slice,co-permute,block-reorder,fuse-linears,select-kernels,conv-epilogue ;;
     # Issue 14's decode table, every case, with torchao's rows (decode1 and decode16 in one run)
     ao_decode) step ao_decode 520 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --impls sparsec,torchao ;;

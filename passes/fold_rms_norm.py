@@ -13,7 +13,9 @@ linear returns s's parts as well (sparsec::bsr_linear_sumsq: per token, the sums
 
 Why: at decode each RMSNorm is a kernel of its own between two streaming kernels; on the H200 the
 8 norms of issue 14's 4-layer stack take ~12 us of a ~137 us chain of 24 kernels
-(`benchmarks/pdl_chain.py`, with and without them).
+(`benchmarks/pdl_chain.py`, with and without them). Only graphs of few tokens are folded (all served
+by the streaming kernel, bsr_small_m): at 2048 tokens the folded stack ran 1.77 -> 2.39 ms on the
+H200 (benchmarks/RESULTS.md), its Tensor Core kernels slower inside the compiled graph.
 
 Exact up to rounding: (x * r) @ (W * g)^T = r * (x @ (W * g)^T) per token. Eager rounds the
 normalized x and its product with g to the model's dtype; here g is multiplied into W's values
@@ -26,6 +28,7 @@ kernel takes the folded norm (`ops.has_rms_kernel`) are rewritten; elsewhere the
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -142,30 +145,44 @@ def fold_weight(gm: fx.GraphModule, op: fx.Node, g: torch.Tensor) -> fx.Node:
     return ir.add_constant(gm, folded, f"{ir.display_name(values_node)}.rms_folded", insert_before=op)
 
 
+def _defaults(node: fx.Node) -> list:
+    """The default values of `node`'s schema arguments it leaves out."""
+    return [a.default_value for a in node.target._schema.arguments[len(node.args):]]
+
+
 def _set_args(node: fx.Node, **changes) -> None:
     """Replace `node`'s positional arguments by schema name (the trailing defaults filled in)."""
     schema = node.target._schema
-    args = list(node.args) + [a.default_value for a in schema.arguments[len(node.args):]]
+    args = list(node.args) + _defaults(node)
     for name, value in changes.items():
         args[[a.name for a in schema.arguments].index(name)] = value
     node.args = tuple(args)
 
 
-def producer_sums(gm: fx.GraphModule, norm: Norm, targets: dict, device_type: str) -> fx.Node | None:
+def token_bounds(ctx, norm: Norm) -> tuple[int, int | None]:
+    """(fewest, most) tokens the norm's input has in the calls this graph serves (most None: no bound)."""
+    if ctx.token_range is not None:
+        return ctx.token_range
+    tokens = math.prod(norm.source.meta["val"].shape[:-1])
+    return tokens, tokens
+
+
+def producer_sums(gm: fx.GraphModule, norm: Norm, targets: dict, device_type: str, group: int) -> fx.Node | None:
     """Where norm's input is a block-sparse linear's output: that linear turned into its sums-of-squares
-    twin, and the node of its sums; else None."""
-    from sparsec.runtime import ops, reference
+    twin (in groups of `group` features), and the node of its sums; else None."""
+    from sparsec.runtime import ops
 
     producer = norm.source
     if producer.op != "call_function" or producer.target not in targets:
         return None
-    if not ops.has_rms_kernel("bsr_linear_sumsq", device_type) or norm.source.meta["val"].shape[-1] % reference.SUMSQ_GROUP:
-        return None
     val = producer.meta["val"]
+    block_height = ir.get_constant(gm, producer.args[1]).shape[1]
+    if not ops.has_rms_kernel("bsr_linear_sumsq", device_type) or val.shape[-1] % group or block_height < group:
+        return None
     with gm.graph.inserting_after(producer):
-        twin = gm.graph.call_function(targets[producer.target], producer.args, producer.kwargs)
+        twin = gm.graph.call_function(targets[producer.target], (*producer.args, *_defaults(producer), group))
     twin.meta.update(producer.meta)
-    sums_val = val.new_empty((*val.shape[:-1], val.shape[-1] // reference.SUMSQ_GROUP), dtype=torch.float32)
+    sums_val = val.new_empty((*val.shape[:-1], val.shape[-1] // group), dtype=torch.float32)
     twin.meta["val"] = (val, sums_val)
     with gm.graph.inserting_after(twin):
         output = gm.graph.call_function(operator.getitem, (twin, 0))
@@ -185,12 +202,20 @@ def fold_rms_norm(gm: fx.GraphModule, ctx) -> PassResult:
     device_type = ctx.device.type
     if not ops.has_rms_kernel("bsr_linear", device_type):
         return PassResult(changed=False, stats={"skipped": f"no block-sparse kernel takes a folded RMSNorm on {device_type}"})
+    try:
+        from sparsec.codegen.triton import bsr_small_m  # the few-token kernel the folded norms run in
+    except ImportError:
+        return PassResult(changed=False, stats={"skipped": "triton is not installed"})
     targets = _bsr_targets()
     folded = from_producer = 0
-    left = []
+    left, many_tokens = [], []
     for node in list(gm.graph.nodes):
         norm = match_norm(gm, node)
         if norm is None:
+            continue
+        fewest, most = token_bounds(ctx, norm)
+        if most is None or most > bsr_small_m.ALL_WEIGHTS_M:
+            many_tokens.append(ir.display_name(norm.weight))
             continue
         readers = list(norm.out.users)
         dtype = _dtype(norm.source)
@@ -203,7 +228,7 @@ def fold_rms_norm(gm: fx.GraphModule, ctx) -> PassResult:
         if not ctx.allow_rewrite(f"fold the RMSNorm {ir.display_name(norm.weight)} into {len(readers)} linear(s)"):
             continue
         g = ir.get_constant(gm, norm.weight)
-        sums = producer_sums(gm, norm, targets, device_type)
+        sums = producer_sums(gm, norm, targets, device_type, bsr_small_m.widest_sumsq_group(fewest))
         for reader in readers:
             _set_args(reader, x=norm.source, values=fold_weight(gm, reader, g), rms_sumsq=sums or norm.mean,
                       rms_eps=norm.eps)
@@ -221,4 +246,6 @@ def fold_rms_norm(gm: fx.GraphModule, ctx) -> PassResult:
     stats = {"norms_folded": folded, "sums_from_producer": from_producer}
     if left:
         stats["norms_left"] = len(left)
+    if many_tokens:
+        stats["norms_left_many_tokens"] = len(many_tokens)
     return PassResult(changed=folded > 0, stats=stats)

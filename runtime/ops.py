@@ -8,8 +8,9 @@ linears are triton_ops, which torch.compile traces into; the rest, opaque, are d
                       Tensor? residual, Tensor? row_perm, Tensor? col_perm) -> Tensor
       (the public op and its opaque twin bsr_linear_host also take `Tensor? rms_sumsq=None,
       float rms_eps=0.0`: an RMSNorm folded in, see below)
-  sparsec::bsr_linear_sumsq(<bsr_linear's arguments>) -> (Tensor, Tensor)
-      bsr_linear's output and its sums of squares for the next RMSNorm (reference.SUMSQ_GROUP)
+  sparsec::bsr_linear_sumsq(<bsr_linear's arguments>, int sumsq_group=8) -> (Tensor, Tensor)
+      bsr_linear's output and, for the next RMSNorm, its sums of squares over each sumsq_group
+      output features (runtime/reference.py)
   sparsec::bitmap_linear(Tensor x, Tensor values, Tensor bitmap, Tensor tile_offsets,
                          int out_features, int in_features, int tile_rows, Tensor? bias,
                          str activation, Tensor? residual, Tensor? row_perm,
@@ -282,17 +283,17 @@ def bsr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
 
 # ------------------------------------------------------------------ bsr_linear_sumsq
 # The producer of a folded RMSNorm's input: bsr_linear plus its output's sums of squares.
-@host_op(f"bsr_linear_sumsq_host({_BSR_ARGS}) -> (Tensor, Tensor)")
+@host_op(f"bsr_linear_sumsq_host({_BSR_ARGS}, SymInt sumsq_group=8) -> (Tensor, Tensor)")
 def bsr_linear_sumsq_host(*args):
     return _run_host("bsr_linear_sumsq", reference.bsr_linear_sumsq_ref, args)
 
 
 @torch.library.register_fake("sparsec::bsr_linear_sumsq_host")
 def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
-      residual, row_perm, col_perm, rms_sumsq=None, rms_eps=0.0):
+      residual, row_perm, col_perm, rms_sumsq=None, rms_eps=0.0, sumsq_group=8):
     _check_rms(x, rms_sumsq)
     y = _fake_linear(x, out_features, in_features, activation)
-    return y, y.new_empty((*y.shape[:-1], y.shape[-1] // reference.SUMSQ_GROUP), dtype=torch.float32)
+    return y, y.new_empty((*y.shape[:-1], y.shape[-1] // sumsq_group), dtype=torch.float32)
 
 
 @torch.library.triton_op("sparsec::bsr_linear_sumsq", mutates_args=())
@@ -300,14 +301,14 @@ def bsr_linear_sumsq_op(x: torch.Tensor, values: torch.Tensor, col_indices: torc
                         row_offsets: torch.Tensor, out_features: int, in_features: int,
                         bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
                         row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor],
-                        rms_sumsq: Optional[torch.Tensor] = None,
-                        rms_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        rms_sumsq: Optional[torch.Tensor] = None, rms_eps: float = 0.0,
+                        sumsq_group: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     _check_act(activation, out_features)
     _check_rms(x, rms_sumsq)
-    torch._check(reference.output_features(out_features, activation) % reference.SUMSQ_GROUP == 0,
-                 lambda: f"bsr_linear_sumsq needs output features divisible by {reference.SUMSQ_GROUP}")
+    torch._check(reference.output_features(out_features, activation) % sumsq_group == 0,
+                 lambda: f"bsr_linear_sumsq needs output features divisible by its group of {sumsq_group}")
     args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
-            residual, row_perm, col_perm, rms_sumsq, rms_eps)
+            residual, row_perm, col_perm, rms_sumsq, rms_eps, sumsq_group)
     out = _run_traceable("bsr_linear_sumsq", args)
     return out if out is not NotImplemented else bsr_linear_sumsq_host(*args)
 
@@ -401,12 +402,15 @@ def _(x, weight, bias, addend, stride, padding, dilation, groups):
 
 # ------------------------------------------------------------------ helpers
 def bsr_linear(x: torch.Tensor, w: BSRWeight, bias=None, activation: str = "none", residual=None,
-               rms_sumsq=None, rms_eps: float = 0.0, sumsq: bool = False):
-    """sumsq: also return the output's sums of squares (sparsec::bsr_linear_sumsq)."""
+               rms_sumsq=None, rms_eps: float = 0.0, sumsq_group: int | None = None):
+    """sumsq_group: also return the output's sums of squares in groups of that many features
+    (sparsec::bsr_linear_sumsq)."""
     n, k = w.shape
-    op = torch.ops.sparsec.bsr_linear_sumsq if sumsq else torch.ops.sparsec.bsr_linear
-    return op(x, w.values, w.col_indices, w.row_offsets, n, k, bias, activation, residual, w.row_perm, w.col_perm,
-              rms_sumsq, rms_eps)
+    args = (x, w.values, w.col_indices, w.row_offsets, n, k, bias, activation, residual, w.row_perm, w.col_perm,
+            rms_sumsq, rms_eps)
+    if sumsq_group is None:
+        return torch.ops.sparsec.bsr_linear(*args)
+    return torch.ops.sparsec.bsr_linear_sumsq(*args, sumsq_group)
 
 
 def bitmap_linear(x: torch.Tensor, w: BitmapWeight, bias=None, activation: str = "none",

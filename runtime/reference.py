@@ -20,12 +20,11 @@ GATED = "swiglu"
 
 # RMSNorm folded into the linears around it (passes/fold_rms_norm.py):
 # - a producer (sparsec::bsr_linear_sumsq) also returns, per token, its output's sum of squares over
-#   each SUMSQ_GROUP consecutive output features, divided by the output features: [*tokens, N / 8]
-#   fp32 whose row sums are the mean squares an RMSNorm of the output takes;
+#   each `sumsq_group` consecutive output features, divided by the output features:
+#   [*tokens, N / sumsq_group] fp32 whose row sums are the mean squares an RMSNorm of the output takes;
 # - a consumer (rms_sumsq given) scales each token's product by rsqrt(row sum of rms_sumsq + rms_eps)
 #   before the bias: the norm's own weight is folded into the consumer's weight columns.
 # Any number of columns sums the same, so a graph may pass a norm's own mean ([*tokens, 1]) too.
-SUMSQ_GROUP = 8
 
 
 def output_features(out_features: int, activation: str) -> int:
@@ -87,13 +86,13 @@ def rms_row_scale(rms_sumsq: torch.Tensor, rms_eps: float) -> torch.Tensor:
     return torch.rsqrt(rms_sumsq.float().sum(-1, keepdim=True) + rms_eps)
 
 
-def sumsq_groups(y: torch.Tensor) -> torch.Tensor:
-    """[*tokens, N / SUMSQ_GROUP] fp32: sums of squares of y over each group of SUMSQ_GROUP
-    consecutive features, divided by N (y's features)."""
+def sumsq_groups(y: torch.Tensor, group: int) -> torch.Tensor:
+    """[*tokens, N / group] fp32: sums of squares of y over each `group` consecutive features,
+    divided by N (y's features)."""
     n = y.shape[-1]
-    if n % SUMSQ_GROUP:
-        raise ValueError(f"sums of squares come in groups of {SUMSQ_GROUP} features; the output has {n}")
-    squares = y.float().square().reshape(*y.shape[:-1], n // SUMSQ_GROUP, SUMSQ_GROUP)
+    if n % group:
+        raise ValueError(f"sums of squares in groups of {group} features need a multiple of {group}; the output has {n}")
+    squares = y.float().square().reshape(*y.shape[:-1], n // group, group)
     return squares.sum(-1) / n
 
 
@@ -118,9 +117,11 @@ def bsr_linear_ref(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Ten
 
 
 def bsr_linear_sumsq_ref(*args) -> tuple[torch.Tensor, torch.Tensor]:
-    """bsr_linear_ref's output and its sums of squares (sumsq_groups)."""
-    y = bsr_linear_ref(*args)
-    return y, sumsq_groups(y)
+    """bsr_linear_ref's output (its arguments: all but the last) and its sums of squares in groups of
+    the last argument's features (sumsq_groups)."""
+    *linear_args, group = args
+    y = bsr_linear_ref(*linear_args)
+    return y, sumsq_groups(y, group)
 
 
 def bitmap_linear_ref(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,

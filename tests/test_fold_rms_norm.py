@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import sparsec  # noqa: E402
 from sparsec import ir, models  # noqa: E402
 from sparsec.capture import capture_module  # noqa: E402
-from sparsec.codegen.triton import bsr_large_m, bsr_small_m  # noqa: E402
+from sparsec.codegen.triton import bsr_small_m  # noqa: E402
 from sparsec.codegen.triton import register as triton_kernels  # noqa: E402
 from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from sparsec.pass_manager import PassContext, output_close, run_pipeline  # noqa: E402
@@ -27,28 +27,29 @@ from sparsec.runtime import ops, reference  # noqa: E402
 from sparsec.runtime.formats import pack_bsr  # noqa: E402
 from float64_reference import linear64  # noqa: E402
 from test_fuse_linears import block_sparse_  # noqa: E402
-from test_triton_kernels import DEV, LARGE_M_TEST_CONFIG, check, sparse_weight  # noqa: E402
+from test_triton_kernels import DEV, check, sparse_weight  # noqa: E402
 
 EPS = 0.25  # large enough that a kernel leaving it out fails
-KERNELS = [(bsr_small_m, 1, None), (bsr_small_m, 5, None), (bsr_small_m, 17, None),
-           (bsr_large_m, 40, LARGE_M_TEST_CONFIG)]
+# token counts of the streaming kernel's paths: broadcast multiply-add, Tensor Core dots, two token tiles
+TOKENS = [1, 5, 17, 70]
 
 
-def launch(kern, x, p, n_out, k, act="none", bias=None, res=None, rms_sumsq=None, sumsq=False, cfg=None):
-    """The kernel on DEV with NaN-poisoned outputs: (out, sums of squares or None)."""
+def launch(x, p, n_out, k, act="none", bias=None, res=None, rms_sumsq=None, group=0, cfg=None):
+    """bsr_small_m on DEV with NaN-poisoned outputs: (out, sums of squares in groups of `group` or None)."""
     d = lambda t: None if t is None else t.to(DEV)
     out = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=DEV)
-    sums = torch.full((x.shape[0], n_out // 8), float("nan"), device=DEV) if sumsq else None
-    kern.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), n_out, k, d(bias), ACT_CODES[act], d(res),
-                d(p.row_perm), d(p.col_perm), out, config=cfg, rms_sumsq=d(rms_sumsq), rms_eps=EPS, sumsq_out=sums)
+    sums = torch.full((x.shape[0], n_out // group), float("nan"), device=DEV) if group else None
+    bsr_small_m.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), n_out, k, d(bias), ACT_CODES[act],
+                       d(res), d(p.row_perm), d(p.col_perm), out, config=cfg, rms_sumsq=d(rms_sumsq), rms_eps=EPS,
+                       sumsq_out=sums, sumsq_group=group)
     return out, sums
 
 
-@pytest.mark.parametrize("kern,M,cfg", KERNELS)
+@pytest.mark.parametrize("M", TOKENS)
 @pytest.mark.parametrize("columns", [1, 8, 32])
 @pytest.mark.parametrize("act", ["none", "swiglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_consumer_scales_each_token_before_the_bias(kern, M, cfg, columns, act, dtype):
+def test_consumer_scales_each_token_before_the_bias(M, columns, act, dtype):
     """act(r * (x @ W^T) + b) + res with r = rsqrt(row sum of rms_sumsq + eps), any number of columns."""
     gen = torch.Generator().manual_seed(M + columns)
     n, k, block = 128, 96, (32, 32)
@@ -60,15 +61,17 @@ def test_consumer_scales_each_token_before_the_bias(kern, M, cfg, columns, act, 
     res = torch.randn(M, n_out, generator=gen).to(dtype)
     rms_sumsq = torch.rand(M, columns, generator=gen) * 4 / columns
     r = torch.rsqrt(rms_sumsq.double().sum(-1, keepdim=True) + EPS)
-    out, _ = launch(kern, x, p, n_out, k, act, bias, res, rms_sumsq, cfg=cfg)
+    out, _ = launch(x, p, n_out, k, act, bias, res, rms_sumsq)
     check(out, linear64(x.double() * r, w, bias, act, res), dtype)
 
 
-@pytest.mark.parametrize("kern,M,cfg", KERNELS)
+@pytest.mark.parametrize("M", TOKENS)
 @pytest.mark.parametrize("permuted", [False, True])
-def test_producer_writes_the_sums_of_squares_of_its_output(kern, M, cfg, permuted):
-    """Every [token, group of 8 features] slot written (NaN-poisoned), equal to the sums of squares of
-    the output as stored, over 8 packed rows (a permutation of rows keeps the row sums)."""
+@pytest.mark.parametrize("group", [8, 16])
+def test_producer_writes_the_sums_of_squares_of_its_output(M, permuted, group):
+    """Every [token, group of features] slot written (NaN-poisoned), equal to the sums of squares of
+    the output as stored, over `group` packed rows (a permutation of rows keeps the row sums); the
+    slabs are widened to whole groups (an 8-row slab config asked for)."""
     gen = torch.Generator().manual_seed(7 + M)
     n, k, block = 96, 64, (16, 32)
     w = sparse_weight(n, k, block, 0.4, gen, empty_rows=(2,)).to(torch.bfloat16)
@@ -76,12 +79,12 @@ def test_producer_writes_the_sums_of_squares_of_its_output(kern, M, cfg, permute
     p = pack_bsr(w, block, row_perm=rp)
     x = torch.randn(M, k, generator=gen).to(torch.bfloat16)
     res = torch.randn(M, n, generator=gen).to(torch.bfloat16)
-    out, sums = launch(kern, x, p, n, k, res=res, sumsq=True, cfg=cfg)
+    out, sums = launch(x, p, n, k, res=res, group=group, cfg=dict(ROWS=8))
     check(out, linear64(x, w, None, "none", res), torch.bfloat16)
     assert torch.isfinite(sums).all(), "unwritten sums"
     stored = out.double().cpu()
     packed_order = stored if rp is None else stored[:, rp]
-    expected = packed_order.square().reshape(M, n // 8, 8).sum(-1) / n
+    expected = packed_order.square().reshape(M, n // group, group).sum(-1) / n
     torch.testing.assert_close(sums.double().cpu(), expected, rtol=1e-5, atol=1e-7)
     # what the next norm reads: the row sums are the mean squares
     torch.testing.assert_close(sums.double().cpu().sum(-1), stored.square().mean(-1), rtol=1e-5, atol=1e-7)
@@ -89,12 +92,13 @@ def test_producer_writes_the_sums_of_squares_of_its_output(kern, M, cfg, permute
 
 def test_ops_take_the_folded_norm_on_any_kernel():
     """The public ops: a kernel without the folded norm (the C++ one on the CPU) declines and the
-    reference runs; the Triton kernels (registered for the test's device) take it; both agree with
-    normalizing x first, and the sums op returns its output's sums."""
+    reference runs; the Triton kernels (registered for the test's device) take it, and leave it to the
+    reference beyond the few-token kernel (300 tokens); all agree with normalizing x first, and the
+    sums op returns its output's sums."""
     gen = torch.Generator().manual_seed(5)
     w = sparse_weight(64, 64, (16, 16), 0.5, gen)
     p = pack_bsr(w, (16, 16))
-    x = torch.randn(2, 3, 64, generator=gen)
+    x = torch.randn(2, 150, 64, generator=gen)
     g = torch.rand(64, generator=gen) + 0.5
     mean_square = x.square().mean(-1, keepdim=True)
     normed = x * torch.rsqrt(mean_square + EPS) * g
@@ -109,13 +113,15 @@ def test_ops_take_the_folded_norm_on_any_kernel():
         ops.register_kernel(op, DEV, fn, rms=True)
     try:
         y2 = ops.bsr_linear(x.to(DEV), folded.to(DEV), rms_sumsq=mean_square.to(DEV), rms_eps=EPS)
-        h, sums = ops.bsr_linear(x.to(DEV), p.to(DEV), sumsq=True)
+        few = ops.bsr_linear(x[:, :3].to(DEV), folded.to(DEV), rms_sumsq=mean_square[:, :3].to(DEV), rms_eps=EPS)
+        h, sums = ops.bsr_linear(x[:, :3].to(DEV), p.to(DEV), sumsq_group=16)
     finally:
         for op, fn in added:
             ops.unregister_kernel(op, DEV, fn)
     torch.testing.assert_close(y2.cpu(), expected, rtol=1e-5, atol=1e-5)
-    assert sums.shape == (2, 3, 8)
-    torch.testing.assert_close(sums.sum(-1).cpu(), (x @ w.t()).square().mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(few.cpu(), expected[:, :3], rtol=1e-5, atol=1e-5)
+    assert sums.shape == (2, 3, 4)
+    torch.testing.assert_close(sums.sum(-1).cpu(), (x[:, :3] @ w.t()).square().mean(-1), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="rms_sumsq"):
         ops.bsr_linear(x, folded, rms_sumsq=mean_square[0], rms_eps=EPS)
 
@@ -172,7 +178,9 @@ def test_llama_norms_fold_into_the_linears_around_them(rms_kernels_on_cpu, dtype
     assert stats["fold-rms-norm"] == {"norms_folded": 4, "sums_from_producer": 3, "norms_left": 1}
     assert count(before, aten.rsqrt.default) == 5 and count(gm, aten.rsqrt.default) == 1
     assert count(before, aten.mean.dim) == 5 and count(gm, aten.mean.dim) == 2  # the input's and the final norm's
-    assert count(gm, sparsec_ops.bsr_linear_sumsq.default) == 3
+    producers = [n for n in gm.graph.nodes if n.target is sparsec_ops.bsr_linear_sumsq.default]
+    # 10 tokens: the streaming kernel's Tensor Core slabs, 32 rows wide, each write one sum a token
+    assert len(producers) == 3 and all(n.args[13] == 32 for n in producers)
     readers = [n for n in gm.graph.nodes if n.target is sparsec_ops.bsr_linear.default and len(n.args) > 11
                and n.args[11] is not None]
     assert len(readers) == 4 and all(n.args[12] == 1e-6 for n in readers)
@@ -211,6 +219,14 @@ def test_a_norm_with_a_dense_reader_stays(rms_kernels_on_cpu):
     assert stats["fold-rms-norm"] == {"norms_folded": 0, "sums_from_producer": 0, "norms_left": 1}
     with torch.no_grad():
         assert output_close(gm(x), model(x))[0]
+
+
+def test_many_tokens_are_left_alone(rms_kernels_on_cpu):
+    """Past the streaming kernel's tokens (here 2 x 80) no norm folds: a folded stack ran slower there."""
+    model = pruned_llama(layers=1)
+    gm, stats, _ = run_passes(model, torch.randn(2, 80, 256))
+    assert stats["fold-rms-norm"] == {"norms_folded": 0, "sums_from_producer": 0, "norms_left_many_tokens": 3}
+    assert count(gm, torch.ops.aten.rsqrt.default) == 3
 
 
 def test_without_a_kernel_for_it_the_pass_leaves_the_graph():

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
-from .epilogue import ACT_SWIGLU, fused_epilogue, load_rms_sumsq, rms_scale, store_sumsq
+from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
 from .token_tiles import pow2_tile
 
@@ -48,12 +48,11 @@ def block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
 
 @triton.jit
 def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
-                       out_ptr, ss_in_ptr, ss_out_ptr, M, N, K, M_BUCKET, C_IN, rms_eps,
-                       stride_xm, stride_om, stride_rm, stride_ss_in, stride_ss_out,
+                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, HAS_RMS: tl.constexpr, C_IN_BLOCK: tl.constexpr,
-                       SUMSQ_OUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share the same weight blocks
     br = tl.program_id(1)
@@ -66,24 +65,18 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     if ACT == 4:  # ACT_SWIGLU
         up = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br + N // BH, K, BH, BW,
                             BLOCK_M, HAS_CPERM, IEEE, UPCAST)
-    if HAS_RMS:
-        scale = rms_scale(load_rms_sumsq(ss_in_ptr, m, m_ok, stride_ss_in, C_IN, C_IN_BLOCK), rms_eps)[:, None]
-        acc = acc * scale
-        up = up * scale
     n = br * BH + tl.arange(0, BH)
-    y = fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                       HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
-    if SUMSQ_OUT:
-        store_sumsq(y, m, br * BH, M, N, ss_out_ptr, stride_ss_out, BLOCK_M, BH)
+    fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
 _autotuned = None
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
-           col_perm, out, config=None, rms_sumsq=None, rms_eps=0.0, sumsq_out=None):
+           col_perm, out, config=None):
     """x2d [M, K] (row stride any, unit col stride), out [M, N] (N output features: half the
-    weight's rows when gated). No host syncs. rms_sumsq, rms_eps, sumsq_out: as bsr_small_m.launch."""
+    weight's rows when gated). No host syncs."""
     global _autotuned
     M = x2d.shape[0]
     _, BH, BW = values.shape
@@ -92,16 +85,10 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     args = (x2d, values, col_indices, row_offsets,
             dummy if bias is None else bias, dummy if res2d is None else res2d,
             dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
-            out, dummy if rms_sumsq is None else rms_sumsq, dummy if sumsq_out is None else sumsq_out,
-            M, N, K, pow2_tile(M),  # M_BUCKET: tune once per power of two
-            1 if rms_sumsq is None else rms_sumsq.shape[1], rms_eps, x2d.stride(0), out.stride(0),
-            0 if res2d is None else res2d.stride(0), 0 if rms_sumsq is None else rms_sumsq.stride(0),
-            0 if sumsq_out is None else sumsq_out.stride(0))
+            out, M, N, K, pow2_tile(M), x2d.stride(0), out.stride(0),  # M_BUCKET: tune once per power of two
+            0 if res2d is None else res2d.stride(0))
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
               HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
-              HAS_RMS=rms_sumsq is not None,
-              C_IN_BLOCK=1 if rms_sumsq is None else triton.next_power_of_2(rms_sumsq.shape[1]),
-              SUMSQ_OUT=sumsq_out is not None,
               IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4, UPCAST=interpreting())
     if config is None and interpreting():  # no autotuning without a GPU
         config = dict(BLOCK_M=64, num_warps=4, num_stages=2)

@@ -191,7 +191,7 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, HAS_RMS: tl.constexpr, C_IN_BLOCK: tl.constexpr,
-                       SUMSQ_OUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                       SUMSQ_GROUP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
@@ -227,13 +227,21 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     n = n0 + tl.arange(0, ROWS_)
     y = fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
                        HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
-    if SUMSQ_OUT:
-        store_sumsq(y, m, n0, M, N, ss_out_ptr, stride_ss_out, BLOCK_M, ROWS_)
+    if SUMSQ_GROUP > 0:
+        store_sumsq(y, m, n0, M, N, ss_out_ptr, stride_ss_out, BLOCK_M, ROWS_, SUMSQ_GROUP)
 
 
 def serves(M, block_rows):
     """Whether this kernel, not bsr_large_m, runs M tokens on a weight of `block_rows` block rows."""
     return M <= ALL_WEIGHTS_M or (M <= MID_M and block_rows <= FEW_BLOCK_ROWS)
+
+
+def widest_sumsq_group(fewest_tokens: int) -> int:
+    """The widest group of output features whose sums of squares each program writes whole, for any
+    token count from `fewest_tokens` up: the Tensor Core slabs (DOT_ROWS) from DOT_MIN_M tokens, the
+    thinnest broadcast slab (MIN_ROWS) below. Wider groups leave a folded RMSNorm's reader fewer
+    columns to sum."""
+    return DOT_ROWS[-1] if fewest_tokens >= DOT_MIN_M else MIN_ROWS
 
 
 def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
@@ -268,11 +276,12 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
-           col_perm, out, config=None, pdl=False, rms_sumsq=None, rms_eps=0.0, sumsq_out=None):
+           col_perm, out, config=None, pdl=False, rms_sumsq=None, rms_eps=0.0, sumsq_out=None, sumsq_group=0):
     """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated). pdl: launched as a
     programmatic dependent launch (`codegen.triton.pdl`): only where the launch is not traced.
     rms_sumsq [M, C] fp32, rms_eps: a folded RMSNorm's input scale (a program holds [BLOCK_M, C]); sumsq_out
-    [M, N / SUMSQ_GROUP] fp32: where to store the output's sums of squares."""
+    [M, N / sumsq_group] fp32: where to store the output's sums of squares in groups of sumsq_group
+    features (each program's slab is widened to a whole group)."""
     M = x2d.shape[0]
     nnz_blocks, BH, BW = values.shape
     gated = act_code == ACT_SWIGLU
@@ -281,7 +290,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     cfg = pick_config(M, BH, BW, nbr, blocks_per_row, gated, values.element_size())
     if config:
         cfg.update(config)
-    rows = min(cfg["ROWS"], BH)
+    rows = min(max(cfg["ROWS"], sumsq_group), BH)
     dummy = out
     grid = (nbr * (BH // rows), triton.cdiv(M, cfg["BLOCK_M"]))
     traceable(bsr_small_m_kernel)[grid](
@@ -296,7 +305,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code, HAS_RMS=rms_sumsq is not None,
         C_IN_BLOCK=1 if rms_sumsq is None else triton.next_power_of_2(rms_sumsq.shape[1]),
-        SUMSQ_OUT=sumsq_out is not None,
+        SUMSQ_GROUP=sumsq_group if sumsq_out is not None else 0,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_launch(pdl))
     return out

@@ -8,14 +8,12 @@ Gated (ACT_SWIGLU): `acc` holds the gate rows and `up` the matching up rows (wei
 the output features): out = silu(acc + bias[n]) * (up + bias[n + N]) + residual. Other
 activations ignore `up` (callers pass acc).
 
-A folded RMSNorm (runtime/reference.py, SUMSQ_GROUP): a consumer loads its rms_sumsq rows early
+A folded RMSNorm (runtime/reference.py): a consumer loads its rms_sumsq rows early
 (load_rms_sumsq) and scales acc by rms_scale before this epilogue; a producer stores the sums of
 squares of what the epilogue wrote (store_sumsq, from its return value).
 """
 import triton
 import triton.language as tl
-
-from sparsec.runtime import reference
 
 # activation codes (constexpr): keep in sync with ACT_CODES below
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_SILU, ACT_SWIGLU = 0, 1, 2, 3, 4
@@ -56,9 +54,6 @@ def fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, strid
     return out.to(tl.float32)  # what was stored, for store_sumsq
 
 
-SUMSQ_GROUP = tl.constexpr(reference.SUMSQ_GROUP)
-
-
 @triton.jit
 def load_rms_sumsq(ss_ptr, m, m_ok, stride_ssm, C, C_BLOCK: tl.constexpr):
     """[BLOCK_M, C_BLOCK] of rms_sumsq's rows `m` (C columns, zeros past them)."""
@@ -74,13 +69,14 @@ def rms_scale(sumsq, eps):
 
 
 @triton.jit
-def store_sumsq(y, m, n0, M, N, ss_ptr, stride_ssm, BLOCK_M: tl.constexpr, COLS: tl.constexpr):
+def store_sumsq(y, m, n0, M, N, ss_ptr, stride_ssm, BLOCK_M: tl.constexpr, COLS: tl.constexpr,
+                GROUP: tl.constexpr):
     """Store, for tokens m, the sums of squares of y [BLOCK_M, COLS] (output features n0 .. n0+COLS-1 as
-    written, n0 a multiple of SUMSQ_GROUP) over each SUMSQ_GROUP features, divided by N."""
+    written, n0 a multiple of GROUP) over each GROUP features, divided by N."""
     n = n0 + tl.arange(0, COLS)
     ok = (m[:, None] < M) & (n < N)[None, :]
     squares = tl.where(ok, y * y, 0.0)
-    groups = tl.sum(tl.reshape(squares, (BLOCK_M, COLS // SUMSQ_GROUP, SUMSQ_GROUP)), axis=2) / N
-    slot = n0 // SUMSQ_GROUP + tl.arange(0, COLS // SUMSQ_GROUP)
+    groups = tl.sum(tl.reshape(squares, (BLOCK_M, COLS // GROUP, GROUP)), axis=2) / N
+    slot = n0 // GROUP + tl.arange(0, COLS // GROUP)
     tl.store(ss_ptr + m.to(tl.int64)[:, None] * stride_ssm + slot[None, :], groups,
-             mask=(m[:, None] < M) & (slot < N // SUMSQ_GROUP)[None, :])
+             mask=(m[:, None] < M) & (slot < N // GROUP)[None, :])
