@@ -92,10 +92,6 @@ for s in $steps; do
     prefill_2_4)
       step prefill_2_4 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d,e
       step prefill_2_4_unpriced 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d --unpriced-relayout ;;
-    # The 2:4 few-token Triton kernel (a prototype): its GPU tests, then against cuBLAS at 1 and 16 tokens
-    two_four_decode)
-      step two_four_tests 90 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_two_four_decode.py -p no:cacheprovider
-      step two_four_sweep 150 python3 benchmarks/kernels.py --sweep-2-4-decode --tokens 1 16 ;;
     # RMSNorms folded into the block-sparse linears (passes/fold_rms_norm.py): the kernels' GPU tests,
     # then case (a) at decode with the full pipeline and without the pass
     rms_fold)

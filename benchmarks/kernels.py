@@ -434,40 +434,6 @@ def run_sweep_csr(args):
                       + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
 
 
-def run_sweep_two_four_decode(args):
-    """The 2:4 few-token kernel (codegen/triton/two_four.py, a prototype) against cuBLAS on the dense
-    weight, both with their operands rotated over copies: configs at 1 token (multiply-adds) and 16
-    (Tensor Core dots), the best four printed, and the byte-floor ratio (dense bytes / packed bytes)."""
-    from sparsec.codegen.triton import two_four
-    dev, dtype = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(5)
-    for (N, K) in [(11008, 4096), (4096, 11008)]:
-        w = make_weight(N, K, "2:4", dtype, dev, gen)
-        packed = two_four.pack_two_four(w)
-        packed_bytes = sum(t.numel() * t.element_size() for t in packed)
-        packs = Rotor([packed] + [tuple(t.clone() for t in packed) for _ in range(n_copies(packed_bytes) - 1)])
-        dense = Rotor([w] + [w.clone() for _ in range(n_copies(w.numel() * w.element_size()) - 1)])
-        for M in args.tokens:
-            x = torch.randn(M, K, device=dev, dtype=dtype)
-            out = torch.empty(M, N, device=dev, dtype=dtype)
-            ref = x.double() @ w.double().t()
-            if M >= two_four.DOT_MIN_M:
-                cfgs = [dict(ROWS=rows, KC=kc, num_warps=nw, num_stages=ns) for rows in [16, 32, 64]
-                        for kc in [64, 128] for nw in [4, 8] for ns in [3, 4]]
-            else:
-                cfgs = [dict(ROWS=rows, KC=kc, num_warps=nw, num_stages=3) for rows in [4, 8, 16]
-                        for kc in [256, 512, 1024] if rows * kc <= 8192 for nw in [4, 8]]
-
-            def launch(cfg):
-                values, codes = packs.next()
-                two_four.launch(x, values, codes, out, config=cfg)
-            best = time_configs(launch, cfgs, out, ref)
-            t_dense, _ = bench(lambda: torch.nn.functional.linear(x, dense.next()), True, 10)
-            print(f"SWEEP-2:4-DECODE {N}x{K} M={M}: cuBLAS {t_dense * 1e3:.1f}us, byte floor ratio "
-                  f"{w.numel() * w.element_size() / packed_bytes:.2f}x; "
-                  + "; ".join(f"{t * 1e3:.1f}us ({t_dense / t:.2f}x) {c}" for t, c in best[:4]), flush=True)
-
-
 def run_rms_fold(args):
     """The block-sparse kernels with a folded RMSNorm's parts (passes/fold_rms_norm.py) against the same
     launch without them, on case (a)'s layer weights (90% 64x64 blocks): a reader scaling its tokens
@@ -553,8 +519,6 @@ def main():
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
-    p.add_argument("--sweep-2-4-decode", action="store_true",
-                   help="the 2:4 few-token Triton kernel (a prototype) vs cuBLAS at --tokens")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
@@ -572,8 +536,6 @@ def main():
         run_sweep_bitmap(args)
     elif args.sweep_2_4:
         run_sweep_semi_structured(args)
-    elif args.sweep_2_4_decode:
-        run_sweep_two_four_decode(args)
     elif args.rms_fold:
         run_rms_fold(args)
     else:
