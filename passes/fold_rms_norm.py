@@ -7,9 +7,12 @@ becomes
 
 and where h itself comes from a block-sparse linear (a residual stream: o_proj, down_proj), that
 linear returns s's parts as well (sparsec::bsr_linear_sumsq: per token, the sums of squares of each
-8 output features it wrote), so the norm leaves no kernel of its own:
+group of output features it wrote, divided by the hidden size), so the norm leaves no kernel of its own:
 
-    h, s = bsr_linear_sumsq(a, Wo, residual=r)            # s: [*tokens, hidden / 8], summed by the reader
+    h, s = bsr_linear_sumsq(a, Wo, residual=r, sumsq_group=32)   # s: [*tokens, hidden / 32], summed by the reader
+
+The group is the widest every program of the streaming kernel writes whole at the graph's fewest
+tokens (32 from 9 tokens, 8 below: bsr_small_m.widest_sumsq_group), so the reader has few columns to sum.
 
 Why: at decode each RMSNorm is a kernel of its own between two streaming kernels; on the H200 the
 8 norms of issue 14's 4-layer stack take ~12 us of a ~137 us chain of 24 kernels

@@ -236,3 +236,17 @@ def test_without_a_kernel_for_it_the_pass_leaves_the_graph():
                       device=torch.device("meta"))
     records = run_pipeline(captured.gm, ctx)
     assert not records[0].changed and "no block-sparse kernel" in records[0].stats["skipped"]
+
+
+def test_a_folded_graph_exports_and_loads(rms_kernels_on_cpu, tmp_path):
+    """sparsec.export keeps the folded norms (the sums op and its getitems are stored like any op) and
+    the loaded package equals eager."""
+    model = pruned_llama(layers=2)
+    x = torch.randn(2, 5, 256)
+    report = sparsec.export(model, (x,), tmp_path / "folded.sparsec", passes="select-kernels,fold-rms-norm")
+    stats = {p["name"]: p["stats"] for p in report.passes}
+    assert stats["fold-rms-norm"] == {"norms_folded": 4, "sums_from_producer": 3, "norms_left": 1}
+    loaded = sparsec.load(tmp_path / "folded.sparsec")
+    fresh = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        assert output_close(loaded(fresh), model(fresh))[0]
