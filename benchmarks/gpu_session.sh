@@ -92,13 +92,6 @@ for s in $steps; do
     prefill_2_4)
       step prefill_2_4 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d,e
       step prefill_2_4_unpriced 120 python3 benchmarks/models.py --skip-other --shapes prefill --only d --unpriced-relayout ;;
-    # RMSNorms folded into the block-sparse linears (passes/fold_rms_norm.py): the kernels' GPU tests,
-    # then case (a) at decode with the full pipeline and without the pass
-    rms_fold)
-      step rms_fold_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_fold_rms_norm.py -p no:cacheprovider
-      step rms_fold_models 200 python3 benchmarks/models.py --skip-other --only a --shapes decode1,decode16
-      step rms_fold_models_without 200 python3 benchmarks/models.py --skip-other --only a --shapes decode1,decode16 \
-        --passes mask-fold,analyze,channel-slice,co-permute,block-reorder,fuse-linears,select-kernels,conv-epilogue ;;
     # Issue 14's decode table, every case, with torchao's rows (decode1 and decode16 in one run)
     ao_decode) step ao_decode 520 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --impls sparsec,torchao ;;
     ao_prefill) step ao_prefill 300 python3 benchmarks/models.py --skip-other --shapes prefill --impls sparsec,torchao ;;

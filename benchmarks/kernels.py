@@ -434,46 +434,6 @@ def run_sweep_csr(args):
                       + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
 
 
-def run_rms_fold(args):
-    """The block-sparse kernels with a folded RMSNorm's parts (passes/fold_rms_norm.py) against the same
-    launch without them, on case (a)'s layer weights (90% 64x64 blocks): a reader scaling its tokens
-    (rms_sumsq: the producer's 512 columns at few tokens, one pre-summed column at many) and a writer
-    of sums of squares (with its residual), each timed as one launch in a CUDA graph, weights rotated."""
-    from sparsec.codegen.triton import bsr_large_m, bsr_small_m
-    from sparsec.codegen.triton.epilogue import ACT_CODES, ACT_SWIGLU
-    from sparsec.runtime.formats import pack_bsr
-    dev, dtype = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(6)
-    layers = [("q/k/v", 12288, 4096, "none", "reads"), ("o", 4096, 4096, "none", "writes"),
-              ("gate/up", 22016, 4096, "swiglu", "reads"), ("down", 4096, 11008, "none", "writes")]
-    print("| weight | tokens | kernel | plain us | with the norm's part us | part |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, N, K, act, part in layers:
-        w = make_weight(N, K, "block90", dtype, dev, gen)
-        p = pack_bsr(w, (64, 64))
-        packs = Rotor([p] + [pack_bsr(w.clone(), (64, 64)) for _ in range(n_copies(p.values.numel() * 2) - 1)])
-        n_out = N // 2 if act == "swiglu" else N
-        for M in args.tokens:
-            kern = bsr_small_m if bsr_small_m.serves(M, N // 64) else bsr_large_m
-            x = torch.randn(M, K, device=dev, dtype=dtype)
-            res = torch.randn(M, n_out, device=dev, dtype=dtype) if part == "writes" else None
-            out = torch.empty(M, n_out, device=dev, dtype=dtype)
-            columns = 4096 // 8 if kern is bsr_small_m else 1
-            extra = dict(rms_sumsq=torch.rand(M, columns, device=dev) / columns, rms_eps=1e-6) if part == "reads" \
-                else dict(sumsq_out=torch.empty(M, n_out // 8, device=dev))
-
-            def launch(**kw):
-                q = packs.next()
-                kern.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None,
-                            ACT_SWIGLU if act == "swiglu" else ACT_CODES[act], res, None, None, out, **kw)
-            plain, _ = bench(lambda: launch(), True, args.rep)
-            folded, _ = bench(lambda: launch(**extra), True, args.rep)
-            print(f"| {label} {N}x{K} | {M} | {kern.__name__.rsplit('.', 1)[-1]} | {plain * 1e3:.1f} | "
-                  f"{folded * 1e3:.1f} | {part} |", flush=True)
-    if bsr_large_m._autotuned is not None:
-        print("bsr_large_m autotuned:", {k: str(v) for k, v in bsr_large_m._autotuned.cache.items()})
-
-
 def run_sweep_bitmap(args):
     """Config sweep for the bitmap kernel at few tokens (to pick its hand table): rows a program, K
     tiles a loop step, the next step loaded ahead or not; the LLaMA-style weights, unstructured."""
@@ -523,7 +483,6 @@ def main():
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
     p.add_argument("--weights", default="", help="--sweep, --sweep-bitmap: comma list of weight shapes, e.g. 11008x4096")
-    p.add_argument("--rms-fold", action="store_true", help="the kernels with a folded RMSNorm's parts vs without")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():
@@ -536,8 +495,6 @@ def main():
         run_sweep_bitmap(args)
     elif args.sweep_2_4:
         run_sweep_semi_structured(args)
-    elif args.rms_fold:
-        run_rms_fold(args)
     else:
         run_gpu(args)
 

@@ -6,11 +6,6 @@ linears are triton_ops, which torch.compile traces into; the rest, opaque, are d
   sparsec::bsr_linear(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets,
                       int out_features, int in_features, Tensor? bias, str activation,
                       Tensor? residual, Tensor? row_perm, Tensor? col_perm) -> Tensor
-      (the public op and its opaque twin bsr_linear_host also take `Tensor? rms_sumsq=None,
-      float rms_eps=0.0`: an RMSNorm folded in, see below)
-  sparsec::bsr_linear_sumsq(<bsr_linear's arguments>, int sumsq_group=8) -> (Tensor, Tensor)
-      bsr_linear's output and, for the next RMSNorm, its sums of squares over each sumsq_group
-      output features (runtime/reference.py)
   sparsec::bitmap_linear(Tensor x, Tensor values, Tensor bitmap, Tensor tile_offsets,
                          int out_features, int in_features, int tile_rows, Tensor? bias,
                          str activation, Tensor? residual, Tensor? row_perm,
@@ -34,8 +29,6 @@ Semantics (the linears): xk = x[..., col_perm] (if given); yp = xk @ Wp^T with f
 y[..., row_perm[r]] = yp[..., r]; y = act(y + bias) + residual; output dtype = x dtype.
 activation "swiglu" (gated): y = silu(y[..., :N/2]) * y[..., N/2:] before the residual, so the
 output has out_features / 2 features (a SwiGLU FFN's stacked gate/up linear and its product).
-rms_sumsq [*tokens, C] fp32 (given): yp is first scaled per token by rsqrt(rms_sumsq.sum(-1) + rms_eps),
-an RMSNorm of x whose weight the pass folded into W (passes/fold_rms_norm.py).
 
 Kernel registry: `register_kernel(op_name, device_type, fn)`; fn takes the op's arguments
 (positionally, same order) and returns the output tensor, or NotImplemented to fall back
@@ -44,8 +37,6 @@ The built-in kernels register themselves lazily, on the first look-up for their 
 for "cuda" (triton is optional), the C++ kernels for "cpu" (they need a C++ compiler).
 A kernel registered with `gated=True` implements "swiglu" itself; any other one is called without
 it (activation "none", no residual) and the product and residual follow in torch (`_ungated`).
-A kernel registered with `rms=True` takes the folded RMSNorm's arguments (rms_sumsq, rms_eps); any
-other one is called without them, and declines (falls back) where they are given.
 `kernels_ready(op_name, device_type)` says whether a real kernel will run (for the C++ kernels
 this builds the library, or loads it from the disk cache): the reference never counts.
 """
@@ -66,9 +57,6 @@ _KERNELS: Dict[Tuple[str, str], List[Callable]] = {}
 _TRACEABLE: set = set()
 # Kernels that implement the gated activation ("swiglu") in their own epilogue.
 _GATED: set = set()
-# Kernels that take a folded RMSNorm's arguments (rms_sumsq, rms_eps), and where those arguments sit.
-_RMS: set = set()
-_RMS_ARG = {"bsr_linear": 11}
 # Position of the `activation` argument of each op (the residual follows it).
 _ACTIVATION_ARG = {"bsr_linear": 7, "bitmap_linear": 8, "csr_linear": 7}
 # Kernels that are registered but may not be usable yet: fn -> ready() (True once it can run).
@@ -87,13 +75,12 @@ def _norm(op_name: str) -> str:
 
 def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool = False,
                     traceable: bool = False, ready: Optional[Callable[[], bool]] = None,
-                    gated: bool = False, rms: bool = False) -> None:
+                    gated: bool = False) -> None:
     """Register `fn` for (op, device). Later registrations are tried first, unless
     `last=True` (used by the built-in kernels so user kernels take precedence).
     `traceable=True` only for functions made of PyTorch ops and `wrap_triton` launches.
     `ready()`, if given, says whether `fn` can run here (e.g. its library built).
-    `gated=True`: `fn` implements activation "swiglu" itself.
-    `rms=True`: `fn` takes the folded RMSNorm's arguments (rms_sumsq, rms_eps)."""
+    `gated=True`: `fn` implements activation "swiglu" itself."""
     lst = _KERNELS.setdefault((_norm(op_name), device_type), [])
     if fn in lst:
         lst.remove(fn)
@@ -105,8 +92,6 @@ def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool 
         _TRACEABLE.add(fn)
     if gated:
         _GATED.add(fn)
-    if rms:
-        _RMS.add(fn)
     if ready is not None:
         _READY_CHECKS[fn] = ready
 
@@ -135,11 +120,6 @@ def has_gated_kernel(op_name: str, device_type: str) -> bool:
     return any(fn in _GATED for fn in get_kernels(op_name, device_type))
 
 
-def has_rms_kernel(op_name: str, device_type: str) -> bool:
-    """Whether a real kernel for (op, device) takes a folded RMSNorm's arguments."""
-    return any(fn in _RMS and _READY_CHECKS.get(fn, lambda: True)() for fn in get_kernels(op_name, device_type))
-
-
 def kernels_ready(op_name: str, device_type: str) -> bool:
     """Whether a real kernel (not the reference) will run `op_name` on `device_type`."""
     return any(_READY_CHECKS.get(fn, lambda: True)() for fn in get_kernels(op_name, device_type))
@@ -158,11 +138,6 @@ def _ungated(fn, op_name, args):
 
 
 def _call(fn, op_name, args):
-    at = _RMS_ARG.get(op_name)
-    if at is not None and fn not in _RMS:
-        if args[at] is not None:
-            return NotImplemented  # no folded RMSNorm in this kernel
-        args = args[:at]
     if op_name not in _ACTIVATION_ARG or args[_ACTIVATION_ARG[op_name]] != reference.GATED:
         return fn(*args)
     out = fn(*args) if fn in _GATED else NotImplemented
@@ -240,30 +215,19 @@ def host_op(schema: str):
 # The public op is a triton_op: torch.compile traces into it and Inductor launches the Triton
 # kernel from its own generated code (no Python dispatch per call). Everything that is not a
 # traceable kernel runs in the opaque `_host` op, with a fake implementation.
-_BSR_ARGS = ("Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets, SymInt out_features, SymInt in_features, "
-             "Tensor? bias, str activation, Tensor? residual, Tensor? row_perm, Tensor? col_perm, "
-             "Tensor? rms_sumsq=None, float rms_eps=0.0")
-
-
-@host_op(f"bsr_linear_host({_BSR_ARGS}) -> Tensor")
+@host_op("bsr_linear_host(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets, SymInt out_features, "
+         "SymInt in_features, Tensor? bias, str activation, Tensor? residual, Tensor? row_perm, Tensor? col_perm) "
+         "-> Tensor")
 def bsr_linear_host(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
-                    row_perm, col_perm, rms_sumsq=None, rms_eps=0.0):
+                    row_perm, col_perm):
     return _run_host("bsr_linear", reference.bsr_linear_ref,
                      (x, values, col_indices, row_offsets, out_features, in_features, bias,
-                      activation, residual, row_perm, col_perm, rms_sumsq, rms_eps))
-
-
-def _check_rms(x, rms_sumsq):
-    if rms_sumsq is not None:
-        torch._check(rms_sumsq.dtype == torch.float32, lambda: f"rms_sumsq must be float32, got {rms_sumsq.dtype}")
-        torch._check(tuple(rms_sumsq.shape[:-1]) == tuple(x.shape[:-1]),
-                     lambda: f"rms_sumsq {tuple(rms_sumsq.shape)} must have x's tokens {tuple(x.shape[:-1])}")
+                      activation, residual, row_perm, col_perm))
 
 
 @torch.library.register_fake("sparsec::bsr_linear_host")
 def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
-      residual, row_perm, col_perm, rms_sumsq=None, rms_eps=0.0):
-    _check_rms(x, rms_sumsq)
+      residual, row_perm, col_perm):
     return _fake_linear(x, out_features, in_features, activation)
 
 
@@ -271,46 +235,12 @@ def _(x, values, col_indices, row_offsets, out_features, in_features, bias, acti
 def bsr_linear_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
                   row_offsets: torch.Tensor, out_features: int, in_features: int,
                   bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
-                  row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor],
-                  rms_sumsq: Optional[torch.Tensor] = None, rms_eps: float = 0.0) -> torch.Tensor:
+                  row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor]) -> torch.Tensor:
     _check_act(activation, out_features)
-    _check_rms(x, rms_sumsq)
     args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
-            residual, row_perm, col_perm, rms_sumsq, rms_eps)
+            residual, row_perm, col_perm)
     out = _run_traceable("bsr_linear", args)
     return out if out is not NotImplemented else bsr_linear_host(*args)
-
-
-# ------------------------------------------------------------------ bsr_linear_sumsq
-# The producer of a folded RMSNorm's input: bsr_linear plus its output's sums of squares.
-@host_op(f"bsr_linear_sumsq_host({_BSR_ARGS}, SymInt sumsq_group=8) -> (Tensor, Tensor)")
-def bsr_linear_sumsq_host(*args):
-    return _run_host("bsr_linear_sumsq", reference.bsr_linear_sumsq_ref, args)
-
-
-@torch.library.register_fake("sparsec::bsr_linear_sumsq_host")
-def _(x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
-      residual, row_perm, col_perm, rms_sumsq=None, rms_eps=0.0, sumsq_group=8):
-    _check_rms(x, rms_sumsq)
-    y = _fake_linear(x, out_features, in_features, activation)
-    return y, y.new_empty((*y.shape[:-1], y.shape[-1] // sumsq_group), dtype=torch.float32)
-
-
-@torch.library.triton_op("sparsec::bsr_linear_sumsq", mutates_args=())
-def bsr_linear_sumsq_op(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
-                        row_offsets: torch.Tensor, out_features: int, in_features: int,
-                        bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
-                        row_perm: Optional[torch.Tensor], col_perm: Optional[torch.Tensor],
-                        rms_sumsq: Optional[torch.Tensor] = None, rms_eps: float = 0.0,
-                        sumsq_group: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_act(activation, out_features)
-    _check_rms(x, rms_sumsq)
-    torch._check(reference.output_features(out_features, activation) % sumsq_group == 0,
-                 lambda: f"bsr_linear_sumsq needs output features divisible by its group of {sumsq_group}")
-    args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation,
-            residual, row_perm, col_perm, rms_sumsq, rms_eps, sumsq_group)
-    out = _run_traceable("bsr_linear_sumsq", args)
-    return out if out is not NotImplemented else bsr_linear_sumsq_host(*args)
 
 
 # ------------------------------------------------------------------ bitmap_linear
@@ -401,16 +331,10 @@ def _(x, weight, bias, addend, stride, padding, dilation, groups):
 
 
 # ------------------------------------------------------------------ helpers
-def bsr_linear(x: torch.Tensor, w: BSRWeight, bias=None, activation: str = "none", residual=None,
-               rms_sumsq=None, rms_eps: float = 0.0, sumsq_group: int | None = None):
-    """sumsq_group: also return the output's sums of squares in groups of that many features
-    (sparsec::bsr_linear_sumsq)."""
+def bsr_linear(x: torch.Tensor, w: BSRWeight, bias=None, activation: str = "none", residual=None):
     n, k = w.shape
-    args = (x, w.values, w.col_indices, w.row_offsets, n, k, bias, activation, residual, w.row_perm, w.col_perm,
-            rms_sumsq, rms_eps)
-    if sumsq_group is None:
-        return torch.ops.sparsec.bsr_linear(*args)
-    return torch.ops.sparsec.bsr_linear_sumsq(*args, sumsq_group)
+    return torch.ops.sparsec.bsr_linear(x, w.values, w.col_indices, w.row_offsets, n, k, bias,
+                                        activation, residual, w.row_perm, w.col_perm)
 
 
 def bitmap_linear(x: torch.Tensor, w: BitmapWeight, bias=None, activation: str = "none",

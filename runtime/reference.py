@@ -18,14 +18,6 @@ ACTIVATIONS = ("none", "relu", "gelu", "silu", "swiglu")
 # silu(gate) * up, half as many features: a SwiGLU FFN's gate/up linear and its product in one op.
 GATED = "swiglu"
 
-# RMSNorm folded into the linears around it (passes/fold_rms_norm.py):
-# - a producer (sparsec::bsr_linear_sumsq) also returns, per token, its output's sum of squares over
-#   each `sumsq_group` consecutive output features, divided by the output features:
-#   [*tokens, N / sumsq_group] fp32 whose row sums are the mean squares an RMSNorm of the output takes;
-# - a consumer (rms_sumsq given) scales each token's product by rsqrt(row sum of rms_sumsq + rms_eps)
-#   before the bias: the norm's own weight is folded into the consumer's weight columns.
-# Any number of columns sums the same, so a graph may pass a norm's own mean ([*tokens, 1]) too.
-
 
 def output_features(out_features: int, activation: str) -> int:
     """Features of the op's output: half the weight's rows for the gated activation."""
@@ -81,28 +73,11 @@ def bsr_dense_padded(values: torch.Tensor, col_indices: torch.Tensor, row_offset
     return wp[:out_features, :in_features]
 
 
-def rms_row_scale(rms_sumsq: torch.Tensor, rms_eps: float) -> torch.Tensor:
-    """[*tokens, 1]: rsqrt of each token's mean square (the row sums of `rms_sumsq`) plus eps."""
-    return torch.rsqrt(rms_sumsq.float().sum(-1, keepdim=True) + rms_eps)
-
-
-def sumsq_groups(y: torch.Tensor, group: int) -> torch.Tensor:
-    """[*tokens, N / group] fp32: sums of squares of y over each `group` consecutive features,
-    divided by N (y's features)."""
-    n = y.shape[-1]
-    if n % group:
-        raise ValueError(f"sums of squares in groups of {group} features need a multiple of {group}; the output has {n}")
-    squares = y.float().square().reshape(*y.shape[:-1], n // group, group)
-    return squares.sum(-1) / n
-
-
-def _linear(x, wp, bias, activation, residual, row_perm, col_perm, rms_sumsq=None, rms_eps=0.0):
+def _linear(x, wp, bias, activation, residual, row_perm, col_perm):
     acc = _acc_dtype(x.dtype)
     if col_perm is not None:
         x = x.index_select(-1, col_perm.to(x.device, torch.long))
     yp = torch.matmul(x.to(acc), wp.to(acc).t())
-    if rms_sumsq is not None:
-        yp = yp * rms_row_scale(rms_sumsq, rms_eps).to(acc)
     return apply_epilogue(yp, bias, activation, residual, row_perm, x.dtype)
 
 
@@ -110,18 +85,9 @@ def bsr_linear_ref(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Ten
                    row_offsets: torch.Tensor, out_features: int, in_features: int,
                    bias: Optional[torch.Tensor] = None, activation: str = "none",
                    residual: Optional[torch.Tensor] = None, row_perm: Optional[torch.Tensor] = None,
-                   col_perm: Optional[torch.Tensor] = None, rms_sumsq: Optional[torch.Tensor] = None,
-                   rms_eps: float = 0.0) -> torch.Tensor:
+                   col_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     wp = bsr_dense_padded(values, col_indices, row_offsets, out_features, in_features)
-    return _linear(x, wp, bias, activation, residual, row_perm, col_perm, rms_sumsq, rms_eps)
-
-
-def bsr_linear_sumsq_ref(*args) -> tuple[torch.Tensor, torch.Tensor]:
-    """bsr_linear_ref's output (its arguments: all but the last) and its sums of squares in groups of
-    the last argument's features (sumsq_groups)."""
-    *linear_args, group = args
-    y = bsr_linear_ref(*linear_args)
-    return y, sumsq_groups(y, group)
+    return _linear(x, wp, bias, activation, residual, row_perm, col_perm)
 
 
 def bitmap_linear_ref(x: torch.Tensor, values: torch.Tensor, bitmap: torch.Tensor,

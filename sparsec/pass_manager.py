@@ -61,7 +61,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 # The full pipeline in order. Passes not (yet) registered are skipped by `default_pipeline()`.
 FULL_PIPELINE = (
     "mask-fold", "analyze", "channel-slice", "co-permute", "block-reorder", "fuse-linears", "select-kernels",
-    "fold-rms-norm", "conv-epilogue",
+    "conv-epilogue",
 )
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
-from .epilogue import ACT_SWIGLU, fused_epilogue, load_rms_sumsq, rms_scale, store_sumsq
+from .epilogue import ACT_SWIGLU, fused_epilogue
 from .mma import interpreting, mma, traceable
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .token_tiles import pow2_tile
@@ -126,15 +126,17 @@ def finish_slab(acc, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, start, end, rr, K,
+def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
                    BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                    BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of a block row whose non-zero blocks are
-    start .. end-1.
+                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks.
     PREFETCH: the next step's loads are issued before this step's multiply-add, so a program keeps
     two steps of weights in flight whatever the compiler pipelines (the last iteration's loads are
     fully masked: no memory traffic)."""
+    start = tl.load(ro_ptr + br)
+    end = tl.load(ro_ptr + br + 1)
+    wait_for_producer(PDL)
     acc = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
         xt, wt = load_blocks(start, end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP,
@@ -152,13 +154,18 @@ def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, start, end, rr, K,
 
 
 @triton.jit
-def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, start_a, end_a, start_b, end_b, rr, K,
+def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
                            BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                            BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """block_row_slab of two block rows (gate and up), in one loop: each step streams
+                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams
     blocks of each, so a program keeps twice the bytes in flight instead of running two chains."""
+    start_a = tl.load(ro_ptr + br_a)
+    end_a = tl.load(ro_ptr + br_a + 1)
+    start_b = tl.load(ro_ptr + br_b)
+    end_b = tl.load(ro_ptr + br_b + 1)
     steps_end = tl.maximum(end_a - start_a, end_b - start_b)
+    wait_for_producer(PDL)
     acc_a = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     acc_b = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
@@ -185,13 +192,12 @@ def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, start_a, end_
 
 @triton.jit
 def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
-                       out_ptr, ss_in_ptr, ss_out_ptr, M, N, K, C_IN, rms_eps,
-                       stride_xm, stride_om, stride_rm, stride_ss_in, stride_ss_out,
+                       out_ptr, M, N, K, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, HAS_RMS: tl.constexpr, C_IN_BLOCK: tl.constexpr,
-                       SUMSQ_GROUP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr, PDL: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
@@ -201,47 +207,23 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     m_ok = m < M
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     rr = sub * ROWS_ + tl.arange(0, ROWS_)
-    # the row offsets are constants: read before waiting for the kernel that writes x
-    start = tl.load(ro_ptr + br)
-    end = tl.load(ro_ptr + br + 1)
     if ACT == 4:  # ACT_SWIGLU
-        start_up = tl.load(ro_ptr + br + N // BH)
-        end_up = tl.load(ro_ptr + br + N // BH + 1)
-    wait_for_producer(PDL)
-    if HAS_RMS:  # loaded now, used in the epilogue: its latency hides behind the main loop
-        sumsq = load_rms_sumsq(ss_in_ptr, m, m_ok, stride_ss_in, C_IN, C_IN_BLOCK)
-    if ACT == 4:
-        acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, start, end, start_up, end_up,
+        acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
                                          rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE,
-                                         UPCAST)
+                                         UPCAST, PDL)
     else:
-        acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, start, end, rr, K, BH, BW, ROWS_, STEP,
-                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST)
+        acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_, STEP,
+                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST, PDL)
         up = acc
     release_dependents(PDL)
-    if HAS_RMS:
-        scale = rms_scale(sumsq, rms_eps)[:, None]
-        acc = acc * scale
-        up = up * scale
-    n0 = br * BH + sub * ROWS_
-    n = n0 + tl.arange(0, ROWS_)
-    y = fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                       HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
-    if SUMSQ_GROUP > 0:
-        store_sumsq(y, m, n0, M, N, ss_out_ptr, stride_ss_out, BLOCK_M, ROWS_, SUMSQ_GROUP)
+    n = br * BH + rr
+    fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
 def serves(M, block_rows):
     """Whether this kernel, not bsr_large_m, runs M tokens on a weight of `block_rows` block rows."""
     return M <= ALL_WEIGHTS_M or (M <= MID_M and block_rows <= FEW_BLOCK_ROWS)
-
-
-def widest_sumsq_group(fewest_tokens: int) -> int:
-    """The widest group of output features whose sums of squares each program writes whole, for any
-    token count from `fewest_tokens` up: the Tensor Core slabs (DOT_ROWS) from DOT_MIN_M tokens, the
-    thinnest broadcast slab (MIN_ROWS) below. Wider groups leave a folded RMSNorm's reader fewer
-    columns to sum."""
-    return DOT_ROWS[-1] if fewest_tokens >= DOT_MIN_M else MIN_ROWS
 
 
 def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
@@ -276,12 +258,9 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
-           col_perm, out, config=None, pdl=False, rms_sumsq=None, rms_eps=0.0, sumsq_out=None, sumsq_group=0):
+           col_perm, out, config=None, pdl=False):
     """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated). pdl: launched as a
-    programmatic dependent launch (`codegen.triton.pdl`): only where the launch is not traced.
-    rms_sumsq [M, C] fp32, rms_eps: a folded RMSNorm's input scale (a program holds [BLOCK_M, C]); sumsq_out
-    [M, N / sumsq_group] fp32: where to store the output's sums of squares in groups of sumsq_group
-    features (each program's slab is widened to a whole group)."""
+    programmatic dependent launch (`codegen.triton.pdl`): only where the launch is not traced."""
     M = x2d.shape[0]
     nnz_blocks, BH, BW = values.shape
     gated = act_code == ACT_SWIGLU
@@ -290,22 +269,17 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     cfg = pick_config(M, BH, BW, nbr, blocks_per_row, gated, values.element_size())
     if config:
         cfg.update(config)
-    rows = min(max(cfg["ROWS"], sumsq_group), BH)
+    rows = min(cfg["ROWS"], BH)
     dummy = out
     grid = (nbr * (BH // rows), triton.cdiv(M, cfg["BLOCK_M"]))
     traceable(bsr_small_m_kernel)[grid](
         x2d, values, col_indices, row_offsets,
         dummy if bias is None else bias, dummy if res2d is None else res2d,
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
-        out, dummy if rms_sumsq is None else rms_sumsq, dummy if sumsq_out is None else sumsq_out,
-        M, N, K, 1 if rms_sumsq is None else rms_sumsq.shape[1], rms_eps,
-        x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
-        0 if rms_sumsq is None else rms_sumsq.stride(0), 0 if sumsq_out is None else sumsq_out.stride(0),
+        out, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
         BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
         PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
-        HAS_CPERM=col_perm is not None, ACT=act_code, HAS_RMS=rms_sumsq is not None,
-        C_IN_BLOCK=1 if rms_sumsq is None else triton.next_power_of_2(rms_sumsq.shape[1]),
-        SUMSQ_GROUP=sumsq_group if sumsq_out is not None else 0,
+        HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_launch(pdl))
     return out

@@ -7,10 +7,6 @@ scattered store instead of an extra pass over the output.
 Gated (ACT_SWIGLU): `acc` holds the gate rows and `up` the matching up rows (weight rows n + N, N
 the output features): out = silu(acc + bias[n]) * (up + bias[n + N]) + residual. Other
 activations ignore `up` (callers pass acc).
-
-A folded RMSNorm (runtime/reference.py): a consumer loads its rms_sumsq rows early
-(load_rms_sumsq) and scales acc by rms_scale before this epilogue; a producer stores the sums of
-squares of what the epilogue wrote (store_sumsq, from its return value).
 """
 import triton
 import triton.language as tl
@@ -49,34 +45,5 @@ def fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, strid
     if HAS_RES:
         r = tl.load(res_ptr + m64[:, None] * stride_rm + oc[None, :], mask=mask, other=0.0)
         acc = acc + r.to(tl.float32)
-    out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m64[:, None] * stride_om + oc[None, :], out, mask=mask)
-    return out.to(tl.float32)  # what was stored, for store_sumsq
-
-
-@triton.jit
-def load_rms_sumsq(ss_ptr, m, m_ok, stride_ssm, C, C_BLOCK: tl.constexpr):
-    """[BLOCK_M, C_BLOCK] of rms_sumsq's rows `m` (C columns, zeros past them)."""
-    c = tl.arange(0, C_BLOCK)
-    return tl.load(ss_ptr + m.to(tl.int64)[:, None] * stride_ssm + c[None, :], mask=m_ok[:, None] & (c < C)[None, :],
-                   other=0.0)
-
-
-@triton.jit
-def rms_scale(sumsq, eps):
-    """[BLOCK_M]: rsqrt(mean square + eps) of each token, from load_rms_sumsq's tile."""
-    return 1.0 / tl.sqrt(tl.sum(sumsq, axis=1) + eps)
-
-
-@triton.jit
-def store_sumsq(y, m, n0, M, N, ss_ptr, stride_ssm, BLOCK_M: tl.constexpr, COLS: tl.constexpr,
-                GROUP: tl.constexpr):
-    """Store, for tokens m, the sums of squares of y [BLOCK_M, COLS] (output features n0 .. n0+COLS-1 as
-    written, n0 a multiple of GROUP) over each GROUP features, divided by N."""
-    n = n0 + tl.arange(0, COLS)
-    ok = (m[:, None] < M) & (n < N)[None, :]
-    squares = tl.where(ok, y * y, 0.0)
-    groups = tl.sum(tl.reshape(squares, (BLOCK_M, COLS // GROUP, GROUP)), axis=2) / N
-    slot = n0 // GROUP + tl.arange(0, COLS // GROUP)
-    tl.store(ss_ptr + m.to(tl.int64)[:, None] * stride_ssm + slot[None, :], groups,
-             mask=(m[:, None] < M) & (slot < N // GROUP)[None, :])
+    tl.store(out_ptr + m64[:, None] * stride_om + oc[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -4,7 +4,6 @@ No host syncs: everything chosen here depends on shapes/dtypes only (M, block sh
 on tensor values, so a call can be captured in a CUDA graph.
 """
 import torch
-import triton
 from torch._library.triton import is_wrap_triton_enabled
 
 from sparsec.runtime import ops as _ops
@@ -46,26 +45,8 @@ def _prep(x, N, K, bias, residual, row_perm, col_perm, values):
     return x2d, out, res2d, bias, row_perm, col_perm
 
 
-# A folded RMSNorm's rms_sumsq values a program may hold ([token tile, columns]): beyond, the launcher
-# sums the columns first (one small reduction).
-MAX_RMS_SUMSQ_LOADS = 8192
-
-
-def _rms_rows(rms_sumsq, M):
-    """rms_sumsq as [M, C] rows for the kernel: summed to one column where a program would hold too much."""
-    if rms_sumsq is None:
-        return None
-    rows = rms_sumsq.reshape(M, rms_sumsq.shape[-1])
-    if M * triton.next_power_of_2(rows.shape[1]) > MAX_RMS_SUMSQ_LOADS:
-        rows = rows.sum(-1, keepdim=True)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _bsr_launch(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
-                row_perm, col_perm, rms_sumsq=None, rms_eps=0.0, sumsq_group=None):
-    """bsr_linear (and given `sumsq_group`, its output's sums of squares, as a pair) with the Triton
-    kernels, or NotImplemented. A folded RMSNorm runs in the few-token kernel only (fold-rms-norm folds
-    only graphs of that many tokens: at 2048 a folded LLaMA-style stack ran slower, benchmarks/RESULTS.md)."""
+def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_features, bias,
+                      activation, residual, row_perm, col_perm):
     _, BH, BW = values.shape
     if not (_pow2(BH) and _pow2(BW) and BH >= 16 and BW >= 16) or values.numel() >= 2**31:
         return NotImplemented  # tl.dot / power-of-two tiles only
@@ -77,36 +58,14 @@ def _bsr_launch(x, values, col_indices, row_offsets, out_features, in_features, 
         return NotImplemented
     x2d, out, res2d, bias, row_perm, col_perm = p
     M = x2d.shape[0]
-    small = bsr_small_m.serves(M, row_offsets.shape[0] - 1)
-    folded = rms_sumsq is not None or sumsq_group is not None
-    if folded and not (small and (sumsq_group is None or (_pow2(sumsq_group) and sumsq_group <= BH))):
-        return NotImplemented
     args = (x2d, values, col_indices, row_offsets, n_out, in_features, bias, ACT_CODES[activation], res2d, row_perm,
             col_perm, out)
-    sumsq_out = None
-    if folded:
-        sumsq_out = None if sumsq_group is None else \
-            torch.empty((M, n_out // sumsq_group), device=x.device, dtype=torch.float32)
-        extra = dict(rms_sumsq=_rms_rows(rms_sumsq, M), rms_eps=rms_eps, sumsq_out=sumsq_out,
-                     sumsq_group=sumsq_group or 0)
-    else:
-        extra = {}
-    if M > 0 and small:
+    if M > 0 and bsr_small_m.serves(M, row_offsets.shape[0] - 1):
         # launched here rather than traced into Inductor's code: with PDL where the GPU has it
-        bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device), **extra)
+        bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device))
     elif M > 0:
         bsr_large_m.launch(*args)
-    y = out.reshape(*x.shape[:-1], n_out)
-    return y if sumsq_group is None else (y, sumsq_out.reshape(*x.shape[:-1], -1))
-
-
-def bsr_linear_triton(*args):
-    return _bsr_launch(*args)
-
-
-def bsr_linear_sumsq_triton(*args):
-    *linear_args, group = args
-    return _bsr_launch(*linear_args, sumsq_group=group)
+    return out.reshape(*x.shape[:-1], n_out)
 
 
 def _dense_linear(x, xk, wp, bias, activation, res2d, row_perm):
@@ -158,8 +117,6 @@ def csr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
 
 
 def register_all(device_type: str = "cuda"):
-    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True, gated=True, rms=True)
-    _ops.register_kernel("bsr_linear_sumsq", device_type, bsr_linear_sumsq_triton, last=True, traceable=True,
-                         rms=True)
+    _ops.register_kernel("bsr_linear", device_type, bsr_linear_triton, last=True, traceable=True, gated=True)
     _ops.register_kernel("bitmap_linear", device_type, bitmap_linear_triton, last=True, traceable=True)
     _ops.register_kernel("csr_linear", device_type, csr_linear_triton, last=True, traceable=True)
