@@ -6,8 +6,8 @@ relu/gelu/silu, residual add, cat, reshape into heads, SDPA attention), pruned a
 attention heads, all-zero, through `torch.nn.utils.prune` hooks or by writing zeros), run at random
 sizes (a second size exercises the dynamic-shape path) in fp32 or bf16, and the compiled output
 must equal eager's up to float reassociation (in bf16, or be no more than ACCURACY_SLACK times as far
-from the model run in float64 as eager's output is: the two round differently). sparsec must also really compile it (a fallback with a
-warning is a failure here: it would hide a crashing pass).
+from the model run in float64 as eager's output is: the two round differently). sparsec must also
+really compile it (a fallback with a warning is a failure here: it would hide a crashing pass).
 
 CI runs a bounded number of examples. The long run (a documented command, see README):
 
@@ -20,6 +20,7 @@ replayed by `test_saved_regressions` from then on (commit the file with the fix)
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -361,15 +362,15 @@ ACCURACY_SLACK = 2.0
 
 
 def as_accurate_as_eager(model: nn.Module, x: torch.Tensor, actual, expected) -> tuple[bool, str]:
-    """(ok, why): sparsec's outputs are at most ACCURACY_SLACK times as far from a float64 run of the model
-    as eager's outputs."""
-    import copy
-
+    """(ok, why): sparsec's outputs are finite where eager's are and at most ACCURACY_SLACK times as far
+    from a float64 run of the model as eager's outputs."""
     reference = copy.deepcopy(model).double()(x.double())
     flat = zip(*(torch.utils._pytree.tree_flatten(t)[0] for t in (actual, expected, reference)))
     for i, (a, e, r) in enumerate(flat):
         if not (isinstance(e, torch.Tensor) and e.is_floating_point()):
             continue
+        if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+            return False, f"output {i}: not finite"
         ours, eagers = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
         if ours > ACCURACY_SLACK * eagers:
             return False, f"output {i}: {ours:.3g} from float64, eager {eagers:.3g}"
