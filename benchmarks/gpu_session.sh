@@ -77,6 +77,19 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
+    # The gated many-token kernel holding the gate three ways (bsr_large_m.GATE_HELD): its GPU tests, the
+    # sweeps at prefill shapes beside the plain 11008-row kernel, then prefill (a) and (c) with the gate parked in
+    # the output tile (gate_held_prefill: with 2, then with 0, the kernel as it was)
+    gate_held)
+      step gated_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k gated -p no:cacheprovider
+      step gate_held_sweep 200 python3 benchmarks/kernels.py --sweep --gate-held --tokens 2048 4096 --patterns block90 \
+        --weights 22016x4096,11008x4096
+      step prefill_held2 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 2 ;;
+    gate_held_prefill)
+      step prefill_held2 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 2
+      step prefill_held0 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 0 ;;
+    gate_held_50) step gate_held_sweep_50 150 python3 benchmarks/kernels.py --sweep --gate-held --tokens 2048 \
+        --patterns block50 --weights 22016x4096,11008x4096 ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;

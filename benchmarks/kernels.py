@@ -295,6 +295,11 @@ def run_sweep(args):
                             for prefetch in ([False] if dot else [False, True]):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
+        elif args.gate_held and act == "swiglu":  # how the gated kernel holds the gate (bsr_large_m.GATE_HELD)
+            for held in (0, 1, 2):
+                for bm in [64, 128, 256]:
+                    for nw, ns in [(4, 3), (4, 4), (8, 3)]:
+                        cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns, GATE_HELD=held)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
@@ -343,6 +348,10 @@ def run_sweep(args):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:
                 print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
+        for held in (0, 1, 2):
+            same = [(t, c) for t, k, c in best if c.get("GATE_HELD") == held]
+            if same:
+                print(f"  GATE_HELD={held}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
             if same and M < bsr_small_m.DOT_MIN_M:
@@ -474,6 +483,8 @@ def main():
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--gate-held", action="store_true", help="--sweep beyond 64 tokens, gated weights: "
+                   "bsr_large_m's GATE_HELD 0/1/2 (gate held as fp32, in the output dtype, in the output tile)")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")

@@ -176,6 +176,7 @@ def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
     (bsr_small_m, 69, {}),                    # two token tiles (the op's choice up to 128 tokens)
     (bsr_small_m, 69, dict(BLOCK_M=32)),      # three, the last one ragged
     (bsr_large_m, 69, LARGE_M_TEST_CONFIG),
+    *[(bsr_large_m, 69, dict(LARGE_M_TEST_CONFIG, GATE_HELD=held)) for held in (1, 2)],
 ])
 def test_bsr_gated_epilogue(dtype, kern, M, cfg):
     """SwiGLU in the epilogue: the weight's rows are [gate; up] and each program reads the up block
