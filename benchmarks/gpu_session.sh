@@ -85,6 +85,13 @@ for s in $steps; do
       step gate_held_sweep 200 python3 benchmarks/kernels.py --sweep --gate-held --tokens 2048 4096 --patterns block90 \
         --weights 22016x4096,11008x4096
       step prefill_held2 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 2 ;;
+    # The gated kernel at 128-token tiles with 4 programs a SM (register cap) or deeper pipelines; then prefill
+    # (a) and (c) with those configs in the autotuner, the gate held as before (0) and parked in the output (2)
+    gate_regs)
+      step gate_regs_sweep 200 python3 benchmarks/kernels.py --sweep --gate-held --tokens 2048 4096 --patterns block90 \
+        --weights 22016x4096
+      step prefill_extra0 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --large-m-extra --gate-held 0
+      step prefill_extra2 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --large-m-extra --gate-held 2 ;;
     gate_held_prefill)
       step prefill_held2 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 2
       step prefill_held0 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 0 ;;
@@ -148,6 +155,21 @@ for s in $steps; do
     ncu_large) step ncu_large 240 ncu --clock-control none -k regex:"bsr_large_m|gemm|sm90|nvjet" --launch-skip 2 \
                  --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
                  python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight 11008x4096 --pattern block50 --tokens 2048 ;;
+    # Why the gated SwiGLU kernel (22016x4096 stacked gate/up) runs its blocks ~20% slower than the plain
+    # 11008-row one at 2048 tokens: Nsight Compute on the plain 11008 and 22016 weights and the gated one
+    ncu_gated)
+      for run in "11008x4096 none 128 0" "22016x4096 none 128 0" "22016x4096 swiglu 128 0" "22016x4096 swiglu 128 2" \
+                 "22016x4096 swiglu 64 0"; do
+        set -- $run
+        cfg="{\"BLOCK_M\": $3, \"num_warps\": 4, \"num_stages\": 3, \"GATE_HELD\": $4}"
+        step "time_${1}_${2}_${3}_${4}" 60 python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight $1 \
+          --pattern block90 --tokens 2048 --act $2 --config "$cfg"
+        grep "M=2048" "$LOGS/time_${1}_${2}_${3}_${4}.log"
+        step "ncu_${1}_${2}_${3}_${4}" 100 ncu --clock-control none -k regex:"bsr_large_m" --launch-skip 1 --launch-count 1 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+          --section LaunchStats python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight $1 --pattern block90 \
+          --tokens 2048 --act $2 --config "$cfg"
+      done ;;
     # What bounds the CSR kernel at one token (latency chain, L1 gathers or bandwidth), its best swept config
     ncu_csr) step ncu_csr 240 ncu --clock-control none -k regex:"csr_kernel|gemv|gemm|nvjet" --launch-skip 2 \
                --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \

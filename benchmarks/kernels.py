@@ -296,10 +296,14 @@ def run_sweep(args):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
         elif args.gate_held and act == "swiglu":  # how the gated kernel holds the gate (bsr_large_m.GATE_HELD)
-            for held in (0, 1, 2):
-                for bm in [64, 128, 256]:
-                    for nw, ns in [(4, 3), (4, 4), (8, 3)]:
-                        cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns, GATE_HELD=held)))
+            # 128-token tiles with 4 programs a SM (a register cap), or 2 with deeper pipelines; 64-token tiles
+            for held in (0, 2):
+                for ns in (3, 4, 5):
+                    for cap in (None, 128, 168):
+                        cfgs.append(("large", dict(BLOCK_M=128, num_warps=4, num_stages=ns, GATE_HELD=held, maxnreg=cap)))
+                    cfgs.append(("large", dict(BLOCK_M=128, num_warps=8, num_stages=ns, GATE_HELD=held)))
+            for ns in (3, 4, 5):
+                cfgs.append(("large", dict(BLOCK_M=64, num_warps=4, num_stages=ns, GATE_HELD=0)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
@@ -342,13 +346,13 @@ def run_sweep(args):
         dense = Rotor(wd)
         t_dense, _ = bench(lambda: F.linear(x, dense.next()), True, 10)
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
-              f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
+              f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:12 if args.gate_held else 4]),
               flush=True)
         for kind in ("small", "large"):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:
                 print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
-        for held in (0, 1, 2):
+        for held in (0, 2):
             same = [(t, c) for t, k, c in best if c.get("GATE_HELD") == held]
             if same:
                 print(f"  GATE_HELD={held}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)

@@ -35,18 +35,18 @@ def event_ms(fn, calls: int = 10) -> float:
     return start.elapsed_time(end) / calls
 
 
-def bsr_large_m_launch(w, x, out, config):
+def bsr_large_m_launch(w, x, out, config, act):
     packed = pack_bsr(w, (64, 64))
-    n, k = w.shape
-    return lambda: bsr_large_m.launch(x, packed.values, packed.col_indices, packed.row_offsets, n, k, None,
-                                      ACT_CODES["none"], None, None, None, out, config=config)
+    k = w.shape[1]
+    return lambda: bsr_large_m.launch(x, packed.values, packed.col_indices, packed.row_offsets, out.shape[1], k,
+                                      None, ACT_CODES[act], None, None, None, out, config=config)
 
 
-def csr_launch(w, x, out, config):
+def csr_launch(w, x, out, config, act):
     packed = pack_csr(w)
     xt = x.t().contiguous()
     return lambda: csr.launch(xt, packed.values, packed.col_indices, packed.row_offsets, w.shape[0], None,
-                              ACT_CODES["none"], None, out, config=config)
+                              ACT_CODES[act], None, out, config=config)
 
 
 # kernel name -> (launch builder, default config)
@@ -62,6 +62,8 @@ def main():
     parser.add_argument("--weight", default="11008x4096", help="N x K")
     parser.add_argument("--pattern", default="block50", help="as in benchmarks/kernels.py")
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--act", choices=("none", "swiglu"), default="none",
+                        help="the epilogue; swiglu: the weight's rows are [gate; up] (bsr_large_m only)")
     parser.add_argument("--config", type=json.loads, default=None,
                         help="the launcher's config as JSON (default: bsr_large_m BLOCK_M 128, 4 warps, 3 stages; "
                              "csr: its own table)")
@@ -70,18 +72,21 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = make_weight(n, k, args.pattern, torch.bfloat16, "cuda", gen)
     x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(args.tokens, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(args.tokens, n // 2 if args.act == "swiglu" else n, device="cuda", dtype=torch.bfloat16)
     build, default_config = KERNELS[args.kernel]
-    sparse = build(w, x, out, args.config or default_config)
+    sparse = build(w, x, out, args.config or default_config, args.act)
     dense = lambda: F.linear(x, w)  # noqa: E731
     sparse()
-    err = rel_err(out, x.double() @ w.double().t())
+    ref = x.double() @ w.double().t()
+    if args.act == "swiglu":
+        ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2:]
+    err = rel_err(out, ref)
     assert err < 2e-2, f"{args.kernel} disagrees with float64: {err:.1e}"
     for fn in (sparse, dense, sparse, dense):  # launches 3-4 are the ones --launch-skip 2 profiles
         fn()
     torch.cuda.synchronize()
     t_sparse, t_dense = event_ms(sparse), event_ms(dense)
-    print(f"{args.weight} {args.pattern} M={args.tokens}: {args.kernel} {t_sparse * 1e3:.1f} us, cuBLAS "
+    print(f"{args.weight} {args.pattern} {args.act} M={args.tokens}: {args.kernel} {args.config} {t_sparse * 1e3:.1f} us, cuBLAS "
           f"{t_dense * 1e3:.1f} us ({2.0 * args.tokens * n * k / t_dense / 1e9:.0f} TFLOP/s); rel.err {err:.1e}")
 
 

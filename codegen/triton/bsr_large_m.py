@@ -124,7 +124,8 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         grid = (triton.cdiv(M, config["BLOCK_M"]), nbr)
         traceable(bsr_large_m_kernel)[grid](*args, **kw, BLOCK_M=config["BLOCK_M"],
                                  num_warps=config.get("num_warps", 4),
-                                 num_stages=config.get("num_stages", 3))
+                                 num_stages=config.get("num_stages", 3),
+                                 **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
         return out
     if _autotuned is None:
         _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(
