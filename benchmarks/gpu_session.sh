@@ -77,26 +77,15 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
-    # The gated many-token kernel holding the gate three ways (bsr_large_m.GATE_HELD): its GPU tests, the
-    # sweeps at prefill shapes beside the plain 11008-row kernel, then prefill (a) and (c) with the gate parked in
-    # the output tile (gate_held_prefill: with 2, then with 0, the kernel as it was)
-    gate_held)
-      step gated_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k gated -p no:cacheprovider
-      step gate_held_sweep 200 python3 benchmarks/kernels.py --sweep --gate-held --tokens 2048 4096 --patterns block90 \
-        --weights 22016x4096,11008x4096
-      step prefill_held2 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 2 ;;
-    # The gated kernel at 128-token tiles with 4 programs a SM (register cap) or deeper pipelines; then prefill
-    # (a) and (c) with those configs in the autotuner, the gate held as before (0) and parked in the output (2)
-    gate_regs)
-      step gate_regs_sweep 200 python3 benchmarks/kernels.py --sweep --gate-held --tokens 2048 4096 --patterns block90 \
-        --weights 22016x4096
-      step prefill_extra0 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --large-m-extra --gate-held 0
-      step prefill_extra2 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --large-m-extra --gate-held 2 ;;
-    gate_held_prefill)
-      step prefill_held2 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 2
-      step prefill_held0 220 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --gate-held 0 ;;
-    gate_held_50) step gate_held_sweep_50 150 python3 benchmarks/kernels.py --sweep --gate-held --tokens 2048 \
-        --patterns block50 --weights 22016x4096,11008x4096 ;;
+    # The gated kernel's register cap (bsr_large_m.GATED_MAX_REGISTERS): GPU tests (the cap reaching Inductor's
+    # code included), the sweep at 2048 tokens over the prefill weights, then the prefill table
+    gated_cap)
+      step large_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+        -k "gated or large or register_cap or op_3d" -p no:cacheprovider
+      step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
+        --weights 12288x4096,4096x4096,4096x11008,22016x4096
+      step sweep_prefill_50 100 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 --weights 22016x4096
+      step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
@@ -155,17 +144,14 @@ for s in $steps; do
     ncu_large) step ncu_large 240 ncu --clock-control none -k regex:"bsr_large_m|gemm|sm90|nvjet" --launch-skip 2 \
                  --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
                  python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight 11008x4096 --pattern block50 --tokens 2048 ;;
-    # Why the gated SwiGLU kernel (22016x4096 stacked gate/up) runs its blocks ~20% slower than the plain
-    # 11008-row one at 2048 tokens: Nsight Compute on the plain 11008 and 22016 weights and the gated one
+    # Why the gated SwiGLU kernel (22016x4096 stacked gate/up) ran its blocks ~25% slower than the plain
+    # 22016-row one at 2048 tokens (twelfth session: 215 registers, 2 programs a SM): Nsight Compute on the plain
+    # 11008- and 22016-row weights and the gated one, uncapped and capped (RUN: weight, epilogue, register cap)
     ncu_gated)
-      for run in "11008x4096 none 128 0" "22016x4096 none 128 0" "22016x4096 swiglu 128 0" "22016x4096 swiglu 128 2" \
-                 "22016x4096 swiglu 64 0"; do
+      for run in "11008x4096 none 0" "22016x4096 none 0" "22016x4096 swiglu 0" "22016x4096 swiglu 168"; do
         set -- $run
-        cfg="{\"BLOCK_M\": $3, \"num_warps\": 4, \"num_stages\": 3, \"GATE_HELD\": $4}"
-        step "time_${1}_${2}_${3}_${4}" 60 python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight $1 \
-          --pattern block90 --tokens 2048 --act $2 --config "$cfg"
-        grep "M=2048" "$LOGS/time_${1}_${2}_${3}_${4}.log"
-        step "ncu_${1}_${2}_${3}_${4}" 100 ncu --clock-control none -k regex:"bsr_large_m" --launch-skip 1 --launch-count 1 \
+        cfg="{\"BLOCK_M\": 128, \"num_warps\": 4, \"num_stages\": 5, \"maxnreg\": $3}"
+        step "ncu_${1}_${2}_${3}" 100 ncu --clock-control none -k regex:"bsr_large_m" --launch-skip 1 --launch-count 1 \
           --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
           --section LaunchStats python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight $1 --pattern block90 \
           --tokens 2048 --act $2 --config "$cfg"

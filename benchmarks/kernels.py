@@ -295,19 +295,12 @@ def run_sweep(args):
                             for prefetch in ([False] if dot else [False, True]):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
-        elif args.gate_held and act == "swiglu":  # how the gated kernel holds the gate (bsr_large_m.GATE_HELD)
-            # 128-token tiles with 4 programs a SM (a register cap), or 2 with deeper pipelines; 64-token tiles
-            for held in (0, 2):
-                for ns in (3, 4, 5):
-                    for cap in (None, 128, 168):
-                        cfgs.append(("large", dict(BLOCK_M=128, num_warps=4, num_stages=ns, GATE_HELD=held, maxnreg=cap)))
-                    cfgs.append(("large", dict(BLOCK_M=128, num_warps=8, num_stages=ns, GATE_HELD=held)))
-            for ns in (3, 4, 5):
-                cfgs.append(("large", dict(BLOCK_M=64, num_warps=4, num_stages=ns, GATE_HELD=0)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
                     cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
+            for cap in [None, bsr_large_m.GATED_MAX_REGISTERS]:  # a deep pipeline, with the register cap
+                cfgs.append(("large", dict(BLOCK_M=128, num_warps=4, num_stages=5, maxnreg=cap)))
             # the decode kernel's slabs over several token tiles (bsr_small_m.serves)
             mid = M <= bsr_small_m.MID_M
             for bm in [64, 128]:
@@ -346,16 +339,12 @@ def run_sweep(args):
         dense = Rotor(wd)
         t_dense, _ = bench(lambda: F.linear(x, dense.next()), True, 10)
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
-              f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:12 if args.gate_held else 4]),
+              f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
         for kind in ("small", "large"):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:
                 print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
-        for held in (0, 2):
-            same = [(t, c) for t, k, c in best if c.get("GATE_HELD") == held]
-            if same:
-                print(f"  GATE_HELD={held}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
             if same and M < bsr_small_m.DOT_MIN_M:
@@ -487,8 +476,6 @@ def main():
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--gate-held", action="store_true", help="--sweep beyond 64 tokens, gated weights: "
-                   "bsr_large_m's GATE_HELD 0/1/2 (gate held as fp32, in the output dtype, in the output tile)")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")

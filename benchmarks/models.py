@@ -402,10 +402,6 @@ def main(argv=None):
     parser.add_argument("--inductor-pdl", choices=("auto", "always", "never"), default="auto", help="experiment: "
                         "programmatic dependent launch for Inductor's kernels in sparsec's graphs under CUDA graphs: "
                         "in graphs of short kernels (auto), always or never (compiler.INDUCTOR_PDL)")
-    parser.add_argument("--gate-held", type=int, choices=(0, 1, 2), help="experiment: how the gated many-token "
-                        "block-sparse kernel holds the gate while the up rows run (bsr_large_m.GATE_HELD)")
-    parser.add_argument("--large-m-extra", action="store_true", help="experiment: the many-token block-sparse "
-                        "kernel's autotuner also tries 128-token tiles with a 128-register cap or 8 warps, 4-5 stages")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
@@ -427,20 +423,6 @@ def main(argv=None):
 
         compiler.INDUCTOR_PDL = args.inductor_pdl
         print(f"# experiment: Inductor's kernels in sparsec's graphs with PDL: {args.inductor_pdl}")
-    if args.gate_held is not None:
-        from sparsec.codegen.triton import bsr_large_m
-
-        bsr_large_m.GATE_HELD = args.gate_held
-        print(f"# experiment: gated many-token kernel, GATE_HELD={args.gate_held}")
-    if args.large_m_extra:
-        import triton
-
-        from sparsec.codegen.triton import bsr_large_m
-
-        bsr_large_m.LARGE_M_CONFIGS += [
-            triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=ns, maxnreg=128) for ns in (4, 5)] + [
-            triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=ns) for ns in (4, 5)]
-        print("# experiment: bsr_large_m autotunes over", "; ".join(map(str, bsr_large_m.LARGE_M_CONFIGS)))
     if args.fuse_conv_always:
         from sparsec.passes import conv_epilogue
 

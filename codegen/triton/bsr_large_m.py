@@ -15,16 +15,21 @@ from .token_tiles import pow2_tile
 
 # (BLOCK_M, num_warps, num_stages): a small hand-picked set; the autotuner keys on
 # the shape class, so it runs once per (M bucket, N, K, block, epilogue: gated holds two tiles).
+# The gated (SwiGLU) kernel holds the gate's fp32 tile while it runs the up block row: 215 registers
+# a thread at 128-token tiles, so 2 programs a SM (Nsight Compute, H200). Capped at GATED_MAX_REGISTERS
+# with a 5-stage pipeline it ran 142.6 -> 114.9 us at 2048 tokens and 281.2 -> 221.5 at 4096 (22016x4096,
+# 90% 64x64 blocks; 120.4 / 236.0 without the cap), the rate of the plain kernel on the same blocks
+# (benchmarks/RESULTS.md, twelfth session). The cap is a config kwarg, not Config(maxnreg=...): Inductor
+# rebuilds a traced kernel's configs from their kwargs, num_warps and num_stages only, and turns a
+# "maxnreg" kwarg back into the compile option.
+GATED_MAX_REGISTERS = 168
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "maxnreg": GATED_MAX_REGISTERS}, num_warps=4, num_stages=5),
 ]
-
-# Gated (SwiGLU) programs run the gate block row, then the up block row; meanwhile the gate is held
-# 0: as the fp32 accumulator, 1: activated, in the output dtype (registers), 2: activated, in the output tile.
-GATE_HELD = 0
 
 
 @triton.jit
@@ -56,7 +61,7 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                        BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr, GATE_HELD: tl.constexpr):
+                       UPCAST: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share the same weight blocks
     br = tl.program_id(1)
@@ -65,36 +70,13 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     acc = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K, BH, BW, BLOCK_M,
                          HAS_CPERM, IEEE, UPCAST)
+    up = acc
+    if ACT == 4:  # ACT_SWIGLU
+        up = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br + N // BH, K, BH, BW,
+                            BLOCK_M, HAS_CPERM, IEEE, UPCAST)
     n = br * BH + tl.arange(0, BH)
-    if ACT == 4 and GATE_HELD == 1:  # the activated gate held in the output dtype while the up rows run
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        gate = (acc / (1.0 + tl.exp(-acc))).to(out_ptr.dtype.element_ty)
-        up = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br + N // BH, K, BH, BW,
-                            BLOCK_M, HAS_CPERM, IEEE, UPCAST)
-        fused_epilogue(up, m, n, M, N, out_ptr, stride_om, bias_ptr + N, res_ptr, stride_rm, rperm_ptr,
-                       HAS_BIAS, HAS_RES, HAS_RPERM, 5, gate.to(tl.float32))
-    elif ACT == 4 and GATE_HELD == 2:  # the activated gate parked in the output tile meanwhile
-        fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                       HAS_BIAS, False, HAS_RPERM, 3, acc)
-        up = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br + N // BH, K, BH, BW,
-                            BLOCK_M, HAS_CPERM, IEEE, UPCAST)
-        tl.debug_barrier()
-        if HAS_RPERM:
-            oc = tl.load(rperm_ptr + n, mask=n < N, other=0)
-        else:
-            oc = n
-        gate = tl.load(out_ptr + m.to(tl.int64)[:, None] * stride_om + oc[None, :],
-                       mask=m_ok[:, None] & (n < N)[None, :], other=0.0)
-        fused_epilogue(up, m, n, M, N, out_ptr, stride_om, bias_ptr + N, res_ptr, stride_rm, rperm_ptr,
-                       HAS_BIAS, HAS_RES, HAS_RPERM, 5, gate.to(tl.float32))
-    else:
-        up = acc
-        if ACT == 4:  # ACT_SWIGLU
-            up = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br + N // BH, K, BH, BW,
-                                BLOCK_M, HAS_CPERM, IEEE, UPCAST)
-        fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                       HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
+    fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
 _autotuned = None
@@ -119,7 +101,6 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
               IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4, UPCAST=interpreting())
     if config is None and interpreting():  # no autotuning without a GPU
         config = dict(BLOCK_M=64, num_warps=4, num_stages=2)
-    kw["GATE_HELD"] = (config or {}).get("GATE_HELD", GATE_HELD)
     if config is not None:  # explicit config (tests / benchmarks)
         grid = (triton.cdiv(M, config["BLOCK_M"]), nbr)
         traceable(bsr_large_m_kernel)[grid](*args, **kw, BLOCK_M=config["BLOCK_M"],

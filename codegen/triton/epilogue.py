@@ -41,8 +41,6 @@ def fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, strid
         acc = acc / (1.0 + tl.exp(-acc))
     elif ACT == 4:
         acc = acc / (1.0 + tl.exp(-acc)) * up
-    elif ACT == 5:
-        acc = acc * up
     m64 = m.to(tl.int64)
     if HAS_RES:
         r = tl.load(res_ptr + m64[:, None] * stride_rm + oc[None, :], mask=mask, other=0.0)
