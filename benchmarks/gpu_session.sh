@@ -77,15 +77,16 @@ for s in $steps; do
     models_other) step models_other 240 python3 benchmarks/models.py --shapes none ;;
     # the same with Inductor's kernels in sparsec's graphs always launched with PDL (what PDL costs these models)
     models_other_pdl) step models_other_pdl 240 python3 benchmarks/models.py --shapes none --inductor-pdl always ;;
-    # The gated kernel's register cap (bsr_large_m.GATED_MAX_REGISTERS): GPU tests (the cap reaching Inductor's
-    # code included), the sweep at 2048 tokens over the prefill weights, then the prefill table
-    gated_cap)
+    # The gated kernel's 5-stage config (bsr_large_m.LARGE_M_CONFIGS): GPU tests, then the prefill table;
+    # gated_sweep: the sweep at 2048 tokens over the prefill weights (a register cap among its configs)
+    gated_stages)
       step large_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
-        -k "gated or large or register_cap or op_3d" -p no:cacheprovider
+        -k "gated or large or op_3d" -p no:cacheprovider
+      step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
+    gated_sweep)
       step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
         --weights 12288x4096,4096x4096,4096x11008,22016x4096
-      step sweep_prefill_50 100 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 --weights 22016x4096
-      step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
+      step sweep_prefill_50 100 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 --weights 22016x4096 ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;

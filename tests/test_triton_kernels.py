@@ -359,26 +359,6 @@ def test_op_3d_through_registry(fmt, M, act, N):
     check(y, ref, torch.float32)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="Inductor's code for a traced Triton launch: CUDA only")
-def test_large_m_register_cap_reaches_inductor():
-    """The many-token kernel traced into a compiled graph keeps its capped config: Inductor writes a
-    traced kernel's configs out again, and a cap passed as Config(maxnreg=...) would be dropped there."""
-    from torch._inductor.utils import run_and_get_code
-
-    gen = torch.Generator().manual_seed(14)
-    N, K, M = 256, 128, 512  # gated: two 64-row block rows a half; 512 tokens: bsr_large_m
-    w = sparse_weight(N, K, (64, 64), 0.5, gen).to(torch.bfloat16)
-    p = pack_bsr(w, (64, 64))
-    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
-    ref = linear64(x, w, None, "swiglu", None)
-    args = [t.to(DEV) for t in (p.values, p.col_indices, p.row_offsets)]
-    # the built-in registration (codegen.triton.register.register_all: traceable, gated)
-    y, code = run_and_get_code(torch.compile(
-        lambda x: torch.ops.sparsec.bsr_linear(x, *args, N, K, None, "swiglu", None, None, None)), x.to(DEV))
-    check(y, ref, torch.bfloat16)
-    assert f"'maxnreg': {bsr_large_m.GATED_MAX_REGISTERS}" in "".join(code), "the register cap was dropped"
-
-
 @pytest.mark.parametrize("shape,tile_rows", [((70, 100), 16), ((33, 200), 32), ((64, 64), 1)])
 def test_bitmap_decode_kernel(shape, tile_rows):
     from sparsec.codegen.triton import bitmap_decode

@@ -15,20 +15,17 @@ from .token_tiles import pow2_tile
 
 # (BLOCK_M, num_warps, num_stages): a small hand-picked set; the autotuner keys on
 # the shape class, so it runs once per (M bucket, N, K, block, epilogue: gated holds two tiles).
-# The gated (SwiGLU) kernel holds the gate's fp32 tile while it runs the up block row: 215 registers
-# a thread at 128-token tiles, so 2 programs a SM (Nsight Compute, H200). Capped at GATED_MAX_REGISTERS
-# with a 5-stage pipeline it ran 142.6 -> 114.9 us at 2048 tokens and 281.2 -> 221.5 at 4096 (22016x4096,
-# 90% 64x64 blocks; 120.4 / 236.0 without the cap), the rate of the plain kernel on the same blocks
-# (benchmarks/RESULTS.md, twelfth session). The cap is a config kwarg, not Config(maxnreg=...): Inductor
-# rebuilds a traced kernel's configs from their kwargs, num_warps and num_stages only, and turns a
-# "maxnreg" kwarg back into the compile option.
-GATED_MAX_REGISTERS = 168
+# The gated (SwiGLU) kernel holds the gate's fp32 tile while it runs the up block row: 215 registers a
+# thread at 128-token tiles, so 2 programs a SM (Nsight Compute, H200), and a deeper pipeline keeps their
+# loads in flight: 5 stages ran it 142.6 -> 120.4 us at 2048 tokens and 281.2 -> 236.0 at 4096 (22016x4096,
+# 90% 64x64 blocks; benchmarks/RESULTS.md, twelfth session). A 168-register cap gained 5% more (114.9 /
+# 221.5 us) but cannot be carried here: Inductor rewrites a traced kernel's configs without `maxnreg`.
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "maxnreg": GATED_MAX_REGISTERS}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=5),
 ]
 
 
