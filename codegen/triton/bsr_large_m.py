@@ -18,8 +18,9 @@ from .token_tiles import pow2_tile
 # The gated (SwiGLU) kernel holds the gate's fp32 tile while it runs the up block row: 215 registers a
 # thread at 128-token tiles, so 2 programs a SM (Nsight Compute, H200), and a deeper pipeline keeps their
 # loads in flight: 5 stages ran it 142.6 -> 120.4 us at 2048 tokens and 281.2 -> 236.0 at 4096 (22016x4096,
-# 90% 64x64 blocks; benchmarks/RESULTS.md, twelfth session). A 168-register cap gained 5% more (114.9 /
-# 221.5 us) but cannot be carried here: Inductor rewrites a traced kernel's configs without `maxnreg`.
+# 90% 64x64 blocks), and capped at GATED_MAX_REGISTERS 114.9 / 221.5 (benchmarks/RESULTS.md, twelfth
+# session). Inductor rewrites a traced kernel's configs without `maxnreg`, so the gated kernel is launched
+# from the opaque op (codegen.triton.register), with GATED_CONFIGS.
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
@@ -27,7 +28,9 @@ LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=5),
 ]
-
+GATED_MAX_REGISTERS = 168
+GATED_CONFIGS = LARGE_M_CONFIGS + [
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=5, maxnreg=GATED_MAX_REGISTERS)]
 
 @triton.jit
 def block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
@@ -76,17 +79,17 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
-_autotuned = None
+_autotuned = {}  # the autotuned kernel, gated or not (their config lists differ)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
            col_perm, out, config=None):
     """x2d [M, K] (row stride any, unit col stride), out [M, N] (N output features: half the
     weight's rows when gated). No host syncs."""
-    global _autotuned
     M = x2d.shape[0]
     _, BH, BW = values.shape
-    nbr = N // BH if act_code == ACT_SWIGLU else row_offsets.shape[0] - 1  # block rows with programs
+    gated = act_code == ACT_SWIGLU
+    nbr = N // BH if gated else row_offsets.shape[0] - 1  # block rows with programs
     dummy = out
     args = (x2d, values, col_indices, row_offsets,
             dummy if bias is None else bias, dummy if res2d is None else res2d,
@@ -105,10 +108,10 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
                                  num_stages=config.get("num_stages", 3),
                                  **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
         return out
-    if _autotuned is None:
-        _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(
-            bsr_large_m_kernel)
+    if gated not in _autotuned:
+        _autotuned[gated] = triton.autotune(GATED_CONFIGS if gated else LARGE_M_CONFIGS,
+                                            key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(bsr_large_m_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
-    traceable(_autotuned)[grid](*args, **kw)
+    traceable(_autotuned[gated])[grid](*args, **kw)
     return out
 
