@@ -83,6 +83,13 @@ for s in $steps; do
       step large_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
         -k "gated or large or op_3d" -p no:cacheprovider
       step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
+    # The gated kernel launched from the opaque op with its register cap (bsr_large_m.CAP_GATED_REGISTERS, off
+    # until this is measured): its GPU test, then prefill (a) and (c) with it and without, each timed with Inductor
+    gated_cap_host)
+      step cap_test 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+        -k "host_op_when_traced or gated" -p no:cacheprovider
+      step prefill_capped 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --cap-gated-registers
+      step prefill_uncapped 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c ;;
     gated_sweep)
       step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
         --weights 12288x4096,4096x4096,4096x11008,22016x4096

@@ -359,9 +359,10 @@ def test_op_3d_through_registry(fmt, M, act, N):
     check(y, ref, torch.float32)
 
 
-def test_gated_large_m_runs_in_host_op_when_traced():
-    """Traced by torch.compile, the gated many-token kernel is launched from the opaque host op (Inductor
-    would rewrite its configs without their register cap), not ungated, and the result is unchanged."""
+def test_gated_large_m_runs_in_host_op_when_traced(monkeypatch):
+    """With bsr_large_m.CAP_GATED_REGISTERS, the gated many-token kernel traced by torch.compile is launched
+    from the opaque host op (Inductor would rewrite its configs without their register cap), not ungated,
+    and the result is unchanged."""
     from torch._dynamo.backends.common import aot_autograd
 
     from sparsec.codegen.triton import register as R
@@ -373,6 +374,8 @@ def test_gated_large_m_runs_in_host_op_when_traced():
     ref = linear64(x, w, None, "swiglu", None)
     args = [t.to(DEV) for t in (p.values, p.col_indices, p.row_offsets)]
     graphs = []
+    monkeypatch.setattr(bsr_large_m, "CAP_GATED_REGISTERS", True)
+    monkeypatch.setattr(bsr_large_m, "_autotuned", {})  # autotuned kernels built with the flag
 
     def record(gm, example_inputs):
         graphs.append(gm.code)

@@ -19,8 +19,11 @@ from .token_tiles import pow2_tile
 # thread at 128-token tiles, so 2 programs a SM (Nsight Compute, H200), and a deeper pipeline keeps their
 # loads in flight: 5 stages ran it 142.6 -> 120.4 us at 2048 tokens and 281.2 -> 236.0 at 4096 (22016x4096,
 # 90% 64x64 blocks), and capped at GATED_MAX_REGISTERS 114.9 / 221.5 (benchmarks/RESULTS.md, twelfth
-# session). Inductor rewrites a traced kernel's configs without `maxnreg`, so the gated kernel is launched
-# from the opaque op (codegen.triton.register), with GATED_CONFIGS.
+# session). Inductor rewrites a traced kernel's configs without `maxnreg`, so with CAP_GATED_REGISTERS the
+# gated kernel is launched from the opaque op instead (codegen.triton.register), with GATED_CONFIGS. Off
+# until measured in a model on the GPU: `benchmarks/models.py --cap-gated-registers` (the host op's
+# dispatch costs host time a call; the autotuner's capped config has only run in the sweep's explicit form).
+CAP_GATED_REGISTERS = False
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
@@ -109,7 +112,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
                                  **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
         return out
     if gated not in _autotuned:
-        _autotuned[gated] = triton.autotune(GATED_CONFIGS if gated else LARGE_M_CONFIGS,
+        _autotuned[gated] = triton.autotune(GATED_CONFIGS if gated and CAP_GATED_REGISTERS else LARGE_M_CONFIGS,
                                             key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(bsr_large_m_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
     traceable(_autotuned[gated])[grid](*args, **kw)
