@@ -299,7 +299,7 @@ def run_sweep(args):
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
                     cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
-            for cap in [None, 168]:  # a deep pipeline, and with a register cap (2-3 programs a SM when gated)
+            for cap in [None, bsr_large_m.GATED_MAX_REGISTERS]:  # a deep pipeline, and with the gated kernel's register cap
                 cfgs.append(("large", dict(BLOCK_M=128, num_warps=4, num_stages=5, maxnreg=cap)))
             # the decode kernel's slabs over several token tiles (bsr_small_m.serves)
             mid = M <= bsr_small_m.MID_M

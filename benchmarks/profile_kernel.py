@@ -68,6 +68,8 @@ def main():
                         help="the launcher's config as JSON (default: bsr_large_m BLOCK_M 128, 4 warps, 3 stages; "
                              "csr: its own table)")
     args = parser.parse_args()
+    if args.act == "swiglu" and args.kernel != "bsr_large_m":
+        parser.error("--act swiglu: bsr_large_m only (the CSR kernel has no gated epilogue)")
     n, k = map(int, args.weight.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = make_weight(n, k, args.pattern, torch.bfloat16, "cuda", gen)

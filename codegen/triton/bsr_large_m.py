@@ -35,6 +35,7 @@ GATED_MAX_REGISTERS = 168
 GATED_CONFIGS = LARGE_M_CONFIGS + [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=5, maxnreg=GATED_MAX_REGISTERS)]
 
+
 @triton.jit
 def block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
                    BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
