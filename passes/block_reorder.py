@@ -53,11 +53,13 @@ def reorder_weight(weight: torch.Tensor, tile: int = TILE, *, columns: bool = RE
     mask = weight != 0
     result = permute_search.search_biperm(mask, tile, ALGORITHMS, rows=True, cols=columns, time_budget=time_budget,
                                           show_progress=show_progress)
-    before = {t: permute_search.count_tiles(mask, t) for t in TILE_SIZES}
     n, k = mask.shape
     row_perm = None if torch.equal(result.row_perm, torch.arange(n)) else result.row_perm
     col_perm = None if torch.equal(result.col_perm, torch.arange(k)) else result.col_perm
-    after = {t: permute_search.count_tiles(mask, t, row_perm, col_perm) for t in TILE_SIZES}
+    # the search counted the chosen tile size; the others are counted here
+    before = {t: result.tiles_before if t == tile else permute_search.count_tiles(mask, t) for t in TILE_SIZES}
+    after = {t: result.tiles_after if t == tile else permute_search.count_tiles(mask, t, row_perm, col_perm)
+             for t in TILE_SIZES}
     if (row_perm is None and col_perm is None) or after[tile] > (1.0 - MIN_GAIN) * before[tile]:
         return None, None, before, before, result
     return row_perm, col_perm, before, after, result
