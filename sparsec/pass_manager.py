@@ -192,15 +192,17 @@ ACCURACY_SLACK = 2.0
 
 def as_accurate_as(model: torch.nn.Module, x: torch.Tensor, actual, expected,
                    slack: float = ACCURACY_SLACK) -> tuple[bool, str]:
-    """(ok, how): every floating output of `actual` is at most `slack` times as far (max abs error) from
-    a float64 run of `model` on `x` as the matching output of `expected`; `how` gives the two distances
-    of the first output that fails, else of the last one."""
+    """(ok, how): every floating output of `actual` is finite, as is eager's, and at most `slack` times as
+    far (max abs error) from a float64 run of `model` on `x` as the matching output of `expected`; `how`
+    gives the two distances of the first output that fails, else of the last one."""
     exact = copy.deepcopy(model).double()(x.double())
     flat = zip(*(torch.utils._pytree.tree_flatten(t)[0] for t in (actual, expected, exact)))
     ok, how = True, ""
     for a, e, r in flat:
         if not (isinstance(e, torch.Tensor) and e.is_floating_point()):
             continue
+        if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+            return False, "non-finite output: not compared with float64"
         ours, eagers = ((t.double() - r).abs().max().item() for t in (a, e))
         ok, how = ours <= slack * eagers, f"max error vs float64 {ours:.3g}, eager's {eagers:.3g}"
         if not ok:

@@ -352,11 +352,6 @@ def kernels_forced(how: str):
         yield
 
 
-def finite(outputs) -> bool:
-    return all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_flatten(outputs)[0]
-               if isinstance(t, torch.Tensor) and t.is_floating_point())
-
-
 def check_spec(spec: dict) -> None:
     """Compile the spec's model with sparsec and compare with eager on one or two input sizes."""
     with kernels_forced(spec.get("kernels", "auto")):
@@ -380,9 +375,9 @@ def _check_spec(spec: dict) -> None:
             expected = model(x)
             actual = compiled(x)
             ok, why = output_close(actual, expected)
-            if not ok and x.dtype in (torch.float16, torch.bfloat16) and finite(actual) and finite(expected):
+            if not ok and x.dtype in (torch.float16, torch.bfloat16):
                 # the two round differently (seed 11 of fuzz_long: both ~2 bf16 steps from float64 at an
-                # output of 32, 4 steps apart); non-finite outputs never pass this way
+                # output of 32, 4 steps apart); non-finite outputs never pass as_accurate_as
                 accurate, how = as_accurate_as(model, x, actual, expected)
                 ok, why = accurate, f"{why}; {how}"
             assert ok, f"size {size}: {why}\nspec: {json.dumps(spec)}"

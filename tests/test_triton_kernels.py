@@ -375,7 +375,6 @@ def test_gated_large_m_runs_in_host_op_when_traced(monkeypatch):
     args = [t.to(DEV) for t in (p.values, p.col_indices, p.row_offsets)]
     graphs = []
     monkeypatch.setattr(bsr_large_m, "CAP_GATED_REGISTERS", True)
-    monkeypatch.setattr(bsr_large_m, "_autotuned", {})  # autotuned kernels built with the flag
 
     def record(gm, example_inputs):
         graphs.append(gm.code)

@@ -83,7 +83,7 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
-_autotuned = {}  # the autotuned kernel, gated or not (their config lists differ)
+_autotuned = {}  # the autotuned kernel over LARGE_M_CONFIGS (False) or GATED_CONFIGS (True)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
@@ -112,10 +112,11 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
                                  num_stages=config.get("num_stages", 3),
                                  **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
         return out
-    if gated not in _autotuned:
-        _autotuned[gated] = triton.autotune(GATED_CONFIGS if gated and CAP_GATED_REGISTERS else LARGE_M_CONFIGS,
-                                            key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(bsr_large_m_kernel)
+    capped = gated and CAP_GATED_REGISTERS
+    if capped not in _autotuned:
+        _autotuned[capped] = triton.autotune(GATED_CONFIGS if capped else LARGE_M_CONFIGS,
+                                             key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(bsr_large_m_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
-    traceable(_autotuned[gated])[grid](*args, **kw)
+    traceable(_autotuned[capped])[grid](*args, **kw)
     return out
 
