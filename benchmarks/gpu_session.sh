@@ -85,11 +85,14 @@ for s in $steps; do
       step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
     # The gated kernel launched from the opaque op with its register cap (bsr_large_m.CAP_GATED_REGISTERS, off
     # until this is measured): its GPU test, then prefill (a) and (c) with it and without, each timed with Inductor
-    gated_cap_host)
-      step cap_test 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
-        -k "host_op_when_traced or gated" -p no:cacheprovider
-      step prefill_capped 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --cap-gated-registers
-      step prefill_uncapped 200 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c ;;
+    # The gated many-token kernel with its register cap (from the opaque op; bsr_large_m.CAP_GATED_REGISTERS):
+    # the kernel tests, the select-kernels CUDA tests, prefill (a) and (c) in both modes, then without the cap
+    gated_cap)
+      step triton_tests 170 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -p no:cacheprovider
+      step select_tests 120 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_select_kernels.py \
+        -k "cuda or pdl" -p no:cacheprovider
+      step prefill_capped 200 python3 benchmarks/models.py --skip-other --all-modes --shapes prefill --only a,c
+      step prefill_uncapped 90 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --uncapped-gated ;;
     gated_sweep)
       step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
         --weights 12288x4096,4096x4096,4096x11008,22016x4096
