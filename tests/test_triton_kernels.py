@@ -359,10 +359,14 @@ def test_op_3d_through_registry(fmt, M, act, N):
     check(y, ref, torch.float32)
 
 
-def test_gated_large_m_runs_in_host_op_when_traced(monkeypatch):
+@pytest.mark.parametrize("min_tokens,host", [
+    (256, True),
+    # traced into the graph: the interpreter cannot run a kernel on fake tensors
+    pytest.param(512, False, marks=pytest.mark.skipif(not ON_GPU, reason="a traced Triton launch needs a GPU"))])
+def test_gated_large_m_runs_in_host_op_when_traced(monkeypatch, min_tokens, host):
     """With bsr_large_m.CAP_GATED_REGISTERS, the gated many-token kernel traced by torch.compile is launched
-    from the opaque host op (Inductor would rewrite its configs without their register cap), not ungated,
-    and the result is unchanged."""
+    from the opaque host op from CAP_MIN_TOKENS tokens (Inductor would rewrite its configs without their
+    register cap), and traced into the graph below; never ungated, and the result is unchanged."""
     from torch._dynamo.backends.common import aot_autograd
 
     from sparsec.codegen.triton import register as R
@@ -375,6 +379,7 @@ def test_gated_large_m_runs_in_host_op_when_traced(monkeypatch):
     args = [t.to(DEV) for t in (p.values, p.col_indices, p.row_offsets)]
     graphs = []
     monkeypatch.setattr(bsr_large_m, "CAP_GATED_REGISTERS", True)
+    monkeypatch.setattr(bsr_large_m, "CAP_MIN_TOKENS", min_tokens)
 
     def record(gm, example_inputs):
         graphs.append(gm.code)
@@ -390,7 +395,7 @@ def test_gated_large_m_runs_in_host_op_when_traced(monkeypatch):
             ops.unregister_kernel("bsr_linear", DEV, R.bsr_linear_triton)
     check(y, ref, torch.float32)
     code = "".join(graphs)
-    assert "bsr_linear_host" in code and "silu" not in code, code
+    assert ("bsr_linear_host" in code) == host and "silu" not in code, code
 
 
 @pytest.mark.parametrize("shape,tile_rows", [((70, 100), 16), ((33, 200), 32), ((64, 64), 1)])

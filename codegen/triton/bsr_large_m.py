@@ -23,7 +23,11 @@ from .token_tiles import pow2_tile
 # gated kernel is launched from the opaque op instead (codegen.triton.register), with GATED_CONFIGS: in
 # the model at 2048 tokens (thirteenth session) case (a) 1.584 -> 1.558 ms and (c) 2.804 -> 2.785 ms, the
 # host op's dispatch hidden behind the GPU's work. `benchmarks/models.py --uncapped-gated` measures without.
+# That dispatch costs ~33 us of host time a call (130 us a 4-layer forward) for a gain of ~6 us of GPU time at
+# 2048 tokens, so it is taken from CAP_MIN_TOKENS only: at fewer tokens a default-mode forward is host-bound
+# (~1 ms of host time a call against ~0.8 ms of GPU time at 1024 tokens, case (a)).
 CAP_GATED_REGISTERS = True
+CAP_MIN_TOKENS = 2048
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),

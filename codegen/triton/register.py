@@ -65,7 +65,8 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
         # launched here rather than traced into Inductor's code: with PDL where the GPU has it
         bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device))
     elif M > 0:
-        if activation == reference.GATED and bsr_large_m.CAP_GATED_REGISTERS and is_fake(x):
+        if (activation == reference.GATED and bsr_large_m.CAP_GATED_REGISTERS and is_fake(x)
+                and M >= bsr_large_m.CAP_MIN_TOKENS):
             # traced: Inductor would drop the register cap of the gated kernel's configs
             # (bsr_large_m.GATED_CONFIGS), so it is launched from the opaque host op
             return _ops.HOST_ONLY
