@@ -83,17 +83,6 @@ for s in $steps; do
       step large_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
         -k "gated or large or op_3d" -p no:cacheprovider
       step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
-    # The gated kernel launched from the opaque op with its register cap (bsr_large_m.CAP_GATED_REGISTERS, off
-    # until this is measured): its GPU test, then prefill (a) and (c) with it and without, each timed with Inductor
-    # The gated many-token kernel with its register cap (from the opaque op at 2048 tokens or more;
-    # bsr_large_m.CAP_GATED_REGISTERS): its GPU tests, then prefill (a) and (c) with and without, twice in turn
-    gated_cap)
-      step gated_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
-        -k "gated or large or host_op or op_3d" -p no:cacheprovider
-      for round in 1 2; do
-        step "prefill_capped_$round" 90 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c
-        step "prefill_uncapped_$round" 90 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c --uncapped-gated
-      done ;;
     gated_sweep)
       step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
         --weights 12288x4096,4096x4096,4096x11008,22016x4096

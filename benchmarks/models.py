@@ -402,8 +402,6 @@ def main(argv=None):
     parser.add_argument("--inductor-pdl", choices=("auto", "always", "never"), default="auto", help="experiment: "
                         "programmatic dependent launch for Inductor's kernels in sparsec's graphs under CUDA graphs: "
                         "in graphs of short kernels (auto), always or never (compiler.INDUCTOR_PDL)")
-    parser.add_argument("--uncapped-gated", action="store_true", help="experiment: the gated many-token kernel "
-                        "traced into Inductor's graph, its configs without the register cap (bsr_large_m.CAP_GATED_REGISTERS)")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
@@ -425,11 +423,6 @@ def main(argv=None):
 
         compiler.INDUCTOR_PDL = args.inductor_pdl
         print(f"# experiment: Inductor's kernels in sparsec's graphs with PDL: {args.inductor_pdl}")
-    if args.uncapped_gated:
-        from sparsec.codegen.triton import bsr_large_m
-
-        bsr_large_m.CAP_GATED_REGISTERS = False
-        print("# experiment: gated many-token kernel traced into Inductor's graph, without its register cap")
     if args.fuse_conv_always:
         from sparsec.passes import conv_epilogue
 

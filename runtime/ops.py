@@ -32,8 +32,7 @@ output has out_features / 2 features (a SwiGLU FFN's stacked gate/up linear and 
 
 Kernel registry: `register_kernel(op_name, device_type, fn)`; fn takes the op's arguments
 (positionally, same order) and returns the output tensor, or NotImplemented to fall back
-to the next candidate (finally the pure-torch reference in runtime/reference.py); a traceable
-kernel may return HOST_ONLY while traced, to be run eagerly inside the opaque host op instead.
+to the next candidate (finally the pure-torch reference in runtime/reference.py).
 The built-in kernels register themselves lazily, on the first look-up for their device: Triton
 for "cuda" (triton is optional), the C++ kernels for "cpu" (they need a C++ compiler).
 A kernel registered with `gated=True` implements "swiglu" itself; any other one is called without
@@ -53,9 +52,6 @@ from . import reference
 from .formats import BitmapWeight, BSRWeight, CSRWeight, SemiStructuredWeight
 
 _KERNELS: Dict[Tuple[str, str], List[Callable]] = {}
-# What a traceable kernel returns, while torch.compile traces it, for a launch that must run in the opaque
-# host op instead (a config Inductor would rewrite: codegen.triton.register).
-HOST_ONLY = object()
 # Kernels whose launches torch.compile can trace (Triton through wrap_triton): Inductor inlines
 # them into its generated code. Others (C++, user kernels) run inside an opaque host op.
 _TRACEABLE: set = set()
@@ -146,7 +142,6 @@ def _call(fn, op_name, args):
         return fn(*args)
     out = fn(*args) if fn in _GATED else NotImplemented
     # a kernel without the gated epilogue, or a gated one declining this shape: run it ungated
-    # (HOST_ONLY is not declining: the same kernel runs gated in the host op)
     return _ungated(fn, op_name, args) if out is NotImplemented else out
 
 
@@ -167,8 +162,6 @@ def _run_traceable(op_name, args):
         if fn not in _TRACEABLE:
             return NotImplemented
         out = _call(fn, op_name, args)
-        if out is HOST_ONLY:
-            return NotImplemented
         if out is not NotImplemented:
             return out
     return NotImplemented

@@ -359,45 +359,6 @@ def test_op_3d_through_registry(fmt, M, act, N):
     check(y, ref, torch.float32)
 
 
-@pytest.mark.parametrize("min_tokens,host", [
-    (256, True),
-    # traced into the graph: the interpreter cannot run a kernel on fake tensors
-    pytest.param(512, False, marks=pytest.mark.skipif(not ON_GPU, reason="a traced Triton launch needs a GPU"))])
-def test_gated_large_m_runs_in_host_op_when_traced(monkeypatch, min_tokens, host):
-    """With bsr_large_m.CAP_GATED_REGISTERS, the gated many-token kernel traced by torch.compile is launched
-    from the opaque host op from CAP_MIN_TOKENS tokens (Inductor would rewrite its configs without their
-    register cap), and traced into the graph below; never ungated, and the result is unchanged."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    from sparsec.codegen.triton import register as R
-    gen = torch.Generator().manual_seed(14)
-    N, K, M = 128, 64, 300  # 300 tokens: bsr_large_m
-    w = sparse_weight(N, K, (32, 32), 0.5, gen)
-    p = pack_bsr(w, (32, 32))
-    x = torch.randn(M, K, generator=gen)
-    ref = linear64(x, w, None, "swiglu", None)
-    args = [t.to(DEV) for t in (p.values, p.col_indices, p.row_offsets)]
-    graphs = []
-    monkeypatch.setattr(bsr_large_m, "CAP_GATED_REGISTERS", True)
-    monkeypatch.setattr(bsr_large_m, "CAP_MIN_TOKENS", min_tokens)
-
-    def record(gm, example_inputs):
-        graphs.append(gm.code)
-        return gm.forward
-
-    if not ON_GPU:  # on the CPU the Triton kernels run in the interpreter; CUDA has them built in
-        ops.register_kernel("bsr_linear", DEV, R.bsr_linear_triton, traceable=True, gated=True)
-    try:
-        y = torch.compile(lambda x: torch.ops.sparsec.bsr_linear(x, *args, N, K, None, "swiglu", None, None, None),
-                          backend=aot_autograd(fw_compiler=record))(x.to(DEV))
-    finally:
-        if not ON_GPU:
-            ops.unregister_kernel("bsr_linear", DEV, R.bsr_linear_triton)
-    check(y, ref, torch.float32)
-    code = "".join(graphs)
-    assert ("bsr_linear_host" in code) == host and "silu" not in code, code
-
-
 @pytest.mark.parametrize("shape,tile_rows", [((70, 100), 16), ((33, 200), 32), ((64, 64), 1)])
 def test_bitmap_decode_kernel(shape, tile_rows):
     from sparsec.codegen.triton import bitmap_decode

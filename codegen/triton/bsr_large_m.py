@@ -18,16 +18,10 @@ from .token_tiles import pow2_tile
 # The gated (SwiGLU) kernel holds the gate's fp32 tile while it runs the up block row: 215 registers a
 # thread at 128-token tiles, so 2 programs a SM (Nsight Compute, H200), and a deeper pipeline keeps their
 # loads in flight: 5 stages ran it 142.6 -> 120.4 us at 2048 tokens and 281.2 -> 236.0 at 4096 (22016x4096,
-# 90% 64x64 blocks), and capped at GATED_MAX_REGISTERS 114.9 / 221.5 (benchmarks/RESULTS.md, twelfth
-# session). Inductor rewrites a traced kernel's configs without `maxnreg`, so with CAP_GATED_REGISTERS the
-# gated kernel is launched from the opaque op instead (codegen.triton.register), with GATED_CONFIGS: in
-# the model at 2048 tokens (thirteenth session) case (a) 1.584 -> 1.558 ms and (c) 2.804 -> 2.785 ms, the
-# host op's dispatch hidden behind the GPU's work. `benchmarks/models.py --uncapped-gated` measures without.
-# That dispatch costs ~33 us of host time a call (130 us a 4-layer forward) for a gain of ~6 us of GPU time at
-# 2048 tokens, so it is taken from CAP_MIN_TOKENS only: at fewer tokens a default-mode forward is host-bound
-# (~1 ms of host time a call against ~0.8 ms of GPU time at 1024 tokens, case (a)).
-CAP_GATED_REGISTERS = True
-CAP_MIN_TOKENS = 2048
+# 90% 64x64 blocks; benchmarks/RESULTS.md, twelfth session). A 168-register cap gains 5% more on the kernel
+# (114.9 / 221.5 us) but not in the model: Inductor rewrites a traced kernel's configs without `maxnreg`, and
+# launched from the opaque op instead, the op's host time (~33 us a call) took the gain back in a prefill
+# that is near host-bound (thirteenth session).
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
@@ -35,9 +29,6 @@ LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=5),
 ]
-GATED_MAX_REGISTERS = 168
-GATED_CONFIGS = LARGE_M_CONFIGS + [
-    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=5, maxnreg=GATED_MAX_REGISTERS)]
 
 
 @triton.jit
@@ -87,17 +78,17 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
-_autotuned = {}  # the autotuned kernel over LARGE_M_CONFIGS (False) or GATED_CONFIGS (True)
+_autotuned = None
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
            col_perm, out, config=None):
     """x2d [M, K] (row stride any, unit col stride), out [M, N] (N output features: half the
     weight's rows when gated). No host syncs."""
+    global _autotuned
     M = x2d.shape[0]
     _, BH, BW = values.shape
-    gated = act_code == ACT_SWIGLU
-    nbr = N // BH if gated else row_offsets.shape[0] - 1  # block rows with programs
+    nbr = N // BH if act_code == ACT_SWIGLU else row_offsets.shape[0] - 1  # block rows with programs
     dummy = out
     args = (x2d, values, col_indices, row_offsets,
             dummy if bias is None else bias, dummy if res2d is None else res2d,
@@ -116,11 +107,10 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
                                  num_stages=config.get("num_stages", 3),
                                  **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
         return out
-    capped = gated and CAP_GATED_REGISTERS
-    if capped not in _autotuned:
-        _autotuned[capped] = triton.autotune(GATED_CONFIGS if capped else LARGE_M_CONFIGS,
-                                             key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(bsr_large_m_kernel)
+    if _autotuned is None:
+        _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(
+            bsr_large_m_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
-    traceable(_autotuned[capped])[grid](*args, **kw)
+    traceable(_autotuned)[grid](*args, **kw)
     return out
 

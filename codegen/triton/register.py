@@ -5,7 +5,6 @@ on tensor values, so a call can be captured in a CUDA graph.
 """
 import torch
 from torch._library.triton import is_wrap_triton_enabled
-from torch._subclasses.fake_tensor import is_fake
 
 from sparsec.runtime import ops as _ops
 
@@ -65,11 +64,6 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
         # launched here rather than traced into Inductor's code: with PDL where the GPU has it
         bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device))
     elif M > 0:
-        if (activation == reference.GATED and bsr_large_m.CAP_GATED_REGISTERS and is_fake(x)
-                and M >= bsr_large_m.CAP_MIN_TOKENS):
-            # traced: Inductor would drop the register cap of the gated kernel's configs
-            # (bsr_large_m.GATED_CONFIGS), so it is launched from the opaque host op
-            return _ops.HOST_ONLY
         bsr_large_m.launch(*args)
     return out.reshape(*x.shape[:-1], n_out)
 
