@@ -83,6 +83,14 @@ for s in $steps; do
       step large_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
         -k "gated or large or op_3d" -p no:cacheprovider
       step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
+    # Prefill's host time: Inductor launching the traced sparse kernels through its static launcher
+    # (experimental upstream) against Triton's Python launcher, twice in turn; outputs checked against eager
+    static_launch)
+      for round in 1 2; do
+        step "prefill_static_$round" 90 env TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 \
+          python3 benchmarks/models.py --skip-other --shapes prefill --only a,c
+        step "prefill_python_$round" 90 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c
+      done ;;
     gated_sweep)
       step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
         --weights 12288x4096,4096x4096,4096x11008,22016x4096
