@@ -124,8 +124,9 @@ def main():
             same = "-" if reference is None else \
                 f"{variants[reference][0]}: {'yes' if same_bits(out, outputs[reference]) else 'NO'}"
             print(f"| {m} | {label} | {us:.1f} | {same} | {'yes' if stable else 'NO'} |", flush=True)
-        norm_same = torch.equal(norms[False](x, layers[0]["norm1"]), norms[True](x, layers[0]["norm1"]))
+        norm_same = same_bits(norms[False](x, layers[0]["norm1"]), norms[True](x, layers[0]["norm1"]))
         print(f"(tokens {m}: the RMSNorm built with and without PDL gives equal outputs: {'yes' if norm_same else 'no'})")
+
 
 if __name__ == "__main__":
     main()
