@@ -28,7 +28,7 @@ for s in $steps; do
   case $s in
     # Triton kernels compiled for the GPU (correctness first). `-P`: the installed package, not the
     # checkout's sparsec/ folder (which lacks the sparsec.runtime/passes/codegen mapping)
-    triton) step triton_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -p no:cacheprovider ;;
+    triton) step triton_tests 400 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -p no:cacheprovider ;;
     # Why the sliced ResNet-50-style model is slower than Inductor (issue 15): capture alone, slicing
     # alone, the full pipeline with both sides' kernels
     resnet)
