@@ -83,6 +83,10 @@ for s in $steps; do
       step large_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
         -k "gated or large or op_3d" -p no:cacheprovider
       step models_prefill 260 python3 benchmarks/models.py --skip-other --shapes prefill ;;
+    gated_sweep)
+      step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
+        --weights 12288x4096,4096x4096,4096x11008,22016x4096
+      step sweep_prefill_50 100 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 --weights 22016x4096 ;;
     # Prefill's host time: Inductor launching the traced sparse kernels through its static launcher
     # (experimental upstream) against Triton's Python launcher, twice in turn; outputs checked against eager
     static_launch)
@@ -91,10 +95,6 @@ for s in $steps; do
           python3 benchmarks/models.py --skip-other --shapes prefill --only a,c
         step "prefill_python_$round" 90 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c
       done ;;
-    gated_sweep)
-      step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
-        --weights 12288x4096,4096x4096,4096x11008,22016x4096
-      step sweep_prefill_50 100 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 --weights 22016x4096 ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from sparsec.codegen import cost_model
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr
-from sparsec.runtime import ops
+from sparsec.runtime import ops, reference
 from sparsec.runtime.ops import bitmap_linear, bsr_linear, csr_linear
 
 HBM_BPS = 3.0e12     # replaced by the measured ceilings in run_gpu
@@ -284,7 +284,7 @@ def run_sweep(args):
         n_out = N
         if act == "swiglu":
             n_out = N // 2
-            ref = F.silu(ref[:, :n_out]) * ref[:, n_out:]
+            ref = reference.swiglu(ref)
         out = torch.empty(M, n_out, device=dev, dtype=dtype)
         cfgs = [("default", None)]
         if M <= 64:
