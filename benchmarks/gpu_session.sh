@@ -87,6 +87,13 @@ for s in $steps; do
       step sweep_prefill 200 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block90 \
         --weights 12288x4096,4096x4096,4096x11008,22016x4096
       step sweep_prefill_50 100 python3 benchmarks/kernels.py --sweep --tokens 2048 --patterns block50 --weights 22016x4096 ;;
+    # The many-token kernel's tiles through tensor descriptors (TMA): its GPU tests, then the prefill and
+    # issue 5 weights' configs with and without them (each checked against float64 first)
+    tma_sweep)
+      step tma_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+        -k "tensor_descriptor or large or gated" -p no:cacheprovider
+      step tma_sweep 330 python3 benchmarks/kernels.py --sweep --tma --tokens 2048 4096 --patterns block90 \
+        --weights 12288x4096,4096x4096,4096x11008,22016x4096,11008x4096 ;;
     # Prefill's host time: Inductor launching the traced sparse kernels through its static launcher
     # (experimental upstream) against Triton's Python launcher, twice in turn; outputs checked against eager
     static_launch)

@@ -298,6 +298,11 @@ def run_sweep(args):
                             for prefetch in ([False] if dot else [False, True]):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
                                                            num_warps=nw, num_stages=ns)))
+        elif args.tma:  # the many-token kernel's configs with its tiles through pointers and through TMA
+            for bm, nw, ns, cap in [(64, 4, 4, None), (128, 4, 3, None), (128, 4, 4, None), (128, 4, 5, None),
+                                    (128, 4, 5, GATED_MAX_REGISTERS), (128, 8, 3, None), (256, 8, 3, None)]:
+                for tma in range(4):  # pointers; x, the blocks, or both through tensor descriptors
+                    cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns, maxnreg=cap, TMA=tma)))
         else:
             for bm in [64, 128, 256]:
                 for nw, ns in [(4, 3), (4, 4), (8, 3), (8, 4)]:
@@ -344,6 +349,9 @@ def run_sweep(args):
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
               f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
+        for tma in range(4) if args.tma else ():
+            same = [(t, c) for t, k, c in best if c.get("TMA") == tma]
+            print(f"  TMA={tma}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for kind in ("small", "large"):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:
@@ -479,6 +487,8 @@ def main():
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--tma", action="store_true",
+                   help="--sweep above 64 tokens: the many-token kernel's configs with and without tensor descriptors")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")

@@ -5,6 +5,7 @@ output features) and walks that block row's non-zero blocks: for each, it gather
 matching BW input columns of x and does one tl.dot with fp32 accumulation. Zero blocks
 cost nothing, so work scales with density. Epilogue fused (bias, act, residual, row perm).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -32,9 +33,9 @@ LARGE_M_CONFIGS = [
 
 
 @triton.jit
-def block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
+def block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cperm_ptr, br, K,
                    BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
-                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   HAS_CPERM: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_M, BH] fp32: tokens x the rows of block row `br`, over its non-zero blocks."""
     rr = tl.arange(0, BH)
     cc = tl.arange(0, BW)
@@ -42,43 +43,92 @@ def block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
     end = tl.load(ro_ptr + br + 1)
     acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
     for i in range(start, end):
-        kcol = tl.load(ci_ptr + i) * BW + cc
-        k_ok = kcol < K
-        if HAS_CPERM:  # prologue gather of permuted input columns
-            kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
-        xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        # the block transposed: [BW, BH], contiguous along BW in memory
-        # int32 offsets: the launcher checks values.numel() < 2**31
-        wt = tl.load(v_ptr + i * (BH * BW) + rr[None, :] * BW + cc[:, None])
+        if TMA & 1:  # TMA_X: x's tile by the copy engine; rows past M and columns past K arrive as zeros
+            xt = x_desc.load([m0, tl.load(ci_ptr + i) * BW])
+        else:
+            kcol = tl.load(ci_ptr + i) * BW + cc
+            k_ok = kcol < K
+            if HAS_CPERM:  # prologue gather of permuted input columns
+                kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
+            xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if TMA & 2:  # TMA_BLOCKS
+            wt = w_desc.load([i * BH, 0]).T
+        else:
+            # the block transposed: [BW, BH], contiguous along BW in memory
+            # int32 offsets: the launcher checks values.numel() < 2**31
+            wt = tl.load(v_ptr + i * (BH * BW) + rr[None, :] * BW + cc[:, None])
         acc = mma(xt, wt, acc, IEEE, UPCAST)
     return acc
 
 
 @triton.jit
 def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
-                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
+                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm, n_blocks,
                        BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, TMA: tl.constexpr,
+                       IEEE: tl.constexpr, UPCAST: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     pid_m = tl.program_id(0)  # fastest: neighbouring programs share the same weight blocks
     br = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    m = m0 + tl.arange(0, BLOCK_M)
     m_ok = m < M
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
-    acc = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K, BH, BW, BLOCK_M,
-                         HAS_CPERM, IEEE, UPCAST)
+    x_desc = x_ptr  # unused without TMA
+    w_desc = v_ptr
+    if TMA & 1:  # TMA_X
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BW])
+    if TMA & 2:  # TMA_BLOCKS
+        # the blocks as one [n_blocks * BH, BW] matrix (at least one block: an empty weight loads none)
+        w_desc = tl.make_tensor_descriptor(v_ptr, shape=[tl.maximum(n_blocks, 1) * BH, BW],
+                                           strides=[BW, 1], block_shape=[BH, BW])
+    acc = block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cperm_ptr, br, K,
+                         BH, BW, BLOCK_M, HAS_CPERM, TMA, IEEE, UPCAST)
     up = acc
     if ACT == 4:  # ACT_SWIGLU
-        up = block_row_tile(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br + N // BH, K, BH, BW,
-                            BLOCK_M, HAS_CPERM, IEEE, UPCAST)
+        up = block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cperm_ptr,
+                            br + N // BH, K, BH, BW, BLOCK_M, HAS_CPERM, TMA, IEEE, UPCAST)
     n = br * BH + tl.arange(0, BH)
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
+# Tiles through Hopper's copy engine (TMA; descriptors made on the device): x's tiles (TMA_X), the
+# weight's blocks (TMA_BLOCKS), or both. The gated kernel fetches x's tiles so: no address arithmetic
+# in its registers, which its two fp32 tiles crowd (H200 sweep, 22016x4096 at 90% 64x64 blocks, 5
+# stages: 118 -> 106 us at 2048 tokens, 238 -> 213 at 4096; its blocks through TMA too: 110 / 215).
+# The plain kernel ran 0-5% slower with x's tiles through TMA and 5-14% slower with both, on every
+# prefill weight, so it keeps pointers (benchmarks/RESULTS.md, fourteenth session).
+TMA_X, TMA_BLOCKS = 1, 2
+GATED_TMA = TMA_X
+
+
 _autotuned = None
+
+
+def tma_fits(x2d, values, col_perm) -> bool:
+    """Whether the tiles can come through tensor descriptors: a GPU with the copy engine (compute
+    capability 9+; the interpreter emulates one), no column gather, and x's rows and both bases on
+    16-byte boundaries (the engine's rule; a tensor traced by torch.compile has no address, so its
+    offset into its storage is checked, allocations themselves being aligned)."""
+    if col_perm is not None:
+        return False
+    if not interpreting() and (x2d.device.type != "cuda" or torch.cuda.get_device_capability(x2d.device)[0] < 9):
+        return False
+    item = x2d.element_size()
+    aligned = (x2d.stride(0) * item) % 16 == 0 and (x2d.storage_offset() * item) % 16 == 0
+    if aligned and type(x2d) in (torch.Tensor, torch.nn.Parameter) and x2d.device.type == "cuda":
+        aligned = x2d.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
+    return aligned
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's allocator for the descriptors' global scratch, set before each launch with descriptors
+    (Inductor sets one of its own alike): it replaces an allocator set before, which is harmless, as
+    any allocator of device memory serves every kernel."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
@@ -94,9 +144,13 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
             dummy if bias is None else bias, dummy if res2d is None else res2d,
             dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
             out, M, N, K, pow2_tile(M), x2d.stride(0), out.stride(0),  # M_BUCKET: tune once per power of two
-            0 if res2d is None else res2d.stride(0))
+            0 if res2d is None else res2d.stride(0), values.shape[0])
+    tma = (config or {}).get("TMA", GATED_TMA if act_code == ACT_SWIGLU else 0)
+    tma = tma if tma and tma_fits(x2d, values, col_perm) else 0
+    if tma and not interpreting():
+        triton.set_allocator(_scratch)
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
-              HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code,
+              HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code, TMA=tma,
               IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4, UPCAST=interpreting())
     if config is None and interpreting():  # no autotuning without a GPU
         config = dict(BLOCK_M=64, num_warps=4, num_stages=2)
@@ -108,7 +162,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
                                  **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
         return out
     if _autotuned is None:
-        _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW", "ACT"])(
+        _autotuned = triton.autotune(LARGE_M_CONFIGS, key=["M_BUCKET", "N", "K", "BH", "BW", "ACT", "TMA"])(
             bsr_large_m_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nbr)
     traceable(_autotuned)[grid](*args, **kw)
