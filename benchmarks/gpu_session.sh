@@ -94,6 +94,15 @@ for s in $steps; do
         -k "tensor_descriptor or large or gated" -p no:cacheprovider
       step tma_sweep 330 python3 benchmarks/kernels.py --sweep --tma --tokens 2048 4096 --patterns block90 \
         --weights 12288x4096,4096x4096,4096x11008,22016x4096,11008x4096 ;;
+    # Each FFN launch inside the compiled prefill graph (the gated and down launches share a kernel name) and
+    # the configs Inductor timed for them; the kernel tests of the final code; prefill (a) and (c)
+    ffn_launches)
+      step kernel_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+        -k "shapes or epilogue_dtypes or op_3d or tensor_descriptor" -p no:cacheprovider
+      step profile_c_launches 150 python3 benchmarks/profile_decode.py --case c --tokens 2048 --prefill \
+        --mode default --skip-inductor --log-autotune
+      grep -A6 "Benchmark all input configs for bsr" "$LOGS/profile_c_launches.log" | cut -c1-220 | head -40
+      step models_prefill_ac 120 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c ;;
     # Prefill's host time: Inductor launching the traced sparse kernels through its static launcher
     # (experimental upstream) against Triton's Python launcher, twice in turn; outputs checked against eager
     static_launch)

@@ -14,6 +14,7 @@ Inductor side by side, so a gap to the floor can be assigned to kernels or to la
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 import torch
@@ -45,6 +46,20 @@ def profile(fn, x, label: str, calls: int = 20, top: int = 20) -> None:
     rows = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:top]
     for e in rows:
         print(f"  {e.device_time_total / 1e3 / calls:8.4f} ms  x{e.count // calls:<3} {e.key[:90]}")
+    per_launch(prof, calls)
+
+
+def per_launch(prof, calls: int) -> None:
+    """sparsec's kernels launched more than once a call, by their place in the call (the gated and the
+    down launches of the FFN share a kernel name, so the totals above cannot tell them apart)."""
+    launches = {}
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith(("bsr_", "bitmap_", "csr_")):
+            launches.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    for name, times in launches.items():
+        per_call = len(times) // calls
+        means = [sum(times[i::per_call]) / calls for i in range(per_call)]
+        print(f"  {name}: us a launch by place in the call: " + " ".join(f"{t:.1f}" for t in means))
 
 
 def main():
@@ -59,7 +74,12 @@ def main():
     parser.add_argument("--skip-inductor", action="store_true")
     parser.add_argument("--prefill", action="store_true", help="input [1, tokens, 4096] (one sequence, causal "
                         "attention) instead of [tokens, 1, 4096]")
+    parser.add_argument("--log-autotune", action="store_true", help="print Inductor's timing of each config "
+                        "when it autotunes a kernel (sparsec's traced launches among them) and the one it keeps")
     args = parser.parse_args()
+    if args.log_autotune:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("torch._inductor.runtime.triton_heuristics").setLevel(logging.DEBUG)
     if args.steps:
         from sparsec.codegen.triton import bsr_small_m
 
