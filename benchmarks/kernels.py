@@ -351,7 +351,8 @@ def run_sweep(args):
               flush=True)
         for tma in range(4) if args.tma else ():
             same = [(t, c) for t, k, c in best if c.get("TMA") == tma]
-            print(f"  TMA={tma}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
+            if same:
+                print(f"  TMA={tma}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for kind in ("small", "large"):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:

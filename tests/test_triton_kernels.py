@@ -232,6 +232,16 @@ def test_bsr_large_m_tensor_descriptor_rules():
     assert not bsr_large_m.tma_fits(x[:, :128], values, torch.arange(128, device=DEV))
     assert not bsr_large_m.tma_fits(torch.randn(64, 129, device=DEV), values, None)  # 129 x 4 bytes a row
     assert not bsr_large_m.tma_fits(x[:, 1:129], values, None)  # starts 4 bytes in
+    # asked for descriptors anyway, the launcher takes pointers (on the GPU the copy engine would fault)
+    gen = torch.Generator().manual_seed(5)
+    w = sparse_weight(32, 128, (16, 16), 0.5, gen)
+    p = pack_bsr(w, (16, 16))
+    x_off = torch.randn(69, 132, generator=gen).to(DEV)[:, 1:129]  # sliced where it runs: 4 bytes in
+    out = torch.full((69, 32), float("nan"), device=DEV)
+    d = lambda t: t.to(DEV)
+    bsr_large_m.launch(x_off, d(p.values), d(p.col_indices), d(p.row_offsets), 32, 128, None,
+                       ACT_CODES["none"], None, None, None, out, config={**LARGE_M_TEST_CONFIG, "TMA": 3})
+    check(out, linear64(x_off.cpu(), w, None, "none", None), torch.float32)
 
 
 def run_bitmap(x, w, packed, bias, act, res, dtype, config=None):

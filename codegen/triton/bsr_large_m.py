@@ -4,6 +4,8 @@ Grid: (token tiles, output block rows). A program owns BLOCK_M tokens x one bloc
 output features) and walks that block row's non-zero blocks: for each, it gathers the
 matching BW input columns of x and does one tl.dot with fp32 accumulation. Zero blocks
 cost nothing, so work scales with density. Epilogue fused (bias, act, residual, row perm).
+The gated (SwiGLU) kernel fetches x's tiles through tensor descriptors (Hopper's copy engine, TMA)
+where they fit; the rest through pointers (GATED_TMA below says why).
 """
 import torch
 import triton
