@@ -301,7 +301,7 @@ def run_sweep(args):
         elif args.tma:  # the many-token kernel's configs with its tiles through pointers and through TMA
             for bm, nw, ns, cap in [(64, 4, 4, None), (128, 4, 3, None), (128, 4, 4, None), (128, 4, 5, None),
                                     (128, 4, 5, GATED_MAX_REGISTERS), (128, 8, 3, None), (256, 8, 3, None)]:
-                for tma in range(4):  # pointers; x, the blocks, or both through tensor descriptors
+                for tma in (False, True):  # x's tiles through pointers, through a tensor descriptor
                     cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns, maxnreg=cap, TMA=tma)))
         else:
             for bm in [64, 128, 256]:
@@ -349,8 +349,8 @@ def run_sweep(args):
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
               f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
-        for tma in range(4) if args.tma else ():
-            same = [(t, c) for t, k, c in best if c.get("TMA") == tma]
+        for tma in (False, True) if args.tma else ():
+            same = [(t, c) for t, k, c in best if c.get("TMA") is tma]
             if same:
                 print(f"  TMA={tma}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for kind in ("small", "large"):
@@ -489,7 +489,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--tma", action="store_true",
-                   help="--sweep above 64 tokens: the many-token kernel's configs with and without tensor descriptors")
+                   help="--sweep above 64 tokens: the many-token kernel's configs with x's tiles through pointers and through TMA")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")

@@ -196,7 +196,7 @@ def test_bsr_gated_epilogue(dtype, kern, M, cfg):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tma", [0, 1, 2, 3])  # pointers; x's tiles, the blocks, or both by descriptors
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("M,N,K,block,act", [
     (69, 96, 128, (64, 64), "none"),     # ragged M: the copy engine fills rows past M with zeros
     (33, 70, 200, (32, 32), "silu"),     # K past the last full block: its columns arrive as zeros
@@ -204,7 +204,7 @@ def test_bsr_gated_epilogue(dtype, kern, M, cfg):
     (40, 48, 64, (16, 16), "none"),      # no blocks at all
 ])
 def test_bsr_large_m_tensor_descriptors(dtype, tma, M, N, K, block, act):
-    """The many-token kernel with its tiles fetched through tensor descriptors (TMA) and through
+    """The many-token kernel with x's tiles fetched through a tensor descriptor (TMA) and through
     pointers, with bias, residual and a row permutation in the epilogue."""
     gen = torch.Generator().manual_seed(M + N + K)
     w = sparse_weight(N, K, block, 0.0 if N == 48 else 0.5, gen, empty_rows=(1,)).to(dtype)
@@ -216,7 +216,7 @@ def test_bsr_large_m_tensor_descriptors(dtype, tma, M, N, K, block, act):
     r = torch.randn(M, n_out, generator=gen).to(dtype)
     ref = linear64(x, w, b, act, r)
     d = lambda t: None if t is None else t.to(DEV)
-    assert bsr_large_m.tma_fits(d(x), d(p.values), None)
+    assert bsr_large_m.tma_fits(d(x), None)
     out = torch.full((M, n_out), float("nan"), dtype=dtype, device=DEV)
     bsr_large_m.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), n_out, K, d(b),
                        ACT_CODES[act], d(r), d(p.row_perm), None, out, config={**LARGE_M_TEST_CONFIG, "TMA": tma})
@@ -227,11 +227,10 @@ def test_bsr_large_m_tensor_descriptor_rules():
     """Tiles the copy engine cannot fetch go through pointers: a column gather, rows not on 16-byte
     boundaries, a view starting off one."""
     x = torch.randn(64, 132, device=DEV)
-    values = torch.randn(2, 16, 16, device=DEV)
-    assert bsr_large_m.tma_fits(x[:, :128], values, None)
-    assert not bsr_large_m.tma_fits(x[:, :128], values, torch.arange(128, device=DEV))
-    assert not bsr_large_m.tma_fits(torch.randn(64, 129, device=DEV), values, None)  # 129 x 4 bytes a row
-    assert not bsr_large_m.tma_fits(x[:, 1:129], values, None)  # starts 4 bytes in
+    assert bsr_large_m.tma_fits(x[:, :128], None)
+    assert not bsr_large_m.tma_fits(x[:, :128], torch.arange(128, device=DEV))
+    assert not bsr_large_m.tma_fits(torch.randn(64, 129, device=DEV), None)  # 129 x 4 bytes a row
+    assert not bsr_large_m.tma_fits(x[:, 1:129], None)  # starts 4 bytes in
     # asked for descriptors anyway, the launcher takes pointers (on the GPU the copy engine would fault)
     gen = torch.Generator().manual_seed(5)
     w = sparse_weight(32, 128, (16, 16), 0.5, gen)
@@ -240,7 +239,7 @@ def test_bsr_large_m_tensor_descriptor_rules():
     out = torch.full((69, 32), float("nan"), device=DEV)
     d = lambda t: t.to(DEV)
     bsr_large_m.launch(x_off, d(p.values), d(p.col_indices), d(p.row_offsets), 32, 128, None,
-                       ACT_CODES["none"], None, None, None, out, config={**LARGE_M_TEST_CONFIG, "TMA": 3})
+                       ACT_CODES["none"], None, None, None, out, config={**LARGE_M_TEST_CONFIG, "TMA": True})
     check(out, linear64(x_off.cpu(), w, None, "none", None), torch.float32)
 
 

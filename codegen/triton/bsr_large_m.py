@@ -35,7 +35,7 @@ LARGE_M_CONFIGS = [
 
 
 @triton.jit
-def block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cperm_ptr, br, K,
+def block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
                    BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
                    HAS_CPERM: tl.constexpr, TMA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """[BLOCK_M, BH] fp32: tokens x the rows of block row `br`, over its non-zero blocks."""
@@ -45,7 +45,7 @@ def block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cper
     end = tl.load(ro_ptr + br + 1)
     acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
     for i in range(start, end):
-        if TMA & 1:  # TMA_X: x's tile by the copy engine; rows past M and columns past K arrive as zeros
+        if TMA:  # x's tile by the copy engine; rows past M and columns past K arrive as zeros
             xt = x_desc.load([m0, tl.load(ci_ptr + i) * BW])
         else:
             kcol = tl.load(ci_ptr + i) * BW + cc
@@ -53,19 +53,16 @@ def block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cper
             if HAS_CPERM:  # prologue gather of permuted input columns
                 kcol = tl.load(cperm_ptr + kcol, mask=k_ok, other=0)
             xt = tl.load(x_rows + kcol[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if TMA & 2:  # TMA_BLOCKS
-            wt = w_desc.load([i * BH, 0]).T
-        else:
-            # the block transposed: [BW, BH], contiguous along BW in memory
-            # int32 offsets: the launcher checks values.numel() < 2**31
-            wt = tl.load(v_ptr + i * (BH * BW) + rr[None, :] * BW + cc[:, None])
+        # the block transposed: [BW, BH], contiguous along BW in memory
+        # int32 offsets: the launcher checks values.numel() < 2**31
+        wt = tl.load(v_ptr + i * (BH * BW) + rr[None, :] * BW + cc[:, None])
         acc = mma(xt, wt, acc, IEEE, UPCAST)
     return acc
 
 
 @triton.jit
 def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
-                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm, n_blocks,
+                       out_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, TMA: tl.constexpr,
@@ -78,41 +75,34 @@ def bsr_large_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     m_ok = m < M
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     x_desc = x_ptr  # unused without TMA
-    w_desc = v_ptr
-    if TMA & 1:  # TMA_X
+    if TMA:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
                                            block_shape=[BLOCK_M, BW])
-    if TMA & 2:  # TMA_BLOCKS
-        # the blocks as one [n_blocks * BH, BW] matrix (at least one block: an empty weight loads none)
-        w_desc = tl.make_tensor_descriptor(v_ptr, shape=[tl.maximum(n_blocks, 1) * BH, BW],
-                                           strides=[BW, 1], block_shape=[BH, BW])
-    acc = block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cperm_ptr, br, K,
+    acc = block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, K,
                          BH, BW, BLOCK_M, HAS_CPERM, TMA, IEEE, UPCAST)
     up = acc
     if ACT == 4:  # ACT_SWIGLU
-        up = block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, w_desc, ci_ptr, ro_ptr, cperm_ptr,
+        up = block_row_tile(x_rows, m_ok, x_desc, m0, v_ptr, ci_ptr, ro_ptr, cperm_ptr,
                             br + N // BH, K, BH, BW, BLOCK_M, HAS_CPERM, TMA, IEEE, UPCAST)
     n = br * BH + tl.arange(0, BH)
     fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
-# Tiles through Hopper's copy engine (TMA; descriptors made on the device): x's tiles (TMA_X), the
-# weight's blocks (TMA_BLOCKS), or both. The gated kernel fetches x's tiles so: no address arithmetic
-# in its registers, which its two fp32 tiles crowd (H200 sweep, 22016x4096 at 90% 64x64 blocks, 5
-# stages: 118 -> 106 us at 2048 tokens, 238 -> 213 at 4096; its blocks through TMA too: 110 / 215).
-# The plain kernel ran 0-5% slower with x's tiles through TMA and 5-14% slower with both, on every
-# prefill weight, so it keeps pointers (benchmarks/RESULTS.md, fourteenth session).
-TMA_X, TMA_BLOCKS = 1, 2
-GATED_TMA = TMA_X
+# x's tiles through Hopper's copy engine (TMA; a descriptor made on the device) in the gated kernel: no
+# address arithmetic in its registers, which its two fp32 tiles crowd (H200 sweep, 22016x4096 at 90%
+# 64x64 blocks, 5 stages: 118 -> 106 us at 2048 tokens, 238 -> 213 at 4096). The plain kernel ran 0-5%
+# slower with it on every prefill weight, so it keeps pointers; the weight's blocks through TMA too were
+# slower in both (benchmarks/RESULTS.md, fourteenth session).
+GATED_TMA = True
 
 
 _autotuned = None
 
 
-def tma_fits(x2d, values, col_perm) -> bool:
-    """Whether the tiles can come through tensor descriptors: a GPU with the copy engine (compute
-    capability 9+; the interpreter emulates one), no column gather, and x's rows and both bases on
+def tma_fits(x2d, col_perm) -> bool:
+    """Whether x's tiles can come through a tensor descriptor: a GPU with the copy engine (compute
+    capability 9+; the interpreter emulates one), no column gather, and x's rows and base on
     16-byte boundaries (the engine's rule; a tensor traced by torch.compile has no address, so its
     offset into its storage is checked, allocations themselves being aligned)."""
     if col_perm is not None:
@@ -122,7 +112,7 @@ def tma_fits(x2d, values, col_perm) -> bool:
     item = x2d.element_size()
     aligned = (x2d.stride(0) * item) % 16 == 0 and (x2d.storage_offset() * item) % 16 == 0
     if aligned and type(x2d) in (torch.Tensor, torch.nn.Parameter) and x2d.device.type == "cuda":
-        aligned = x2d.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
+        aligned = x2d.data_ptr() % 16 == 0
     return aligned
 
 
@@ -146,9 +136,8 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
             dummy if bias is None else bias, dummy if res2d is None else res2d,
             dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
             out, M, N, K, pow2_tile(M), x2d.stride(0), out.stride(0),  # M_BUCKET: tune once per power of two
-            0 if res2d is None else res2d.stride(0), values.shape[0])
-    tma = (config or {}).get("TMA", GATED_TMA if act_code == ACT_SWIGLU else 0)
-    tma = tma if tma and tma_fits(x2d, values, col_perm) else 0
+            0 if res2d is None else res2d.stride(0))
+    tma = (config or {}).get("TMA", GATED_TMA and act_code == ACT_SWIGLU) and tma_fits(x2d, col_perm)
     if tma and not interpreting():
         triton.set_allocator(_scratch)
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
