@@ -6,8 +6,9 @@
 
 Why: the stall reasons and the L2, L1 and shared-memory throughput of a sparse kernel, beside
 cuBLAS's on the same weight, say what bounds it (bsr_large_m at prefill: L2, benchmarks/RESULTS.md;
-the CSR kernel at one token: the question of this run). Without ncu the script still checks the
-kernel against float64 and prints both times (CUDA events).
+the CSR kernel at one token; the decode kernel at 16 tokens, beside cuBLAS over the same bytes with
+--dense-same-bytes). Without ncu the script still checks the kernel against float64 and prints both
+times (CUDA events).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from sparsec.codegen.triton import bsr_large_m, csr
+from sparsec.codegen.triton import bsr_large_m, bsr_small_m, csr
 from sparsec.codegen.triton.epilogue import ACT_CODES
 from sparsec.runtime import reference
 from sparsec.runtime.formats import pack_bsr, pack_csr
@@ -36,11 +37,12 @@ def event_ms(fn, calls: int = 10) -> float:
     return start.elapsed_time(end) / calls
 
 
-def bsr_large_m_launch(w, x, out, config, act):
-    packed = pack_bsr(w, (64, 64))
-    k = w.shape[1]
-    return lambda: bsr_large_m.launch(x, packed.values, packed.col_indices, packed.row_offsets, out.shape[1], k,
-                                      None, ACT_CODES[act], None, None, None, out, config=config)
+def bsr_launch(kernel):
+    def build(w, x, out, config, act):
+        packed = pack_bsr(w, (64, 64))
+        return lambda: kernel.launch(x, packed.values, packed.col_indices, packed.row_offsets, out.shape[1],
+                                     w.shape[1], None, ACT_CODES[act], None, None, None, out, config=config)
+    return build
 
 
 def csr_launch(w, x, out, config, act):
@@ -52,7 +54,8 @@ def csr_launch(w, x, out, config, act):
 
 # kernel name -> (launch builder, default config)
 KERNELS = {
-    "bsr_large_m": (bsr_large_m_launch, dict(BLOCK_M=128, num_warps=4, num_stages=3)),
+    "bsr_large_m": (bsr_launch(bsr_large_m), dict(BLOCK_M=128, num_warps=4, num_stages=3)),
+    "bsr_small_m": (bsr_launch(bsr_small_m), None),
     "csr": (csr_launch, None),
 }
 
@@ -64,13 +67,16 @@ def main():
     parser.add_argument("--pattern", default="block50", help="as in benchmarks/kernels.py")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--act", choices=("none", "swiglu"), default="none",
-                        help="the epilogue; swiglu: the weight's rows are [gate; up] (bsr_large_m only)")
+                        help="the epilogue; swiglu: the weight's rows are [gate; up] (the BSR kernels only)")
+    parser.add_argument("--dense-same-bytes", action="store_true",
+                        help="cuBLAS over a dense weight holding as many values as the sparse one (what a "
+                             "streaming kernel of the same bytes reaches), not over the whole weight")
     parser.add_argument("--config", type=json.loads, default=None,
                         help="the launcher's config as JSON (default: bsr_large_m BLOCK_M 128, 4 warps, 3 stages; "
-                             "csr: its own table)")
+                             "bsr_small_m and csr: their own tables)")
     args = parser.parse_args()
-    if args.act == "swiglu" and args.kernel != "bsr_large_m":
-        parser.error("--act swiglu: bsr_large_m only (the CSR kernel has no gated epilogue)")
+    if args.act == "swiglu" and args.kernel == "csr":
+        parser.error("--act swiglu: the BSR kernels only (the CSR kernel has no gated epilogue)")
     n, k = map(int, args.weight.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = make_weight(n, k, args.pattern, torch.bfloat16, "cuda", gen)
@@ -78,7 +84,10 @@ def main():
     out = torch.empty(args.tokens, n // 2 if args.act == "swiglu" else n, device="cuda", dtype=torch.bfloat16)
     build, default_config = KERNELS[args.kernel]
     sparse = build(w, x, out, args.config or default_config, args.act)
-    dense = lambda: F.linear(x, w)  # noqa: E731
+    wd = w
+    if args.dense_same_bytes:
+        wd = torch.randn(max(1, int(w.count_nonzero()) // k), k, device="cuda", dtype=torch.bfloat16)
+    dense = lambda: F.linear(x, wd)  # noqa: E731
     sparse()
     ref = x.double() @ w.double().t()
     if args.act == "swiglu":
@@ -90,7 +99,8 @@ def main():
     torch.cuda.synchronize()
     t_sparse, t_dense = event_ms(sparse), event_ms(dense)
     print(f"{args.weight} {args.pattern} {args.act} M={args.tokens}: {args.kernel} {args.config} {t_sparse * 1e3:.1f} us, cuBLAS "
-          f"{t_dense * 1e3:.1f} us ({2.0 * args.tokens * n * k / t_dense / 1e9:.0f} TFLOP/s); rel.err {err:.1e}")
+          f"{t_dense * 1e3:.1f} us over {wd.shape[0]}x{k} ({2.0 * args.tokens * wd.shape[0] * k / t_dense / 1e9:.0f} "
+          f"TFLOP/s); rel.err {err:.1e}")
 
 
 if __name__ == "__main__":

@@ -175,15 +175,19 @@ def test_bsr_epilogue_dtypes_perm(dtype, act, kern, M):
                                 (17, 4, False), (17, 2, True)]],
     (bsr_small_m, 69, {}),                    # two token tiles (the op's choice up to 128 tokens)
     (bsr_small_m, 69, dict(BLOCK_M=32)),      # three, the last one ragged
+    # tl.dot's gate and up blocks as one chain (CHAIN), steps ending inside either row and across both
+    *[(bsr_small_m, M, dict(CHAIN=True, STEP=step)) for M, step in [(17, 1), (17, 2), (17, 4), (69, 2)]],
     (bsr_large_m, 69, LARGE_M_TEST_CONFIG),
 ])
-def test_bsr_gated_epilogue(dtype, kern, M, cfg):
+@pytest.mark.parametrize("col_perm", [False, True])
+def test_bsr_gated_epilogue(dtype, kern, M, cfg, col_perm):
     """SwiGLU in the epilogue: the weight's rows are [gate; up] and each program reads the up block
-    row N/BH below its gate block row; an empty gate row and an empty up row are in the weight."""
+    row N/BH below its gate block row; an empty gate row and an empty up row are in the weight;
+    with and without x's columns gathered (a column permutation)."""
     gen = torch.Generator().manual_seed(12)
     half, K, block = 64, 100, (32, 32)
     w = sparse_weight(2 * half, K, block, 0.5, gen, empty_rows=(0, 3)).to(dtype)
-    p = pack_bsr(w, block)
+    p = pack_bsr(w, block, col_perm=torch.randperm(K, generator=gen) if col_perm else None)
     x = torch.randn(M, K, generator=gen).to(dtype)
     b = torch.randn(2 * half, generator=gen).to(dtype)  # gate and up biases
     r = torch.randn(M, half, generator=gen).to(dtype)
@@ -191,7 +195,7 @@ def test_bsr_gated_epilogue(dtype, kern, M, cfg):
     out = torch.full((M, half), float("nan"), dtype=dtype, device=DEV)
     d = lambda t: t.to(DEV)
     kern.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), half, K, d(b),
-                ACT_CODES["swiglu"], d(r), None, None, out, config=cfg)
+                ACT_CODES["swiglu"], d(r), None, None if p.col_perm is None else d(p.col_perm), out, config=cfg)
     check(out, ref, dtype)
 
 
