@@ -191,7 +191,7 @@ for s in $steps; do
     # What bounds the decode kernel at 16 tokens (case (a)'s four weights after fuse-linears): Nsight Compute
     # on one launch each, beside cuBLAS over a dense weight of the same bytes (RUN: weight, epilogue, config)
     ncu_decode)
-      for run in "22016x4096 swiglu {}" '22016x4096 swiglu {"CHAIN":true}' "22016x4096 none {}" \
+      for run in "22016x4096 swiglu {}" '22016x4096 swiglu {"CHAIN":true,"STEP":2}' "22016x4096 none {}" \
                  "12288x4096 none {}" "4096x4096 none {}" "4096x11008 none {}"; do
         set -- $run
         step "ncu_decode_${1}_${2}_${#3}" 100 ncu --clock-control none -k regex:"bsr_small_m|gemm|gemv|nvjet|sm90" \
