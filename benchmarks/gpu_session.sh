@@ -182,12 +182,11 @@ for s in $steps; do
           --tokens 2048 --act $2 --config "$cfg"
       done ;;
     # The gated decode kernel's gate and up blocks as one chain (CHAIN) against the paired loop: GPU tests,
-    # then the sweep at 1 and 16 tokens (the plain 22016-row kernel beside it streams the same bytes)
+    # then the sweep of case (a)'s decode weights at 16 tokens (the plain 22016-row kernel streams the same bytes)
     gated_chain)
       step chain_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
         -k "gated_epilogue" -p no:cacheprovider
-      step chain_sweep 200 python3 benchmarks/kernels.py --sweep --tokens 1 16 --patterns block90,block50 \
-        --weights 22016x4096 ;;
+      step chain_sweep 300 python3 benchmarks/kernels.py --sweep --tokens 16 --patterns block90 ;;
     # What bounds the decode kernel at 16 tokens (case (a)'s four weights after fuse-linears): Nsight Compute
     # on one launch each, beside cuBLAS over a dense weight of the same bytes (RUN: weight, epilogue, config)
     ncu_decode)

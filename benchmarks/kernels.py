@@ -291,7 +291,7 @@ def run_sweep(args):
             dot = M >= bsr_small_m.DOT_MIN_M
             # PREFETCH only without tl.dot: with it, Triton's pipeliner was faster in every decode shape
             # (fourth session's sweep at 16 tokens, benchmarks/RESULTS.md)
-            for rows in ([64, 32] if dot else [16, 8, 4]):
+            for rows in ([64, 32, 16] if dot else [16, 8, 4]):
                 for step in ([2, 4] if dot else [2, 4, 8]):
                     for nw in ([4] if dot else [4, 8]):
                         for ns in ([4, 6] if dot else [4]):
