@@ -181,19 +181,19 @@ for s in $steps; do
           --section LaunchStats python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight $1 --pattern block90 \
           --tokens 2048 --act $2 --config "$cfg"
       done ;;
-    # The gated decode kernel's gate and up blocks as one chain (CHAIN) against the paired loop: GPU tests,
-    # then the sweep of case (a)'s decode weights at 16 tokens (the plain 22016-row kernel streams the same bytes)
-    gated_chain)
-      step chain_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
-        -k "gated_epilogue" -p no:cacheprovider
-      step chain_sweep 300 python3 benchmarks/kernels.py --sweep --tokens 16 --patterns block90 ;;
+    # The decode kernel's Tensor Core steps with its shared-memory rule counting the pipeliner's buffers
+    # (bsr_small_m.STAGES_WITHOUT_BUFFER): the sweep at 16 and 64 tokens ("default" is the rule's choice),
+    # then case (a)-(c)'s decode16 rows
+    decode_rule)
+      step decode_rule_sweep 300 python3 benchmarks/kernels.py --sweep --tokens 16 64 --patterns block90,block50
+      step decode_rule_models 250 python3 benchmarks/models.py --skip-other --shapes decode16 --only a,b,c ;;
     # What bounds the decode kernel at 16 tokens (case (a)'s four weights after fuse-linears): Nsight Compute
     # on one launch each, beside cuBLAS over a dense weight of the same bytes (RUN: weight, epilogue, config)
     ncu_decode)
-      for run in "22016x4096 swiglu {}" '22016x4096 swiglu {"CHAIN":true,"STEP":2}' "22016x4096 none {}" \
-                 "12288x4096 none {}" "4096x4096 none {}" "4096x11008 none {}"; do
+      for run in "22016x4096 swiglu {}" "22016x4096 none {}" "12288x4096 none {}" "4096x4096 none {}" \
+                 "4096x11008 none {}"; do
         set -- $run
-        step "ncu_decode_${1}_${2}_${#3}" 100 ncu --clock-control none -k regex:"bsr_small_m|gemm|gemv|nvjet|sm90" \
+        step "ncu_decode_${1}_${2}" 100 ncu --clock-control none -k regex:"bsr_small_m|gemm|gemv|nvjet|sm90" \
           --launch-skip 2 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
           python3 benchmarks/profile_kernel.py --kernel bsr_small_m --weight $1 --pattern block90 --tokens 16 \

@@ -297,13 +297,7 @@ def run_sweep(args):
                         for ns in ([4, 6] if dot else [4]):
                             for prefetch in ([False] if dot else [False, True]):
                                 cfgs.append(("small", dict(ROWS=rows, STEP=step, PREFETCH=prefetch,
-                                                           num_warps=nw, num_stages=ns, CHAIN=False)))
-            if dot and act == "swiglu":  # gate and up blocks as one chain, STEP of either a step
-                for rows in [64, 32]:
-                    for step in [1, 2, 4, 8]:
-                        for ns in [3, 4, 6]:
-                            cfgs.append(("small", dict(ROWS=rows, STEP=step, num_warps=4, num_stages=ns,
-                                                       CHAIN=True)))
+                                                           num_warps=nw, num_stages=ns)))
         elif args.tma:  # the many-token kernel's configs with its tiles through pointers and through TMA
             for bm, nw, ns, cap in [(64, 4, 4, None), (128, 4, 3, None), (128, 4, 4, None), (128, 4, 5, None),
                                     (128, 4, 5, GATED_MAX_REGISTERS), (128, 8, 3, None), (256, 8, 3, None)]:
@@ -355,10 +349,6 @@ def run_sweep(args):
         print(f"SWEEP {pattern} {N}x{K} {act} M={M}: default {default_t * 1e3:.1f}us, cuBLAS same bytes "
               f"{t_dense * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, k, c in best[:4]),
               flush=True)
-        for chain in (False, True) if act == "swiglu" and M >= bsr_small_m.DOT_MIN_M and M <= 64 else ():
-            same = [(t, c) for t, k, c in best if c.get("CHAIN") is chain]
-            if same:
-                print(f"  CHAIN={chain}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for tma in (False, True) if args.tma else ():
             same = [(t, c) for t, k, c in best if c.get("TMA") is tma]
             if same:

@@ -59,24 +59,28 @@ DOT_MIN_M = 9      # from here tl.dot (M padded to 16) beats broadcast-multiply-
 # The Tensor Core path gets its loads ahead from Triton's pipeliner (num_stages), not PREFETCH.
 STEPS = (4, 2)
 LONG_ROW_BLOCKS = 16
-# Gated (SwiGLU) with tl.dot: the gate and up rows' blocks as one chain (chained_block_row_slabs),
-# STEP blocks of either a step, instead of a loop that loads STEP of each (paired_block_row_slabs).
-GATED_CHAIN = False
 # Shared memory the pipelined tl.dot loads may take (of 228 KB per SM): a step is halved, then the
-# stages cut, until DOT_STAGES stages of it fit.
+# stages cut, until the buffers of DOT_STAGES stages fit. The pipeliner keeps fewer buffers than stages
+# here, because the column-index load feeding the x load takes stages of its own: at 6 stages Triton
+# 3.9 allocates 4 step buffers (86 KB for 20 KB steps), Triton 3.6 2 (42 KB, Nsight Compute, fifteenth
+# session). Counting 6 had halved the gated kernel's step at 16 tokens: 12.1 us against 11.4 with two
+# blocks of each half a step (H200 sweep, fifteenth session).
 SMEM_BUDGET = 200 * 1024
 DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sweep: 6 stages ~25% faster)
+STAGES_WITHOUT_BUFFER = 2
 
 
 @triton.jit
-def load_step(blk, valid, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-              BH: tl.constexpr, BW: tl.constexpr, STEP: tl.constexpr, USE_DOT: tl.constexpr,
-              HAS_CPERM: tl.constexpr):
-    """The x columns and the weight slabs (rows `rr`) of one step's non-zero blocks, as one tile
-    STEP*BW columns wide: `blk` holds the block each column belongs to, columns not `valid` are
-    masked off (zeros, no memory traffic). Returns xt [BLOCK_M, STEP*BW] and the slab:
-    [STEP*BW, ROWS] for tl.dot, else [ROWS, STEP*BW]."""
-    cc = tl.arange(0, STEP * BW) % BW
+def load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
+                BH: tl.constexpr, BW: tl.constexpr, STEP: tl.constexpr, USE_DOT: tl.constexpr,
+                HAS_CPERM: tl.constexpr):
+    """The x columns and the weight slabs (rows `rr`) of non-zero blocks i .. i+STEP-1, as one tile
+    STEP*BW columns wide; blocks at or past i_end are masked off (zeros, no memory traffic).
+    Returns xt [BLOCK_M, STEP*BW] and the slab: [STEP*BW, ROWS] for tl.dot, else [ROWS, STEP*BW]."""
+    j = tl.arange(0, STEP * BW)
+    blk = i + j // BW          # the non-zero block each column of the step belongs to
+    cc = j % BW
+    valid = blk < i_end
     kcol = tl.load(ci_ptr + blk, mask=valid, other=0) * BW + cc
     k_ok = (kcol < K) & valid
     if HAS_CPERM:
@@ -88,16 +92,6 @@ def load_step(blk, valid, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
     else:
         wt = tl.load(v_ptr + rr[:, None] * BW + w_cols[None, :], mask=valid[None, :], other=0.0)
     return xt, wt
-
-
-@triton.jit
-def load_blocks(i, i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K,
-                BH: tl.constexpr, BW: tl.constexpr, STEP: tl.constexpr, USE_DOT: tl.constexpr,
-                HAS_CPERM: tl.constexpr):
-    """load_step of non-zero blocks i .. i+STEP-1; blocks at or past i_end are masked off."""
-    blk = i + tl.arange(0, STEP * BW) // BW
-    return load_step(blk, blk < i_end, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP, USE_DOT,
-                     HAS_CPERM)
 
 
 @triton.jit
@@ -202,42 +196,13 @@ def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a,
 
 
 @triton.jit
-def chained_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
-                            BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
-                            BLOCK_M: tl.constexpr, HAS_CPERM: tl.constexpr, IEEE: tl.constexpr,
-                            UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """paired_block_row_slabs with tl.dot, as one chain: the blocks of block row br_a then those of
-    br_b, STEP a step, each step's x columns split between the two accumulators by a mask. Why: the
-    paired loop runs as many steps as the longer row has (the shorter one's steps masked, empty), the
-    chain as many as both rows' blocks fill; the extra product per step is free at decode, where the
-    weight stream is the whole cost."""
-    start_a = tl.load(ro_ptr + br_a)
-    len_a = tl.load(ro_ptr + br_a + 1) - start_a
-    start_b = tl.load(ro_ptr + br_b)
-    total = len_a + tl.load(ro_ptr + br_b + 1) - start_b
-    wait_for_producer(PDL)
-    acc_a = tl.zeros((BLOCK_M, ROWS_), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_M, ROWS_), dtype=tl.float32)
-    for v0 in range(0, total, STEP):
-        v = v0 + tl.arange(0, STEP * BW) // BW  # place of each column's block in the chain
-        in_a = v < len_a
-        blk = tl.where(in_a, start_a + v, start_b - len_a + v)
-        xt, wt = load_step(blk, v < total, x_rows, m_ok, v_ptr, ci_ptr, cperm_ptr, rr, K, BH, BW, STEP, True,
-                           HAS_CPERM)
-        none = tl.zeros_like(xt)
-        acc_a = mma(tl.where(in_a[None, :], xt, none), wt, acc_a, IEEE, UPCAST)
-        acc_b = mma(tl.where(in_a[None, :], none, xt), wt, acc_b, IEEE, UPCAST)
-    return acc_a, acc_b
-
-
-@triton.jit
 def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
                        out_ptr, M, N, K, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
                        HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr, PDL: tl.constexpr, CHAIN: tl.constexpr):
+                       UPCAST: tl.constexpr, PDL: tl.constexpr):
     # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
@@ -247,10 +212,7 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
     m_ok = m < M
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     rr = sub * ROWS_ + tl.arange(0, ROWS_)
-    if ACT == 4 and CHAIN:  # ACT_SWIGLU, tl.dot only
-        acc, up = chained_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
-                                          rr, K, BH, BW, ROWS_, STEP, BLOCK_M, HAS_CPERM, IEEE, UPCAST, PDL)
-    elif ACT == 4:
+    if ACT == 4:  # ACT_SWIGLU
         acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
                                          rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE,
                                          UPCAST, PDL)
@@ -284,24 +246,23 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
         prefetch = streams * (BH // rows) < TARGET_PROGRAMS
         warps = PREFETCH_WARPS if prefetch and blocks_per_row >= VERY_LONG_ROW_BLOCKS else 4
         return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch,
-                    num_warps=warps, num_stages=4, CHAIN=False)
+                    num_warps=warps, num_stages=4)
     step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
     bm = pow2_tile(M, 16, MAX_BLOCK_M)
     token_tiles = -(-M // bm)
     rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) * token_tiles >= DOT_MIN_PROGRAMS),
                 min(DOT_ROWS[-1], BH))
-    chain = gated and GATED_CHAIN
-    if chain:  # a chain step holds the blocks a paired step loads from both halves
-        step, halves = step * halves, 1
 
-    def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when paired)
+    def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when gated)
         return (bm + rows) * step * BW * itemsize * halves
 
-    while step > 1 and DOT_STAGES * stage_bytes(step) > SMEM_BUDGET:
+    def buffers(stages):
+        return stages - STAGES_WITHOUT_BUFFER
+
+    while step > 1 and buffers(DOT_STAGES) * stage_bytes(step) > SMEM_BUDGET:
         step //= 2
-    stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step)))
-    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4, num_stages=stages,
-                CHAIN=chain)
+    stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step) + STAGES_WITHOUT_BUFFER))
+    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4, num_stages=stages)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
@@ -327,6 +288,6 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
         BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
         PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
-        IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), CHAIN=gated and cfg["USE_DOT"] and cfg["CHAIN"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl))
+        IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_launch(pdl))
     return out
