@@ -181,9 +181,8 @@ for s in $steps; do
           --section LaunchStats python3 benchmarks/profile_kernel.py --kernel bsr_large_m --weight $1 --pattern block90 \
           --tokens 2048 --act $2 --config "$cfg"
       done ;;
-    # The decode kernel's Tensor Core steps with its shared-memory rule counting the pipeliner's buffers
-    # (bsr_small_m.STAGES_WITHOUT_BUFFER): the sweep at 16 and 64 tokens ("default" is the rule's choice),
-    # then case (a)-(c)'s decode16 rows
+    # The decode kernel's Tensor Core configs at 16 and 64 tokens ("default" is the table's choice), then
+    # case (a)-(c)'s decode16 rows
     decode_rule)
       step decode_rule_sweep 300 python3 benchmarks/kernels.py --sweep --tokens 16 64 --patterns block90,block50
       step decode_rule_models 250 python3 benchmarks/models.py --skip-other --shapes decode16 --only a,b,c ;;

@@ -60,14 +60,9 @@ DOT_MIN_M = 9      # from here tl.dot (M padded to 16) beats broadcast-multiply-
 STEPS = (4, 2)
 LONG_ROW_BLOCKS = 16
 # Shared memory the pipelined tl.dot loads may take (of 228 KB per SM): a step is halved, then the
-# stages cut, until the buffers of DOT_STAGES stages fit. The pipeliner keeps fewer buffers than stages
-# here, because the column-index load feeding the x load takes stages of its own: at 6 stages Triton
-# 3.9 allocates 4 step buffers (86 KB for 20 KB steps), Triton 3.6 2 (42 KB, Nsight Compute, fifteenth
-# session). Counting 6 had halved the gated kernel's step at 16 tokens: 12.1 us against 11.4 with two
-# blocks of each half a step (H200 sweep, fifteenth session).
+# stages cut, until DOT_STAGES stages of it fit.
 SMEM_BUDGET = 200 * 1024
 DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sweep: 6 stages ~25% faster)
-STAGES_WITHOUT_BUFFER = 2
 
 
 @triton.jit
@@ -256,12 +251,9 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
     def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when gated)
         return (bm + rows) * step * BW * itemsize * halves
 
-    def buffers(stages):
-        return stages - STAGES_WITHOUT_BUFFER
-
-    while step > 1 and buffers(DOT_STAGES) * stage_bytes(step) > SMEM_BUDGET:
+    while step > 1 and DOT_STAGES * stage_bytes(step) > SMEM_BUDGET:
         step //= 2
-    stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step) + STAGES_WITHOUT_BUFFER))
+    stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step)))
     return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4, num_stages=stages)
 
 
