@@ -186,6 +186,9 @@ for s in $steps; do
     decode_rule)
       step decode_rule_sweep 300 python3 benchmarks/kernels.py --sweep --tokens 16 64 --patterns block90,block50
       step decode_rule_models 250 python3 benchmarks/models.py --skip-other --shapes decode16 --only a,b,c ;;
+    # Does the decode kernel wait on its longest rows? The sweep at 16 tokens on random 90% blocks and on the
+    # same density with every block row holding as many blocks (rowblock90)
+    balance) step balance 200 python3 benchmarks/kernels.py --sweep --tokens 16 --patterns block90,rowblock90 ;;
     # What bounds the decode kernel at 16 tokens (case (a)'s four weights after fuse-linears): Nsight Compute
     # on one launch each, beside cuBLAS over a dense weight of the same bytes (RUN: weight, epilogue, config)
     ncu_decode)

@@ -41,9 +41,14 @@ L2_ROTATE_BYTES = 160e6   # rotate weight copies until this many bytes are touch
 
 def make_weight(n, k, pattern, dtype, device, gen):
     w = torch.randn(n, k, generator=gen, device=device, dtype=torch.float32)
-    if pattern.startswith("block"):
-        keep = 1 - int(pattern[5:]) / 100
-        bm = torch.rand(n // 64 + 1, k // 64 + 1, generator=gen, device=device) < keep
+    if pattern.startswith("block") or pattern.startswith("rowblock"):
+        # rowblock: every block row holds the same number of non-zero blocks (balanced block sparsity)
+        keep = 1 - int(pattern.removeprefix("row")[5:]) / 100
+        r = torch.rand(n // 64 + 1, k // 64 + 1, generator=gen, device=device)
+        if pattern.startswith("row"):
+            bm = r.argsort(dim=1).argsort(dim=1) < round(keep * r.shape[1])
+        else:
+            bm = r < keep
         mask = bm.repeat_interleave(64, 0).repeat_interleave(64, 1)[:n, :k]
     elif pattern.startswith("unstr"):
         keep = 1 - int(pattern[5:]) / 100
@@ -263,16 +268,14 @@ def run_sweep(args):
     small = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (11008, 4096)]
     large = [(11008, 4096), (4096, 11008)]
     # (pattern, weight shape, tokens, activation): the stacked gate/up also with its SwiGLU epilogue
-    plan = [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in small for M in args.tokens
-            if M <= 64]
-    plan += [("block90", (22016, 4096), M, "swiglu") for M in args.tokens if M <= 64]
-    plan += [(pattern, nk, M, "none") for pattern in ("block90", "block50") for nk in large for M in args.tokens
-             if M > 64]
+    patterns = args.patterns.split(",") if args.patterns else ["block90", "block50"]
+    plan = [(pattern, nk, M, "none") for pattern in patterns for nk in small for M in args.tokens if M <= 64]
+    plan += [(pattern, (22016, 4096), M, "swiglu") for pattern in patterns if pattern.endswith("90")
+             for M in args.tokens if M <= 64]
+    plan += [(pattern, nk, M, "none") for pattern in patterns for nk in large for M in args.tokens if M > 64]
     # the prefill shapes of the stack's other weights (q/k/v stacked, o, gate/up stacked with SwiGLU)
-    plan += [(pattern, nk, M, act) for pattern in ("block90", "block50") for M in args.tokens if M > 64
+    plan += [(pattern, nk, M, act) for pattern in patterns for M in args.tokens if M > 64
              for nk, act in [((12288, 4096), "none"), ((4096, 4096), "none"), ((22016, 4096), "swiglu")]]
-    if args.patterns:
-        plan = [row for row in plan if row[0] in args.patterns.split(",")]
     if args.weights:
         plan = [row for row in plan if "x".join(map(str, row[1])) in args.weights.split(",")]
     for pattern, (N, K), M, act in plan:
@@ -497,7 +500,8 @@ def main():
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
-    p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90")
+    p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90 (rowblock90: as block90 with "
+                   "the same number of non-zero blocks in every block row)")
     p.add_argument("--weights", default="", help="--sweep, --sweep-bitmap: comma list of weight shapes, e.g. 11008x4096")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()
