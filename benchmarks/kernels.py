@@ -44,11 +44,14 @@ def make_weight(n, k, pattern, dtype, device, gen):
     if pattern.startswith("block") or pattern.startswith("rowblock"):
         # rowblock: every block row holds the same number of non-zero blocks (balanced block sparsity)
         keep = 1 - int(pattern.removeprefix("row")[5:]) / 100
-        r = torch.rand(n // 64 + 1, k // 64 + 1, generator=gen, device=device)
-        if pattern.startswith("row"):
-            bm = r.argsort(dim=1).argsort(dim=1) < round(keep * r.shape[1])
+        if pattern.startswith("row"):  # floor or ceil of keep x the row's whole column blocks, in every row
+            r = torch.rand(-(-n // 64), k // 64, generator=gen, device=device)
+            per_row = keep * r.shape[1]
+            ceil_rows = torch.rand(r.shape[0], generator=gen, device=device) < per_row - int(per_row)
+            bm = r.argsort(dim=1).argsort(dim=1) < (int(per_row) + ceil_rows.long())[:, None]
+            bm = torch.cat([bm, bm.new_zeros(bm.shape[0], 1)], dim=1)
         else:
-            bm = r < keep
+            bm = torch.rand(n // 64 + 1, k // 64 + 1, generator=gen, device=device) < keep
         mask = bm.repeat_interleave(64, 0).repeat_interleave(64, 1)[:n, :k]
     elif pattern.startswith("unstr"):
         keep = 1 - int(pattern[5:]) / 100
