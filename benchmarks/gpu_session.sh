@@ -183,9 +183,9 @@ for s in $steps; do
       done ;;
     # The decode kernel's Tensor Core configs at 16 and 64 tokens ("default" is the table's choice), then
     # case (a)-(c)'s decode16 rows
-    decode_rule)
-      step decode_rule_sweep 300 python3 benchmarks/kernels.py --sweep --tokens 16 64 --patterns block90,block50
-      step decode_rule_models 250 python3 benchmarks/models.py --skip-other --shapes decode16 --only a,b,c ;;
+    decode_configs)
+      step decode_configs_sweep 300 python3 benchmarks/kernels.py --sweep --tokens 16 64 --patterns block90,block50
+      step decode_configs_models 250 python3 benchmarks/models.py --skip-other --shapes decode16 --only a,b,c ;;
     # Does the decode kernel wait on its longest rows? The sweep at 16 tokens on random 90% blocks and on the
     # same density with every block row holding as many blocks (rowblock90)
     balance) step balance 200 python3 benchmarks/kernels.py --sweep --tokens 16 --patterns block90,rowblock90 ;;

@@ -42,9 +42,9 @@ L2_ROTATE_BYTES = 160e6   # rotate weight copies until this many bytes are touch
 def make_weight(n, k, pattern, dtype, device, gen):
     w = torch.randn(n, k, generator=gen, device=device, dtype=torch.float32)
     if pattern.startswith("block") or pattern.startswith("rowblock"):
-        # rowblock: every block row holds the same number of non-zero blocks (balanced block sparsity)
         keep = 1 - int(pattern.removeprefix("row")[5:]) / 100
-        if pattern.startswith("row"):  # floor or ceil of keep x the row's whole column blocks, in every row
+        if pattern.startswith("row"):  # balanced: every block row keeps the floor or the ceiling of
+            # keep x its whole column blocks, so no row is much longer than the rest
             r = torch.rand(-(-n // 64), k // 64, generator=gen, device=device)
             per_row = keep * r.shape[1]
             ceil_rows = torch.rand(r.shape[0], generator=gen, device=device) < per_row - int(per_row)
