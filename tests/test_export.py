@@ -522,6 +522,7 @@ def test_aot_inductor_gated_tensor_descriptor_kernel(tmp_path):
     the op called eagerly and a float64 reference."""
     from torch._inductor import aoti_compile_and_package
 
+    import sparsec.runtime.ops  # noqa: F401  (defines torch.ops.sparsec)
     from sparsec.codegen.triton import bsr_large_m, bsr_small_m
     from sparsec.export import load_aot_inductor
     from float64_reference import linear64
