@@ -226,6 +226,26 @@ def test_bsr_large_m_tensor_descriptors(dtype, tma, M, N, K, block, act):
     check(out, ref, dtype)
 
 
+def test_scratch_allocator_keeps_one_set_before():
+    """The descriptor launches set Triton's scratch allocator only where none is set: a user's own stays."""
+    from triton.runtime import _allocation
+
+    def users_allocator(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    before = bsr_large_m.current_allocator()
+    assert before is not None, "this Triton keeps its allocator where current_allocator does not look"
+    try:
+        triton.set_allocator(_allocation.NullAllocator())
+        bsr_large_m.ensure_scratch_allocator()
+        assert bsr_large_m.current_allocator() is bsr_large_m._scratch
+        triton.set_allocator(users_allocator)
+        bsr_large_m.ensure_scratch_allocator()
+        assert bsr_large_m.current_allocator() is users_allocator
+    finally:
+        triton.set_allocator(before)
+
+
 def test_bsr_large_m_tensor_descriptor_rules():
     """Tiles the copy engine cannot fetch go through pointers: a column gather, rows not on 16-byte
     boundaries, a view starting off one."""

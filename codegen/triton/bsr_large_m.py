@@ -7,6 +7,8 @@ cost nothing, so work scales with density. Epilogue fused (bias, act, residual, 
 The gated (SwiGLU) kernel fetches x's tiles through tensor descriptors (Hopper's copy engine, TMA)
 where they fit; the rest through pointers (GATED_TMA below says why).
 """
+from contextvars import ContextVar
+
 import torch
 import triton
 import triton.language as tl
@@ -117,10 +119,28 @@ def tma_fits(x2d, col_perm) -> bool:
 
 
 def _scratch(size: int, alignment: int, stream):
-    """Triton's allocator for the descriptors' global scratch, set before each launch with descriptors
-    (Inductor sets one of its own alike): it replaces an allocator set before, which is harmless, as
-    any allocator of device memory serves every kernel."""
+    """Triton's allocator for the descriptors' global scratch (Inductor sets one of its own alike for
+    the launches it traces)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def current_allocator():
+    """The allocator Triton's launches use now (None if this Triton keeps it elsewhere)."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)  # a ContextVar in recent Triton, a plain value before
+    return current.get() if isinstance(current, ContextVar) else current
+
+
+def ensure_scratch_allocator():
+    """Set `_scratch` as Triton's allocator unless one is set already: an allocator a user or another
+    library set serves these kernels as well, and replacing it (Triton keeps one, last writer wins)
+    would change where their own kernels' scratch comes from."""
+    from triton.runtime import _allocation
+
+    current = current_allocator()
+    if current is None or isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
@@ -139,7 +159,7 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
             0 if res2d is None else res2d.stride(0))
     tma = (config or {}).get("TMA", GATED_TMA and act_code == ACT_SWIGLU) and tma_fits(x2d, col_perm)
     if tma and not interpreting():
-        triton.set_allocator(_scratch)
+        ensure_scratch_allocator()
     kw = dict(BH=BH, BW=BW, HAS_BIAS=bias is not None, HAS_RES=res2d is not None,
               HAS_RPERM=row_perm is not None, HAS_CPERM=col_perm is not None, ACT=act_code, TMA=tma,
               IEEE=x2d.dtype == values.dtype and x2d.dtype.itemsize == 4, UPCAST=interpreting())
