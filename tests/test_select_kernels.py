@@ -231,6 +231,8 @@ def test_rewrite_fuses_activation_and_residual_and_stays_exact(cpu_kernels, ever
     rows = {r["name"]: r for r in report.layers}
     assert rows["up.weight"]["kernel"].startswith("bsr_linear") and rows["up.weight"]["epilogue"] == "act=relu residual=False"
     assert rows["down.weight"]["epilogue"] == "act=none residual=True"
+    blocks = (model.up.weight.reshape(512 // 64, 64, 256 // 64, 64) != 0).any(3).any(1).sum(1)
+    assert rows["up.weight"]["block_rows"].startswith(f"{int(blocks.min())}-{int(blocks.max())} non-zero blocks a block row")
     compiled = sparsec.compile(model, x, passes="analyze,select-kernels", inductor=False)
     for shape in [(1, 1, 256), (7, 256), (4, 75, 256)]:  # decode, 2-D and ragged M
         fresh = torch.randn(shape)
