@@ -482,19 +482,11 @@ def predicts_sparse(weight: torch.Tensor, m: int, device: torch.device) -> bool:
     return choose(weight, None, m, device, autotune=False)[0].kernel != "dense"
 
 
-def block_row_lengths(weight: torch.Tensor, block, row_perm=None, col_perm=None) -> str:
-    """How many non-zero blocks the block rows of `weight` (as packed: permuted) hold. Why it is reported:
-    at few tokens the block-sparse kernel gives each block row its own program and lasts as long as
-    the longest one (rows of equal length ran 8-21% faster at 16 tokens, benchmarks/RESULTS.md)."""
-    bh, bw = block
-    nonzero = weight.reshape(weight.shape[0], -1) != 0
-    if row_perm is not None:
-        nonzero = nonzero.index_select(0, row_perm.to(nonzero.device, torch.long))
-    if col_perm is not None:
-        nonzero = nonzero.index_select(1, col_perm.to(nonzero.device, torch.long))
-    n, k = nonzero.shape
-    nonzero = torch.nn.functional.pad(nonzero, (0, -k % bw, 0, -n % bh))
-    per_row = nonzero.reshape(-(-n // bh), bh, -(-k // bw), bw).any(3).any(1).sum(1)
+def block_row_lengths(row_offsets: torch.Tensor) -> str:
+    """How many non-zero blocks the block rows of a packed BSR weight hold. Why it is reported: at few
+    tokens the block-sparse kernel gives each block row its own program and lasts as long as the
+    longest one (rows of equal length ran 8-21% faster at 16 tokens, benchmarks/RESULTS.md)."""
+    per_row = row_offsets.diff()
     return (f"{int(per_row.min())}-{int(per_row.max())} non-zero blocks a block row, mean {per_row.float().mean():.1f} "
             f"(at few tokens the kernel lasts as long as its longest row)")
 
@@ -555,7 +547,7 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
                    choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
                    label=choice.label)
         if choice.kernel == "bsr_linear":
-            facts["block_rows"] = block_row_lengths(weight, choice.block, row_perm, col_perm)
+            facts["block_rows"] = block_row_lengths(ir.get_constant(gm, fused["node"].args[3]))  # as packed
         ctx.note(name, choice=choice.label, epilogue=f"act={fused['activation']} residual={fused['residual']}", **facts)
         stats["sparse_kernels"] += 1
     if boundaries:
