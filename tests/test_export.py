@@ -554,7 +554,8 @@ def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma):
         ep = torch.export.export(model, (xc,), strict=False)
         path = aoti_compile_and_package(ep, package_path=str(tmp_path / "gated.pt2"))
     torch.save({"x": x, "eager": eager.cpu()}, tmp_path / "inputs.pt")
+    # cwd: the child must import the installed package, not a checkout's sparsec/ folder
     child = subprocess.run([sys.executable, "-c", LOAD_AOTI_AND_CHECK, path, str(tmp_path / "inputs.pt")],
-                           capture_output=True, text=True, timeout=300)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (
         f"loading and running the .pt2 failed (exit {child.returncode}): {child.stdout[-300:]} {child.stderr[-1500:]}")

@@ -191,17 +191,22 @@ def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a,
 
 
 @triton.jit
-def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
+def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, order_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
                        out_ptr, M, N, K, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
-                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                       HAS_RPERM: tl.constexpr, HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
                        UPCAST: tl.constexpr, PDL: tl.constexpr):
-    # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
+    # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down.
+    # HAS_ORDER: program ranks take block rows longest first (order_ptr, formats.block_row_order), so
+    # the GPU starts the long rows first and the short ones fill the tail
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
-    br = pid // SUBS
+    if HAS_ORDER:
+        br = tl.load(order_ptr + pid // SUBS)
+    else:
+        br = pid // SUBS
     sub = pid % SUBS
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
@@ -258,9 +263,10 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
-           col_perm, out, config=None, pdl=False):
+           col_perm, out, config=None, pdl=False, row_order=None):
     """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated). pdl: launched as a
-    programmatic dependent launch (`codegen.triton.pdl`): only where the launch is not traced."""
+    programmatic dependent launch (`codegen.triton.pdl`): only where the launch is not traced.
+    row_order: int32, the block rows with programs in the order to start them (block_row_order)."""
     M = x2d.shape[0]
     nnz_blocks, BH, BW = values.shape
     gated = act_code == ACT_SWIGLU
@@ -273,12 +279,12 @@ def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, r
     dummy = out
     grid = (nbr * (BH // rows), triton.cdiv(M, cfg["BLOCK_M"]))
     traceable(bsr_small_m_kernel)[grid](
-        x2d, values, col_indices, row_offsets,
+        x2d, values, col_indices, row_offsets, row_offsets if row_order is None else row_order,
         dummy if bias is None else bias, dummy if res2d is None else res2d,
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
         out, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
         BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
-        PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
+        PREFETCH=cfg["PREFETCH"], HAS_ORDER=row_order is not None, HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_launch(pdl))
