@@ -266,7 +266,6 @@ def run_sweep(args):
     the speed a streaming kernel can reach."""
     from sparsec.codegen.triton import bsr_large_m, bsr_small_m
     from sparsec.codegen.triton.epilogue import ACT_CODES
-    from sparsec.runtime.formats import block_row_order
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(1)
     small = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (11008, 4096)]
@@ -294,7 +293,10 @@ def run_sweep(args):
             ref = reference.swiglu(ref)
         out = torch.empty(M, n_out, device=dev, dtype=dtype)
         cfgs = [("default", None)]
-        if M <= 64:
+        if M <= 64 and args.pieces:  # slabs split over 1-3 programs (eager launches), the table's other choices
+            cfgs += [("small", dict(ROWS=rows, STEP=2, num_warps=4, num_stages=6, PIECES=pieces))
+                     for rows in (64, 32) for pieces in (1, 2, 3)]
+        elif M <= 64:
             dot = M >= bsr_small_m.DOT_MIN_M
             # PREFETCH only without tl.dot: with it, Triton's pipeliner was faster in every decode shape
             # (fourth session's sweep at 16 tokens, benchmarks/RESULTS.md)
@@ -325,9 +327,6 @@ def run_sweep(args):
                             for ns in [3, 4]:
                                 cfgs.append(("small", dict(BLOCK_M=bm, ROWS=rows, STEP=step, num_warps=nw,
                                                            num_stages=ns)))
-        if args.order:  # every decode config also with its programs started longest block row first
-            cfgs += [("small", dict(c, ORDER=True)) for kind, c in cfgs if kind == "small"]
-            orders = {id(q): block_row_order(q.row_offsets, act == "swiglu") for q in packs.items}
         kinds = {"small": bsr_small_m, "large": bsr_large_m}
         best = []
         default_t = None
@@ -336,9 +335,8 @@ def run_sweep(args):
 
             def f(cfg=cfg, mod=mod):
                 q = packs.next()
-                order = dict(row_order=orders[id(q)]) if cfg and cfg.get("ORDER") else {}
                 mod.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None, ACT_CODES[act],
-                           None, None, None, out, config=cfg, **order)
+                           None, None, None, out, config=cfg)
             try:
                 f()
                 if rel_err(out, ref) > 2e-2:
@@ -368,10 +366,10 @@ def run_sweep(args):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:
                 print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
-        for order in (False, True) if args.order else ():
-            same = [(t, c) for t, k, c in best if c.get("ORDER", False) is order]
+        for pieces in (1, 2, 3) if args.pieces else ():
+            same = [(t, c) for t, k, c in best if c.get("PIECES") == pieces]
             if same:
-                print(f"  ORDER={order}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
+                print(f"  PIECES={pieces}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
             if same and M < bsr_small_m.DOT_MIN_M:
@@ -514,8 +512,8 @@ def main():
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90 (rowblock90: as block90 with "
                    "the same number of non-zero blocks in every block row)")
-    p.add_argument("--order", action="store_true",
-                   help="--sweep: the decode configs also with programs started longest block row first")
+    p.add_argument("--pieces", action="store_true",
+                   help="--sweep at few tokens: slabs split over 1-3 programs (PIECES) instead of the config table")
     p.add_argument("--weights", default="", help="--sweep, --sweep-bitmap: comma list of weight shapes, e.g. 11008x4096")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()

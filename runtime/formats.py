@@ -150,18 +150,6 @@ def pack_bsr(weight: torch.Tensor, block=(64, 64), row_perm=None, col_perm=None)
                      None if col_perm is None else col_perm.to(dev))
 
 
-def block_row_order(row_offsets: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """int32: the block rows a decode kernel gives programs to, longest first (ties in row order).
-    A program streams one block row (gated: block row r of the gate half and r of the up half, so
-    its length is the longer of the two); started longest first, the short rows fill the tail
-    instead of one long row running on alone at the end."""
-    lengths = row_offsets[1:] - row_offsets[:-1]
-    if gated:
-        half = lengths.shape[0] // 2
-        lengths = torch.maximum(lengths[:half], lengths[half:2 * half])
-    return torch.sort(lengths, descending=True, stable=True).indices.to(torch.int32)
-
-
 # --------------------------------------------------------------------------------------
 # Bitmap
 # --------------------------------------------------------------------------------------

@@ -523,17 +523,44 @@ LOAD_AOTI_AND_CHECK = textwrap.dedent(r"""
 """)
 
 
+def aoti_round_trip(model, x, folder: Path):
+    """Compile `model` at input `x` (CUDA, static shapes) into a .pt2 with AOTInductor, then load and run it
+    in a child process against the model called eagerly. The child: a crashing loader fails a test instead
+    of ending the run. Returns the finished child process (stdout ends with "ok" when the outputs agree)."""
+    from torch._inductor import aoti_compile_and_package
+
+    folder.mkdir(exist_ok=True)
+    eager = model(x)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), strict=False)
+        path = aoti_compile_and_package(ep, package_path=str(folder / "model.pt2"))
+    torch.save({"x": x.cpu(), "eager": eager.detach().cpu()}, folder / "inputs.pt")
+    # cwd: the child must import the installed package, not a checkout's sparsec/ folder
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", LOAD_AOTI_AND_CHECK, path,
+                           str(folder / "inputs.pt")], cwd=folder, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cuda_aoti_loads(tmp_path_factory):
+    """Whether this torch's AOTInductor loads and runs a CUDA .pt2 of a plain nn.Linear here; the sparsec
+    tests below are skipped where it does not. On the GPU machine's torch 2.11.0+cu130 even this crashed
+    in `_load_aoti` (segmentation fault; benchmarks/aoti_cuda.py, sixteenth session)."""
+    linear = nn.Linear(256, 512, bias=False).to(torch.bfloat16).cuda()
+    child = aoti_round_trip(linear, torch.randn(16, 256, dtype=torch.bfloat16, device="cuda"),
+                            tmp_path_factory.mktemp("plain_linear"))
+    if child.returncode != 0 or not child.stdout.strip().endswith("ok"):
+        pytest.skip(f"AOTInductor cannot load a CUDA .pt2 of a plain nn.Linear with torch {torch.__version__} "
+                    f"(exit {child.returncode}): not a sparsec failure; {child.stderr[-300:]}")
+
+
 @pytest.mark.slow  # AOTInductor compiles C++ and the Triton kernel
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="CUDA with the copy engine (TMA): compute capability 9+")
 @pytest.mark.parametrize("tma", [False, True])
-def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma):
+def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma, cuda_aoti_loads):
     """AOTInductor compiles the gated many-token launch, with x's tiles through pointers or through
     tensor descriptors made on the device (global scratch the launcher must provide), into a .pt2
-    that loads and equals the op called eagerly (and a float64 reference). The .pt2 is loaded in a
-    child process: on torch 2.11 the descriptor variant's load crashed the process (fifteenth session)."""
-    from torch._inductor import aoti_compile_and_package
-
+    that loads and equals the op called eagerly (and a float64 reference)."""
     import sparsec.runtime.ops  # noqa: F401  (defines torch.ops.sparsec)
     from sparsec.codegen.triton import bsr_large_m, bsr_small_m
     from float64_reference import linear64
@@ -547,15 +574,8 @@ def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma):
     model = GatedBsrLinear(weight).cuda()
     xc = x.cuda()
     assert not bsr_small_m.serves(tokens, rows // 2 // 64) and bsr_large_m.tma_fits(xc, None)
-    eager = model(xc)
     ref = linear64(x, weight.float(), None, "swiglu", None)
-    assert ((eager.double().cpu() - ref).abs().max() / ref.abs().max()).item() < 1e-2
-    with torch.no_grad():
-        ep = torch.export.export(model, (xc,), strict=False)
-        path = aoti_compile_and_package(ep, package_path=str(tmp_path / "gated.pt2"))
-    torch.save({"x": x, "eager": eager.cpu()}, tmp_path / "inputs.pt")
-    # cwd: the child must import the installed package, not a checkout's sparsec/ folder
-    child = subprocess.run([sys.executable, "-c", LOAD_AOTI_AND_CHECK, path, str(tmp_path / "inputs.pt")],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ((model(xc).double().cpu() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+    child = aoti_round_trip(model, xc, tmp_path / "gated")
     assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (
         f"loading and running the .pt2 failed (exit {child.returncode}): {child.stdout[-300:]} {child.stderr[-1500:]}")

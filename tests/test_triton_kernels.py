@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m, csr  # noqa: E402
 from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from sparsec.runtime import ops  # noqa: E402
-from sparsec.runtime.formats import block_row_order, pack_bitmap, pack_bsr, pack_csr  # noqa: E402
+from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr  # noqa: E402
 from float64_reference import linear64  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
@@ -55,14 +55,14 @@ def epilogue_args(gen, M, N, dtype, bias, act, res):
     return b, r
 
 
-def run_bsr(kernel, x, w, packed, bias, act, res, dtype, config=None, **launch_options):
+def run_bsr(kernel, x, w, packed, bias, act, res, dtype, config=None):
     N, K = w.shape
     M = x.shape[0]
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
     d = lambda t: None if t is None else t.to(DEV)
     kernel.launch(d(x), d(packed.values), d(packed.col_indices), d(packed.row_offsets), N, K,
                   d(bias), ACT_CODES[act], d(res), d(packed.row_perm), d(packed.col_perm), out,
-                  config=config, **{k: d(v) for k, v in launch_options.items()})
+                  config=config)
     return out
 
 
@@ -117,34 +117,43 @@ def test_bsr_small_m_blocks_per_step(case, M, step, prefetch):
                   config=dict(STEP=step, PREFETCH=prefetch)), ref, torch.float32)
 
 
-@pytest.mark.parametrize("M,config", [(1, None), (5, dict(ROWS=16, STEP=2)), (17, None), (17, dict(ROWS=16))])
-def test_bsr_small_m_longest_rows_first(M, config):
-    """Programs given block rows longest first (row_order) write the same output, with a row
-    permutation, an empty row and a one-block row among them; gated, the order ranks a gate row and
-    its up row by the longer of the two."""
-    gen = torch.Generator().manual_seed(21)
-    N, K, block = 128, 192, (16, 16)
-    w = sparse_weight(N, K, block, 0.4, gen, empty_rows=(2,))
-    p = pack_bsr(w, block, row_perm=torch.randperm(N, generator=gen))
-    order = block_row_order(p.row_offsets)
-    lengths = (p.row_offsets[1:] - p.row_offsets[:-1])[order.long()]
-    assert sorted(order.tolist()) == list(range(N // 16)) and (lengths[:-1] >= lengths[1:]).all()
+@pytest.mark.parametrize("pieces", [2, 3])
+@pytest.mark.parametrize("M,config", [(1, dict(ROWS=8, STEP=2)), (5, dict(ROWS=16, STEP=1, PREFETCH=True)),
+                                      (17, dict(ROWS=16, STEP=1)), (17, dict(ROWS=32, STEP=2)),
+                                      (69, dict(BLOCK_M=32, ROWS=16, STEP=1))])
+def test_bsr_small_m_split_rows(M, config, pieces):
+    """Slabs split over PIECES programs whose partial sums meet (partials_meet): rows with fewer blocks
+    than pieces, an empty row, a row and column permutation, bias, residual and gelu; gated rows too;
+    several token tiles (the last ragged). Launched twice: the counters are back at zero after each."""
+    gen = torch.Generator().manual_seed(22)
+    N, K, block = 128, 224, (32, 32)
+    w = sparse_weight(N, K, block, 0.5, gen, empty_rows=(1,))
     x = torch.randn(M, K, generator=gen)
+    cfg = dict(config, PIECES=pieces)
+    p = pack_bsr(w, block, row_perm=torch.randperm(N, generator=gen), col_perm=torch.randperm(K, generator=gen))
     b, r = epilogue_args(gen, M, N, torch.float32, True, "gelu", True)
-    check(run_bsr(bsr_small_m, x, w, p, b, "gelu", r, torch.float32, config=config, row_order=order),
-          linear64(x, w, b, "gelu", r), torch.float32)
+    for _ in range(2):
+        check(run_bsr(bsr_small_m, x, w, p, b, "gelu", r, torch.float32, config=cfg), linear64(x, w, b, "gelu", r),
+              torch.float32)
+        assert not bsr_small_m.tile_counters(torch.device(DEV), 1).any(), "counters left non-zero"
 
     half = N // 2
     p = pack_bsr(w, block)
-    order = block_row_order(p.row_offsets, gated=True)
-    lengths = p.row_offsets[1:] - p.row_offsets[:-1]
-    longer = torch.maximum(lengths[:half // 16], lengths[half // 16:])[order.long()]
-    assert sorted(order.tolist()) == list(range(half // 16)) and (longer[:-1] >= longer[1:]).all()
     out = torch.full((M, half), float("nan"), device=DEV)
     d = lambda t: t.to(DEV)
-    bsr_small_m.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), half, K, None, ACT_CODES["swiglu"],
-                       None, None, None, out, config=config, row_order=d(order))
-    check(out, linear64(x, w, None, "swiglu", None), torch.float32)
+    bsr_small_m.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), half, K, d(b), ACT_CODES["swiglu"],
+                       d(r[:, :half]), None, None, out, config=cfg)
+    check(out, linear64(x, w, b, "swiglu", r[:, :half]), torch.float32)
+    assert not bsr_small_m.tile_counters(torch.device(DEV), 1).any(), "counters left non-zero"
+
+
+def test_bsr_small_m_splits_only_eager_few_token_rows():
+    """The table splits slabs only where the launch is eager (split_rows), at one token tile with tl.dot
+    and short rows (90% blocks); 50% rows, several token tiles and one token keep one piece."""
+    at = lambda M, blocks_per_row, split: bsr_small_m.pick_config(M, 64, 64, 192, blocks_per_row, False, 2,
+                                                                  split)["PIECES"]
+    assert at(16, 6.4, True) == bsr_small_m.SPLIT_PIECES
+    assert at(16, 6.4, False) == at(16, 32.0, True) == at(128, 6.4, True) == at(1, 6.4, True) == 1
 
 
 @pytest.mark.parametrize("block_rows,gated,rows,step,prefetch", [
