@@ -192,10 +192,10 @@ for s in $steps; do
     # Slabs split over programs whose partial sums meet (PIECES): GPU tests, decode16 (a) in the model
     # (eager launches under CUDA graphs split at 16 tokens), the sweep over 1-3 pieces on case (a)'s weights
     pieces)
-      step pieces_tests 100 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
+      step pieces_tests 80 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py \
            -k "split_rows or gated_epilogue" -p no:cacheprovider
-      step pieces_models 160 python3 benchmarks/models.py --skip-other --shapes decode16 --only a
-      step pieces_sweep 110 python3 benchmarks/kernels.py --sweep --pieces --tokens 16 --patterns block90 \
+      step pieces_models 140 python3 benchmarks/models.py --skip-other --shapes decode16 --only a
+      step pieces_sweep 100 python3 benchmarks/kernels.py --sweep --pieces --tokens 16 --patterns block90 \
            --weights 12288x4096,4096x4096,22016x4096,4096x11008 ;;
     # Which graphs survive the CUDA AOTInductor route: plain torch, a minimal triton_op, sparsec's BSR launches
     aoti_cuda) step aoti_cuda 500 python3 benchmarks/aoti_cuda.py --log "$LOGS/aoti_children.log" ;;
