@@ -293,10 +293,7 @@ def run_sweep(args):
             ref = reference.swiglu(ref)
         out = torch.empty(M, n_out, device=dev, dtype=dtype)
         cfgs = [("default", None)]
-        if M <= 64 and args.pieces:  # slabs split over 1-3 programs (eager launches), the table's other choices
-            cfgs += [("small", dict(ROWS=rows, STEP=2, num_warps=4, num_stages=6, PIECES=pieces))
-                     for rows in (64, 32) for pieces in (1, 2, 3)]
-        elif M <= 64:
+        if M <= 64:
             dot = M >= bsr_small_m.DOT_MIN_M
             # PREFETCH only without tl.dot: with it, Triton's pipeliner was faster in every decode shape
             # (fourth session's sweep at 16 tokens, benchmarks/RESULTS.md)
@@ -366,10 +363,6 @@ def run_sweep(args):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:
                 print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
-        for pieces in (1, 2, 3) if args.pieces else ():
-            same = [(t, c) for t, k, c in best if c.get("PIECES") == pieces]
-            if same:
-                print(f"  PIECES={pieces}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
             if same and M < bsr_small_m.DOT_MIN_M:
@@ -512,8 +505,6 @@ def main():
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90 (rowblock90: as block90 with "
                    "the same number of non-zero blocks in every block row)")
-    p.add_argument("--pieces", action="store_true",
-                   help="--sweep at few tokens: slabs split over 1-3 programs (PIECES) instead of the config table")
     p.add_argument("--weights", default="", help="--sweep, --sweep-bitmap: comma list of weight shapes, e.g. 11008x4096")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     args = p.parse_args()

@@ -372,9 +372,6 @@ def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm, launch_pdl=Fa
         packed = formats.pack_bsr(weight, choice.block, row_perm=row_perm, col_perm=col_perm)
         parts = (("bsr_values", packed.values), ("bsr_col_indices", packed.col_indices), ("bsr_row_offsets", packed.row_offsets))
         target = torch.ops.sparsec.bsr_linear_host.default if launch_pdl else torch.ops.sparsec.bsr_linear.default
-        if launch_pdl:  # its launches may split slabs: their counters exist before a CUDA graph is captured
-            from sparsec.codegen.triton import bsr_small_m
-            bsr_small_m.tile_counters(weight.device, bsr_small_m.MIN_COUNTERS)
         extra = ()
     else:
         packed = formats.pack_bitmap(weight, row_perm=row_perm, col_perm=col_perm)

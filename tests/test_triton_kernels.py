@@ -117,45 +117,6 @@ def test_bsr_small_m_blocks_per_step(case, M, step, prefetch):
                   config=dict(STEP=step, PREFETCH=prefetch)), ref, torch.float32)
 
 
-@pytest.mark.parametrize("pieces", [2, 3])
-@pytest.mark.parametrize("M,config", [(1, dict(ROWS=8, STEP=2)), (5, dict(ROWS=16, STEP=1, PREFETCH=True)),
-                                      (17, dict(ROWS=16, STEP=1)), (17, dict(ROWS=32, STEP=2)),
-                                      (69, dict(BLOCK_M=32, ROWS=16, STEP=1))])
-def test_bsr_small_m_split_rows(M, config, pieces):
-    """Slabs split over PIECES programs whose partial sums meet (partials_meet): rows with fewer blocks
-    than pieces, an empty row, a row and column permutation, bias, residual and gelu; gated rows too;
-    several token tiles (the last ragged). Launched twice: the counters are back at zero after each."""
-    gen = torch.Generator().manual_seed(22)
-    N, K, block = 128, 224, (32, 32)
-    w = sparse_weight(N, K, block, 0.5, gen, empty_rows=(1,))
-    x = torch.randn(M, K, generator=gen)
-    cfg = dict(config, PIECES=pieces)
-    p = pack_bsr(w, block, row_perm=torch.randperm(N, generator=gen), col_perm=torch.randperm(K, generator=gen))
-    b, r = epilogue_args(gen, M, N, torch.float32, True, "gelu", True)
-    for _ in range(2):
-        check(run_bsr(bsr_small_m, x, w, p, b, "gelu", r, torch.float32, config=cfg), linear64(x, w, b, "gelu", r),
-              torch.float32)
-        assert not bsr_small_m.tile_counters(torch.device(DEV), 1).any(), "counters left non-zero"
-
-    half = N // 2
-    p = pack_bsr(w, block)
-    out = torch.full((M, half), float("nan"), device=DEV)
-    d = lambda t: t.to(DEV)
-    bsr_small_m.launch(d(x), d(p.values), d(p.col_indices), d(p.row_offsets), half, K, d(b), ACT_CODES["swiglu"],
-                       d(r[:, :half]), None, None, out, config=cfg)
-    check(out, linear64(x, w, b, "swiglu", r[:, :half]), torch.float32)
-    assert not bsr_small_m.tile_counters(torch.device(DEV), 1).any(), "counters left non-zero"
-
-
-def test_bsr_small_m_splits_only_eager_few_token_rows():
-    """The table splits slabs only where the launch is eager (split_rows), at one token tile with tl.dot
-    and short rows (90% blocks); 50% rows, several token tiles and one token keep one piece."""
-    at = lambda M, blocks_per_row, split: bsr_small_m.pick_config(M, 64, 64, 192, blocks_per_row, False, 2,
-                                                                  split)["PIECES"]
-    assert at(16, 6.4, True) == bsr_small_m.SPLIT_PIECES
-    assert at(16, 6.4, False) == at(16, 32.0, True) == at(128, 6.4, True) == at(1, 6.4, True) == 1
-
-
 @pytest.mark.parametrize("block_rows,gated,rows,step,prefetch", [
     (64, False, 8, 8, True),      # 4096-row weight: thin slabs, still few programs -> load ahead
     (192, False, 16, 4, False),   # 12288 rows (q/k/v): enough programs with 16-row slabs

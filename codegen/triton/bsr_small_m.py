@@ -11,9 +11,7 @@ loads STEP non-zero blocks of the block row as one tile; with PREFETCH the next 
 step is multiplied (a register double buffer), for weights too short in rows to give every SM
 enough programs.
 """
-import torch
 import triton
-from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
@@ -65,14 +63,6 @@ LONG_ROW_BLOCKS = 16
 # stages cut, until DOT_STAGES stages of it fit.
 SMEM_BUDGET = 200 * 1024
 DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sweep: 6 stages ~25% faster)
-# Split slabs (PIECES, partials_meet), eager launches at one token tile with tl.dot: every program is
-# resident from the start, so a kernel lasts as long as its longest block row (Nsight Compute at 16
-# tokens: SMs idle 38-47% of the time; 90% random rows hold 1-14 blocks, 6.4 on average). Split into
-# SPLIT_PIECES runs, a long row's blocks stream on several SMs; rows of LONG_ROW_BLOCKS or more on
-# average (50% blocks) have programs enough in flight already.
-SPLIT_PIECES = 2
-MIN_COUNTERS = 4096
-_COUNTERS: dict = {}
 
 
 @triton.jit
@@ -136,28 +126,16 @@ def finish_slab(acc, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def piece_of_row(ro_ptr, br, piece, PIECES: tl.constexpr):
-    """Non-zero blocks [start, end) of block row `br` that piece `piece` of PIECES streams: equal runs
-    of ceil(blocks / PIECES), so the last pieces of a short row may be shorter or empty."""
+def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K,
+                   BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks.
+    PREFETCH: the next step's loads are issued before this step's multiply-add, so a program keeps
+    two steps of weights in flight whatever the compiler pipelines (the last iteration's loads are
+    fully masked: no memory traffic)."""
     start = tl.load(ro_ptr + br)
     end = tl.load(ro_ptr + br + 1)
-    if PIECES > 1:
-        per = tl.cdiv(end - start, PIECES)
-        start = tl.minimum(start + piece * per, end)
-        end = tl.minimum(start + per, end)
-    return start, end
-
-
-@triton.jit
-def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, piece, rr, K,
-                   BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
-                   BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, PIECES: tl.constexpr,
-                   HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """[BLOCK_M, ROWS_] fp32: tokens x weight rows `rr` of block row `br`, over its non-zero blocks
-    (piece `piece` of them, piece_of_row). PREFETCH: the next step's loads are issued before this
-    step's multiply-add, so a program keeps two steps of weights in flight whatever the compiler
-    pipelines (the last iteration's loads are fully masked: no memory traffic)."""
-    start, end = piece_of_row(ro_ptr, br, piece, PIECES)
     wait_for_producer(PDL)
     acc = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
     if PREFETCH:
@@ -176,15 +154,16 @@ def block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, piece, rr
 
 
 @triton.jit
-def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, piece, rr, K,
+def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a, br_b, rr, K,
                            BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                            BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                           PIECES: tl.constexpr, HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                           PDL: tl.constexpr):
+                           HAS_CPERM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """block_row_slab of block rows br_a and br_b (gate and up), in one loop: each step streams
     blocks of each, so a program keeps twice the bytes in flight instead of running two chains."""
-    start_a, end_a = piece_of_row(ro_ptr, br_a, piece, PIECES)
-    start_b, end_b = piece_of_row(ro_ptr, br_b, piece, PIECES)
+    start_a = tl.load(ro_ptr + br_a)
+    end_a = tl.load(ro_ptr + br_a + 1)
+    start_b = tl.load(ro_ptr + br_b)
+    end_b = tl.load(ro_ptr + br_b + 1)
     steps_end = tl.maximum(end_a - start_a, end_b - start_b)
     wait_for_producer(PDL)
     acc_a = zero_slab(BLOCK_M, ROWS_, STEP * BW, USE_DOT)
@@ -212,80 +191,34 @@ def paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br_a,
 
 
 @triton.jit
-def partials_meet(acc, up, ws_ptr, count_ptr, tile, piece, n_tiles,
-                  BLOCK_M: tl.constexpr, ROWS_: tl.constexpr, PIECES: tl.constexpr, GATED: tl.constexpr):
-    """One piece's fp32 partial sums of output tile `tile` go to the workspace; the piece that arrives
-    last at the tile's counter gets every piece's sums, added in piece order (the same result
-    whichever piece comes last), and resets the counter to zero for the next launch.
-    Returns (acc, up, last): the sums are only complete where `last`.
-    Workspace: [halves, PIECES, n_tiles, BLOCK_M * ROWS_] fp32 (halves 2 when GATED: gate, up)."""
-    TILE: tl.constexpr = BLOCK_M * ROWS_
-    offs = tl.arange(0, BLOCK_M)[:, None] * ROWS_ + tl.arange(0, ROWS_)[None, :]
-    piece_stride = n_tiles.to(tl.int64) * TILE
-    base = ws_ptr + tile.to(tl.int64) * TILE + offs
-    tl.store(base + piece * piece_stride, acc)
-    if GATED:
-        tl.store(base + (PIECES + piece) * piece_stride, up)
-    # every thread's stores issued before the one arrival (a release at GPU scope); the last piece's
-    # acquire makes all pieces' stores visible to it, and its loads bypass L1 (.cg)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    last = arrived == PIECES - 1
-    if last:
-        acc = tl.zeros((BLOCK_M, ROWS_), dtype=tl.float32)
-        up = tl.zeros((BLOCK_M, ROWS_), dtype=tl.float32)
-        for p in tl.static_range(PIECES):
-            acc += tl.load(base + p * piece_stride, cache_modifier=".cg")
-            if GATED:
-                up += tl.load(base + (PIECES + p) * piece_stride, cache_modifier=".cg")
-        tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
-        if not GATED:
-            up = acc
-    return acc, up, last
-
-
-@triton.jit
 def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_ptr, cperm_ptr,
-                       out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_om, stride_rm,
+                       out_ptr, M, N, K, stride_xm, stride_om, stride_rm,
                        BH: tl.constexpr, BW: tl.constexpr, ROWS_: tl.constexpr, STEP: tl.constexpr,
                        BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                       PIECES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                       HAS_RPERM: tl.constexpr, HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RPERM: tl.constexpr,
+                       HAS_CPERM: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
                        UPCAST: tl.constexpr, PDL: tl.constexpr):
-    # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down.
-    # PIECES > 1: each slab's blocks are split over PIECES programs (adjacent program ids) whose
-    # partial sums meet in ws_ptr (partials_meet); the last to finish runs the epilogue
+    # N: output features; gated (ACT_SWIGLU), the up rows are block rows N/BH further down
     SUBS: tl.constexpr = BH // ROWS_
     pid = tl.program_id(0)
-    piece = pid % PIECES
-    slab = pid // PIECES
-    br = slab // SUBS
-    sub = slab % SUBS
+    br = pid // SUBS
+    sub = pid % SUBS
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     x_rows = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     rr = sub * ROWS_ + tl.arange(0, ROWS_)
     if ACT == 4:  # ACT_SWIGLU
-        acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH, piece,
-                                         rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, PIECES, HAS_CPERM,
-                                         IEEE, UPCAST, PDL)
+        acc, up = paired_block_row_slabs(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, br + N // BH,
+                                         rr, K, BH, BW, ROWS_, STEP, BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE,
+                                         UPCAST, PDL)
     else:
-        acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, piece, rr, K, BH, BW, ROWS_, STEP,
-                             BLOCK_M, USE_DOT, PREFETCH, PIECES, HAS_CPERM, IEEE, UPCAST, PDL)
+        acc = block_row_slab(x_rows, m_ok, v_ptr, ci_ptr, ro_ptr, cperm_ptr, br, rr, K, BH, BW, ROWS_, STEP,
+                             BLOCK_M, USE_DOT, PREFETCH, HAS_CPERM, IEEE, UPCAST, PDL)
         up = acc
     release_dependents(PDL)
     n = br * BH + rr
-    if PIECES == 1:
-        fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                       HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
-    else:
-        tile = slab * tl.num_programs(1) + tl.program_id(1)
-        n_tiles = tl.num_programs(0) // PIECES * tl.num_programs(1)
-        acc, up, last = partials_meet(acc, up, ws_ptr, count_ptr, tile, piece, n_tiles, BLOCK_M, ROWS_, PIECES,
-                                      ACT == 4)
-        if last:
-            fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
-                           HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
+    fused_epilogue(acc, m, n, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, rperm_ptr,
+                   HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
 def serves(M, block_rows):
@@ -293,11 +226,10 @@ def serves(M, block_rows):
     return M <= ALL_WEIGHTS_M or (M <= MID_M and block_rows <= FEW_BLOCK_ROWS)
 
 
-def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize, split_rows=False):
-    """Hand table: BLOCK_M, USE_DOT, ROWS, STEP, PIECES, num_warps, num_stages for M tokens and a weight of
+def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
+    """Hand table: BLOCK_M, USE_DOT, ROWS, STEP, num_warps, num_stages for M tokens and a weight of
     `block_rows` block rows (programs: block rows x slabs; gated programs stream two block rows)
-    holding `blocks_per_row` non-zero blocks on average. split_rows: the launch may split slabs over
-    several programs (an eager launch: the counters of partials_meet are state a trace cannot hold)."""
+    holding `blocks_per_row` non-zero blocks on average."""
     halves = 2 if gated else 1
     if M < DOT_MIN_M:
         bm = pow2_tile(M)
@@ -308,7 +240,7 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize, split_ro
         step = max(1, BROADCAST_STEP_WEIGHTS // (rows * BW * halves * bm))
         prefetch = streams * (BH // rows) < TARGET_PROGRAMS
         warps = PREFETCH_WARPS if prefetch and blocks_per_row >= VERY_LONG_ROW_BLOCKS else 4
-        return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch, PIECES=1,
+        return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch,
                     num_warps=warps, num_stages=4)
     step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
     bm = pow2_tile(M, 16, MAX_BLOCK_M)
@@ -322,60 +254,31 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize, split_ro
     while step > 1 and DOT_STAGES * stage_bytes(step) > SMEM_BUDGET:
         step //= 2
     stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step)))
-    pieces = SPLIT_PIECES if split_rows and token_tiles == 1 and blocks_per_row < LONG_ROW_BLOCKS else 1
-    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, PIECES=pieces, num_warps=4,
-                num_stages=stages)
-
-
-def tile_counters(device, n):
-    """int32 [>= n] zeros for partials_meet, one buffer per device: every launch leaves its counters at
-    zero, and launches in one stream do not overlap where they touch them (a PDL launch counts only
-    after its gdc_wait, when the kernel ahead has finished). Split launches must not run on two
-    streams at once. A buffer outgrown stays referenced, so CUDA graphs captured with it keep valid
-    memory; select-kernels reserves one before any graph is captured (no allocation in a capture)."""
-    buffers = _COUNTERS.setdefault(str(device), [])
-    if not buffers or buffers[-1].numel() < n:
-        buffers.append(torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device))
-    return buffers[-1]
+    return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4, num_stages=stages)
 
 
 def launch(x2d, values, col_indices, row_offsets, N, K, bias, act_code, res2d, row_perm,
-           col_perm, out, config=None, pdl=False, split_rows=False):
+           col_perm, out, config=None, pdl=False):
     """x2d [M, K], out [M, N] (N output features: half the weight's rows when gated). pdl: launched as a
-    programmatic dependent launch (`codegen.triton.pdl`); split_rows: slabs may be split over several
-    programs (PIECES); both only where the launch is not traced."""
+    programmatic dependent launch (`codegen.triton.pdl`): only where the launch is not traced."""
     M = x2d.shape[0]
     nnz_blocks, BH, BW = values.shape
     gated = act_code == ACT_SWIGLU
     nbr = N // BH if gated else row_offsets.shape[0] - 1  # block rows with programs
     blocks_per_row = nnz_blocks / max(1, row_offsets.shape[0] - 1)  # shapes only: no host sync
-    cfg = pick_config(M, BH, BW, nbr, blocks_per_row, gated, values.element_size(), split_rows)
+    cfg = pick_config(M, BH, BW, nbr, blocks_per_row, gated, values.element_size())
     if config:
         cfg.update(config)
     rows = min(cfg["ROWS"], BH)
     dummy = out
-    pieces = cfg.get("PIECES", 1)
-    tiles = (nbr * (BH // rows), triton.cdiv(M, cfg["BLOCK_M"]))
-    grid = (tiles[0] * pieces, tiles[1])
-    kernel = bsr_small_m_kernel
-    workspace = counters = dummy
-    if pieces > 1:
-        if torch.compiler.is_compiling() or is_fake(x2d):
-            raise NotImplementedError("bsr_small_m: PIECES > 1 keeps counters between launches; traced "
-                                      "launches (torch.compile, export) take PIECES=1")
-        n_tiles = tiles[0] * tiles[1]
-        workspace = torch.empty((2 if gated else 1) * pieces * n_tiles * cfg["BLOCK_M"] * rows,
-                                dtype=torch.float32, device=out.device)
-        counters = tile_counters(out.device, n_tiles)
-    else:
-        kernel = traceable(bsr_small_m_kernel)
-    kernel[grid](
+    grid = (nbr * (BH // rows), triton.cdiv(M, cfg["BLOCK_M"]))
+    traceable(bsr_small_m_kernel)[grid](
         x2d, values, col_indices, row_offsets,
         dummy if bias is None else bias, dummy if res2d is None else res2d,
         dummy if row_perm is None else row_perm, dummy if col_perm is None else col_perm,
-        out, workspace, counters, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
+        out, M, N, K, x2d.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
         BH=BH, BW=BW, ROWS_=rows, STEP=cfg["STEP"], BLOCK_M=cfg["BLOCK_M"], USE_DOT=cfg["USE_DOT"],
-        PREFETCH=cfg["PREFETCH"], PIECES=pieces, HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
+        PREFETCH=cfg["PREFETCH"], HAS_BIAS=bias is not None, HAS_RES=res2d is not None, HAS_RPERM=row_perm is not None,
         HAS_CPERM=col_perm is not None, ACT=act_code,
         IEEE=x2d.dtype.itemsize == 4, UPCAST=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **pdl_launch(pdl))

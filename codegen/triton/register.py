@@ -61,10 +61,8 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
     args = (x2d, values, col_indices, row_offsets, n_out, in_features, bias, ACT_CODES[activation], res2d, row_perm,
             col_perm, out)
     if M > 0 and bsr_small_m.serves(M, row_offsets.shape[0] - 1):
-        # launched here rather than traced into Inductor's code (the opaque op): with PDL where the GPU
-        # has it, and with long rows split over programs (their counters are state a trace cannot hold)
-        eager = not is_wrap_triton_enabled()
-        bsr_small_m.launch(*args, pdl=eager and pdl_supported(x.device), split_rows=eager)
+        # launched here rather than traced into Inductor's code: with PDL where the GPU has it
+        bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device))
     elif M > 0:
         bsr_large_m.launch(*args)
     return out.reshape(*x.shape[:-1], n_out)
