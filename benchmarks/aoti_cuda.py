@@ -58,31 +58,16 @@ class Twice(nn.Module):
         return twice(x)
 
 
-class BsrLinear(nn.Module):
-    """One sparsec::bsr_linear over a packed weight (activation "swiglu": a [gate; up] weight)."""
-
-    def __init__(self, weight, activation):
-        super().__init__()
-        from sparsec.runtime.formats import pack_bsr
-        packed = pack_bsr(weight, (64, 64))
-        self.register_buffer("values", packed.values)
-        self.register_buffer("col_indices", packed.col_indices)
-        self.register_buffer("row_offsets", packed.row_offsets)
-        self.out_features, self.in_features = weight.shape
-        self.activation = activation
-
-    def forward(self, x):
-        return torch.ops.sparsec.bsr_linear(x, self.values, self.col_indices, self.row_offsets, self.out_features,
-                                            self.in_features, None, self.activation, None, None, None)
-
-
 def block_sparse(rows, cols, gen):
+    """A packed 64x64-block weight, 40% of its blocks kept."""
+    from sparsec.runtime.formats import pack_bsr
     keep = (torch.rand(rows // 64, cols // 64, generator=gen) < 0.4).repeat_interleave(64, 0).repeat_interleave(64, 1)
-    return (torch.randn(rows, cols, generator=gen) * keep).to(torch.bfloat16)
+    return pack_bsr((torch.randn(rows, cols, generator=gen) * keep).to(torch.bfloat16), (64, 64))
 
 
 def cases(gen):
     """name -> (module, tokens, loader, descriptors on/off or None)."""
+    from sparsec.runtime.ops import BsrLinear
     linear = nn.Linear(256, 512, bias=False).to(torch.bfloat16)
     return {
         "dense linear, torch loader": (linear, 16, "torch", None),

@@ -337,6 +337,24 @@ def bsr_linear(x: torch.Tensor, w: BSRWeight, bias=None, activation: str = "none
                                         activation, residual, w.row_perm, w.col_perm)
 
 
+class BsrLinear(torch.nn.Module):
+    """A linear layer over a packed block-sparse weight: `bsr_linear` as a module whose packed tensors
+    are buffers, so `.to()` moves them and `torch.export` / AOTInductor keep them as constants.
+    activation "swiglu": the weight's rows are [gate; up] and the layer returns half as many features."""
+
+    def __init__(self, packed: BSRWeight, activation: str = "none"):
+        super().__init__()
+        for name in ("values", "col_indices", "row_offsets", "row_perm", "col_perm"):
+            self.register_buffer(name, getattr(packed, name))
+        self.out_features, self.in_features = packed.shape
+        self.activation = activation
+
+    def forward(self, x):
+        return torch.ops.sparsec.bsr_linear(x, self.values, self.col_indices, self.row_offsets, self.out_features,
+                                            self.in_features, None, self.activation, None, self.row_perm,
+                                            self.col_perm)
+
+
 def bitmap_linear(x: torch.Tensor, w: BitmapWeight, bias=None, activation: str = "none",
                   residual=None):
     n, k = w.shape

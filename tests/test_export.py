@@ -497,22 +497,6 @@ def test_aot_inductor_package(tmp_path):
         torch.testing.assert_close(runner(x), model(x).detach(), rtol=1e-4, atol=1e-5)
 
 
-class GatedBsrLinear(nn.Module):
-    """One sparsec::bsr_linear with the SwiGLU epilogue over a packed [gate; up] weight."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        packed = pack_bsr(weight, (64, 64))
-        self.register_buffer("values", packed.values)
-        self.register_buffer("col_indices", packed.col_indices)
-        self.register_buffer("row_offsets", packed.row_offsets)
-        self.out_features, self.in_features = weight.shape
-
-    def forward(self, x):
-        return torch.ops.sparsec.bsr_linear(x, self.values, self.col_indices, self.row_offsets, self.out_features,
-                                            self.in_features, None, "swiglu", None, None, None)
-
-
 LOAD_AOTI_AND_CHECK = textwrap.dedent(r"""
     import sys, torch
     from sparsec.export import load_aot_inductor
@@ -564,8 +548,8 @@ def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma, cuda_a
     """AOTInductor compiles the gated many-token launch, with x's tiles through pointers or through
     tensor descriptors made on the device (global scratch the launcher must provide), into a .pt2
     that loads and equals the op called eagerly (and a float64 reference)."""
-    import sparsec.runtime.ops  # noqa: F401  (defines torch.ops.sparsec)
     from sparsec.codegen.triton import bsr_large_m, bsr_small_m
+    from sparsec.runtime.ops import BsrLinear
     from float64_reference import linear64
 
     monkeypatch.setattr(bsr_large_m, "GATED_TMA", tma)
@@ -574,7 +558,7 @@ def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma, cuda_a
     keep = (torch.rand(rows // 64, K // 64, generator=gen) < 0.4).repeat_interleave(64, 0).repeat_interleave(64, 1)
     weight = (torch.randn(rows, K, generator=gen) * keep).to(torch.bfloat16)
     x = torch.randn(tokens, K, generator=gen).to(torch.bfloat16)
-    model = GatedBsrLinear(weight).cuda()
+    model = BsrLinear(pack_bsr(weight, (64, 64)), "swiglu").cuda()
     xc = x.cuda()
     assert not bsr_small_m.serves(tokens, rows // 2 // 64) and bsr_large_m.tma_fits(xc, None)
     ref = linear64(x, weight.float(), None, "swiglu", None)

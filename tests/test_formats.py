@@ -132,6 +132,24 @@ def test_gated_swiglu_ops(fmt):
     torch.testing.assert_close(compiled(x), y)
 
 
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_bsr_linear_module(activation):
+    """ops.BsrLinear: the op over a packed weight with row and column permutations, its packed tensors
+    buffers (state_dict, .to() casts values only) and exportable with them as constants."""
+    gen = torch.Generator().manual_seed(10)
+    w = sparse_weight(32, 48, (16, 16), 0.5, gen)
+    perms = {} if activation == "swiglu" else dict(row_perm=torch.randperm(32, generator=gen),
+                                                   col_perm=torch.randperm(48, generator=gen))
+    layer = ops.BsrLinear(pack_bsr(w, (16, 16), **perms), activation)
+    x = torch.randn(2, 5, 48, generator=gen)
+    torch.testing.assert_close(layer(x).double(), linear64(x, w, None, activation, None), rtol=1e-5, atol=1e-5)
+    assert {"values", "col_indices", "row_offsets"} <= set(layer.state_dict())
+    wide = layer.to(torch.float64)
+    assert wide.values.dtype == torch.float64 and wide.col_indices.dtype == torch.int32
+    ep = torch.export.export(layer, (x.double(),), strict=False)
+    torch.testing.assert_close(ep.module()(x.double()), layer(x.double()))
+
+
 def test_gated_op_fake_shape_and_odd_weight():
     p = pack_bsr(torch.randn(32, 16), (16, 16))
     torch.library.opcheck(torch.ops.sparsec.bsr_linear.default,
