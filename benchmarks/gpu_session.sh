@@ -192,7 +192,7 @@ for s in $steps; do
     # Which graphs survive the CUDA AOTInductor route: plain torch, a minimal triton_op, sparsec's BSR launches
     aoti_cuda) step aoti_cuda 500 python3 benchmarks/aoti_cuda.py --log "$LOGS/aoti_children.log" ;;
     # AOTInductor over the gated many-token launch, x's tiles through pointers and through tensor descriptors
-    # (global scratch); the .pt2 loaded in a child process, skipped where a plain nn.Linear's .pt2 does not load
+    # (global scratch); the .pt2 loaded in a child process, only compiled where a plain nn.Linear's .pt2 does not load
     # (on the GPU machine's torch 2.11.0+cu130 every CUDA .pt2 crashed in _load_aoti: aoti_cuda, sixteenth session)
     aoti_tma) step aoti_tma 300 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -rs tests/test_export.py \
                 -k "gated_many_token" -p no:cacheprovider ;;

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -507,10 +508,9 @@ LOAD_AOTI_AND_CHECK = textwrap.dedent(r"""
 """)
 
 
-def aoti_round_trip(model, x, folder: Path):
-    """Compile `model` at input `x` (CUDA, static shapes) into a .pt2 with AOTInductor, then load and run it
-    in a child process against the model called eagerly. The child: a crashing loader fails a test instead
-    of ending the run. Returns the finished child process (stdout ends with "ok" when the outputs agree)."""
+def aoti_package(model, x, folder: Path) -> str:
+    """`model` at input `x` (CUDA, static shapes) compiled by AOTInductor into a .pt2 in `folder`, with the
+    input and the model's eager output saved beside it for load_in_child."""
     from torch._inductor import aoti_compile_and_package
 
     folder.mkdir(exist_ok=True)
@@ -519,35 +519,45 @@ def aoti_round_trip(model, x, folder: Path):
         ep = torch.export.export(model, (x,), strict=False)
         path = aoti_compile_and_package(ep, package_path=str(folder / "model.pt2"))
     torch.save({"x": x.cpu(), "eager": eager.detach().cpu()}, folder / "inputs.pt")
+    return path
+
+
+def load_in_child(path: str):
+    """Load and run an aoti_package .pt2 in a child process against the saved eager output (a crashing
+    loader fails a test instead of ending the run). Returns the finished child; its stdout ends with
+    "ok" when the outputs agree."""
+    folder = Path(path).parent
     # cwd: the child must import the installed package, not a checkout's sparsec/ folder
     return subprocess.run([sys.executable, "-X", "faulthandler", "-c", LOAD_AOTI_AND_CHECK, path,
                            str(folder / "inputs.pt")], cwd=folder, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def cuda_aoti_loads(tmp_path_factory):
-    """Whether this torch's AOTInductor loads and runs a CUDA .pt2 of a plain nn.Linear here; the sparsec
-    tests below are skipped where it does not. On the GPU machine's torch 2.11.0+cu130 even this crashed
-    in `_load_aoti` (segmentation fault; benchmarks/aoti_cuda.py, sixteenth session)."""
+def cuda_aoti_load_failure(tmp_path_factory):
+    """None where this torch's AOTInductor loads and runs a CUDA .pt2 of a plain nn.Linear, else how it
+    failed. On the GPU machine's torch 2.11.0+cu130 even this crashed in `_load_aoti` (segmentation fault;
+    benchmarks/aoti_cuda.py, sixteenth session)."""
     linear = nn.Linear(256, 512, bias=False).to(torch.bfloat16).cuda()
-    child = aoti_round_trip(linear, torch.randn(16, 256, dtype=torch.bfloat16, device="cuda"),
-                            tmp_path_factory.mktemp("plain_linear"))
-    if child.returncode != 0 or not child.stdout.strip().endswith("ok"):
-        # faulthandler's innermost Python frame names where it crashed
-        frame = next((line.strip() for line in child.stderr.splitlines() if line.strip().startswith("File")),
-                     child.stderr[-300:])
-        pytest.skip(f"AOTInductor cannot load a CUDA .pt2 of a plain nn.Linear with torch {torch.__version__} "
-                    f"(exit {child.returncode}, {frame}): not a sparsec failure")
+    child = load_in_child(aoti_package(linear, torch.randn(16, 256, dtype=torch.bfloat16, device="cuda"),
+                                       tmp_path_factory.mktemp("plain_linear")))
+    if child.returncode == 0 and child.stdout.strip().endswith("ok"):
+        return None
+    # faulthandler's innermost Python frame names where it crashed
+    frame = next((line.strip() for line in child.stderr.splitlines() if line.strip().startswith("File")),
+                 child.stderr[-300:])
+    return (f"AOTInductor cannot load a CUDA .pt2 of a plain nn.Linear with torch {torch.__version__} "
+            f"(exit {child.returncode}, {frame}): not a sparsec failure")
 
 
 @pytest.mark.slow  # AOTInductor compiles C++ and the Triton kernel
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="CUDA with the copy engine (TMA): compute capability 9+")
 @pytest.mark.parametrize("tma", [False, True])
-def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma, cuda_aoti_loads):
+def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma, cuda_aoti_load_failure):
     """AOTInductor compiles the gated many-token launch, with x's tiles through pointers or through
     tensor descriptors made on the device (global scratch the launcher must provide), into a .pt2
-    that loads and equals the op called eagerly (and a float64 reference)."""
+    that loads and equals the op called eagerly (and a float64 reference). Where this torch cannot load
+    even a plain model's CUDA .pt2, the compile is what is checked, and a warning says so."""
     from sparsec.codegen.triton import bsr_large_m, bsr_small_m
     from sparsec.runtime.ops import BsrLinear
     from float64_reference import linear64
@@ -563,6 +573,11 @@ def test_aot_inductor_gated_many_token_kernel(tmp_path, monkeypatch, tma, cuda_a
     assert not bsr_small_m.serves(tokens, rows // 2 // 64) and bsr_large_m.tma_fits(xc, None)
     ref = linear64(x, weight.float(), None, "swiglu", None)
     assert ((model(xc).double().cpu() - ref).abs().max() / ref.abs().max()).item() < 1e-2
-    child = aoti_round_trip(model, xc, tmp_path / "gated")
+    path = aoti_package(model, xc, tmp_path / "gated")
+    assert Path(path).is_file()
+    if cuda_aoti_load_failure is not None:
+        warnings.warn(f"the gated kernel's .pt2 compiled; its load is not checked here: {cuda_aoti_load_failure}")
+        return
+    child = load_in_child(path)
     assert child.returncode == 0 and child.stdout.strip().endswith("ok"), (
         f"loading and running the .pt2 failed (exit {child.returncode}): {child.stdout[-300:]} {child.stderr[-1500:]}")
