@@ -63,12 +63,6 @@ for s in $steps; do
     # The CSR kernel at 16 and 64 tokens
     csr_tokens) step csr_tokens 200 python3 benchmarks/kernels.py --sweep-csr --tokens 16 64 ;;
     csr_table_m1) step kernels_unstr_m1 120 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --table-tokens 1 --rep 20 ;;
-    # The set-bit walk for unstructured weights at few tokens (issue 5): its GPU tests, then its configs
-    # beside the dense-gather bitmap kernel, CSR and cuBLAS
-    walk)
-      step walk_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k walk -p no:cacheprovider
-      step walk_sweep 400 python3 benchmarks/kernels.py --sweep-bitmap --walk-only --tokens 1 4 16 \
-        --weights 11008x4096,4096x11008 --patterns unstr90,unstr50 ;;
     csr_table) step kernels_unstr 200 python3 benchmarks/kernels.py --patterns unstr90,unstr50 --rep 20 ;;
     # co-permute's effect on kernel time with the real MiniLM weights (issue 7; the file is made on
     # the CPU: permute_minilm.py --sparsity 0.9 --tiles 16 64 --save gpu_inputs/minilm90.safetensors)

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen import cost_model
-from sparsec.codegen.triton.token_tiles import pow2_tile
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr
 from sparsec.runtime import ops, reference
 from sparsec.runtime.ops import bitmap_linear, bsr_linear, csr_linear
@@ -456,15 +455,11 @@ def run_sweep_csr(args):
 
 
 def run_sweep_bitmap(args):
-    """Config sweeps of the two bitmap kernels at few tokens (to pick their hand tables): the dense-gather
-    kernel (rows a program, K tiles a loop step, the next step loaded ahead or not) and, up to its
-    MAX_M tokens, the set-bit walk (rows and K tiles a program, warps, x or x^T); beside them the CSR
-    kernel's own config on the same weight, cuBLAS, and the bitmap format's byte floor at the measured
-    copy bandwidth. The LLaMA-style weights, unstructured."""
-    from sparsec.codegen.triton import bitmap, bitmap_walk, csr
+    """Config sweep for the bitmap kernel at few tokens (to pick its hand table): rows a program, K
+    tiles a loop step, the next step loaded ahead or not; the LLaMA-style weights, unstructured."""
+    from sparsec.codegen.triton import bitmap
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(4)
-    bandwidth = cost_model.measure_ceilings(torch.device(dev), dtype).bandwidth
     shapes = [(11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096)]
     if args.weights:
         shapes = [nk for nk in shapes if f"{nk[0]}x{nk[1]}" in args.weights.split(",")]
@@ -473,53 +468,25 @@ def run_sweep_bitmap(args):
             w = make_weight(N, K, pattern, dtype, dev, gen)
             p = pack_bitmap(w)
             packs = Rotor([p] + [pack_bitmap(w) for _ in range(n_copies(p.nbytes) - 1)])
-            pc = pack_csr(w)
-            csr_packs = Rotor([pc] + [pack_csr(w) for _ in range(n_copies(pc.nbytes) - 1)])
             for M in args.tokens:
                 x = torch.randn(M, K, device=dev, dtype=dtype)
-                xt = x.t().contiguous()
                 out = torch.empty(M, N, device=dev, dtype=dtype)
                 ref = x.double() @ w.double().t()
-                floor_us = (p.nbytes + (M * K + M * N) * 2) / bandwidth * 1e6
-                cublas, _ = bench(lambda: F.linear(x, w), True, 10)
-                line = f"SWEEP-BITMAP {pattern} {N}x{K} M={M}: cuBLAS {cublas * 1e3:.1f}us, bitmap floor {floor_us:.1f}us"
-
-                def launch_csr(cfg):
-                    q = csr_packs.next()
-                    csr.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
-                csr_default = time_configs(launch_csr, [{}], out, ref)
-                line += f", CSR {csr_default[0][0] * 1e3:.1f}us" if csr_default else ", CSR failed"
+                dot = M >= bitmap.DOT_MIN_M
+                cfgs = [dict(BLOCK_N=bn, KSTEP=ks, PREFETCH=pf, num_warps=nw, num_stages=ns)
+                        for bn in ([32, 64] if dot else [16, 32, 64]) for ks in [1, 2, 4, 8]
+                        if bn * ks <= (256 if dot else 128) for pf in [False, True] for nw in [4, 8]
+                        for ns in ([2, 3] if dot else [3])]
 
                 def launch(cfg):
                     q = packs.next()
                     bitmap.launch(x, q.values, q.bitmap, q.tile_offsets, N, K, q.tile_rows, None, 0, None, None,
                                   None, out, config=cfg)
                 default = time_configs(launch, [{}], out, ref)
-                line += f"; dense-gather default {default[0][0] * 1e3:.1f}us" if default else "; dense-gather failed"
-                if not args.walk_only:
-                    dot = M >= bitmap.DOT_MIN_M
-                    cfgs = [dict(BLOCK_N=bn, KSTEP=ks, PREFETCH=pf, num_warps=nw, num_stages=ns)
-                            for bn in ([32, 64] if dot else [16, 32, 64]) for ks in [1, 2, 4, 8]
-                            if bn * ks <= (256 if dot else 128) for pf in [False, True] for nw in [4, 8]
-                            for ns in ([2, 3] if dot else [3])]
-                    best = time_configs(launch, cfgs, out, ref)
-                    line += ", best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:3])
-                if M <= bitmap_walk.MAX_M:
-                    def launch_walk(cfg):
-                        cfg = dict(cfg)
-                        q = packs.next()
-                        bitmap_walk.launch(x, q.values, q.bitmap, q.tile_offsets, N, K, q.tile_rows, None, 0, None,
-                                           None, None, out, config=cfg, transposed_x=xt if cfg.pop("XT") else None)
-                    tiles = [pow2_tile(M, 1, bitmap_walk.MAX_M)] + ([4] if M >= 8 else [])
-                    walk_cfgs = [dict(ROWS=rows, KS=ks, BLOCK_M=bm, XT=x_t, num_warps=nw)
-                                 for rows in [16, 32] for ks in [4, 8, 16] for nw in [2, 4, 8]
-                                 if 32 * nw <= rows * ks <= 128 * nw for bm in tiles
-                                 for x_t in ([False, True] if M > 1 else [False])]
-                    walk_default = time_configs(launch_walk, [dict(XT=False)], out, ref)
-                    walk = time_configs(launch_walk, walk_cfgs, out, ref)
-                    line += (f"; walk default {walk_default[0][0] * 1e3:.1f}us, best " if walk_default else "; walk failed, best ")
-                    line += "; ".join(f"{t*1e3:.1f}us {c}" for t, c in walk[:4])
-                print(line, flush=True)
+                best = time_configs(launch, cfgs, out, ref)
+                cublas, _ = bench(lambda: F.linear(x, w), True, 10)
+                print(f"SWEEP-BITMAP {pattern} {N}x{K} M={M}: default {default[0][0] * 1e3:.1f}us, cuBLAS "
+                      f"{cublas * 1e3:.1f}us; best " + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
 
 
 def main():
@@ -532,8 +499,7 @@ def main():
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
-    p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernels' configs at few tokens")
-    p.add_argument("--walk-only", action="store_true", help="--sweep-bitmap: sweep only the set-bit walk's configs")
+    p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")

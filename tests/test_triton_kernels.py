@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from sparsec.codegen.triton import bitmap, bitmap_walk, bsr_large_m, bsr_small_m, csr  # noqa: E402
+from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m, csr  # noqa: E402
 from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from sparsec.runtime import ops  # noqa: E402
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr  # noqa: E402
@@ -325,81 +325,6 @@ def test_bitmap_epilogue_dtypes_perm(dtype, act, M, tile_rows):
     b, r = epilogue_args(gen, M, N, dtype, True, act, True)
     cfg = dict(BLOCK_M=32, BLOCK_N=32, USE_DOT=True, num_warps=4, num_stages=2) if M > 64 else None
     check(run_bitmap(x, w, p, b, act, r, dtype, cfg), linear64(x, w, b, act, r), dtype)
-
-
-def run_bitmap_walk(x, w, packed, bias, act, res, dtype, config=None, transposed=False):
-    N, K = w.shape
-    M = x.shape[0]
-    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
-    d = lambda t: None if t is None else t.to(DEV)
-    bitmap_walk.launch(d(x), d(packed.values), d(packed.bitmap), d(packed.tile_offsets), N, K,
-                       packed.tile_rows, d(bias), ACT_CODES[act], d(res), d(packed.row_perm),
-                       d(packed.col_perm), out, config=config,
-                       transposed_x=d(x).t().contiguous() if transposed else None)
-    return out
-
-
-@pytest.mark.parametrize("shape", [(70, 100), (33, 200)])
-@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
-@pytest.mark.parametrize("M", [1, 17])
-def test_bitmap_walk_shapes(shape, density, M):
-    """Empty rows, full rows (all 64 bits of a tile row set: the sign bit of the walked word), K not a
-    multiple of 64, more tokens than a program's BLOCK_M (17), x as it is and transposed."""
-    N, K = shape
-    gen = torch.Generator().manual_seed(N + K + M + 3)
-    w = torch.randn(N, K, generator=gen)
-    w = w * (torch.rand(N, K, generator=gen) < density)
-    w[N // 2] = 0
-    w[0, :] = torch.where(w[0] == 0, 1.0, w[0]) if density > 0 else w[0]
-    p = pack_bitmap(w, tile_rows=16)
-    x = torch.randn(M, K, generator=gen)
-    ref = linear64(x, w, None, "none", None)
-    check(run_bitmap_walk(x, w, p, None, "none", None, torch.float32), ref, torch.float32)
-    check(run_bitmap_walk(x, w, p, None, "none", None, torch.float32, transposed=True), ref, torch.float32)
-
-
-@pytest.mark.parametrize("shape,tile_rows", [((70, 100), 16), ((33, 200), 32), ((48, 390), 8), ((64, 130), 64)])
-@pytest.mark.parametrize("rows,ks,block_m", [(16, 4, 1), (32, 2, 4), (64, 16, 2)])
-def test_bitmap_walk_program_shapes(shape, tile_rows, rows, ks, block_m):
-    """Programs of other row and K-tile counts than the default: K tiles not a multiple of KS (masked
-    lanes), KS wider than the weight, rows a program more than the weight has, with a column permutation."""
-    N, K = shape
-    rows = max(rows, tile_rows)
-    gen = torch.Generator().manual_seed(N + K + rows + ks)
-    w = torch.randn(N, K, generator=gen) * (torch.rand(N, K, generator=gen) < 0.2)
-    w[N // 3] = 0
-    p = pack_bitmap(w, tile_rows=tile_rows, col_perm=torch.randperm(K, generator=gen))
-    x = torch.randn(5, K, generator=gen)
-    check(run_bitmap_walk(x, w, p, None, "none", None, torch.float32, dict(ROWS=rows, KS=ks, BLOCK_M=block_m)),
-          linear64(x, w, None, "none", None), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("act,M,tile_rows", [("none", 1, 16), ("gelu", 9, 32), ("silu", 3, 16), ("relu", 1, 32)])
-def test_bitmap_walk_epilogue_dtypes_perm(dtype, act, M, tile_rows):
-    gen = torch.Generator().manual_seed(13)
-    N, K = 70, 100
-    w = torch.randn(N, K, generator=gen)
-    w = (w * (torch.rand(N, K, generator=gen) < 0.3)).to(dtype)
-    rp, cp = torch.randperm(N, generator=gen), torch.randperm(K, generator=gen)
-    p = pack_bitmap(w, tile_rows=tile_rows, row_perm=rp, col_perm=cp)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    b, r = epilogue_args(gen, M, N, dtype, True, act, True)
-    check(run_bitmap_walk(x, w, p, b, act, r, dtype), linear64(x, w, b, act, r), dtype)
-
-
-def test_bitmap_walk_ignores_x_of_zero_weights():
-    """x holding inf wherever the weight is zero, column 0 included (where a lane with no bits left
-    points): a lane must load x only for a set bit, or 0 * inf makes the row NaN."""
-    N, K = 20, 128
-    w = torch.zeros(N, K)
-    w[:, 1:9] = 1.0
-    w[:, 70:75] = 2.0
-    x = torch.randn(2, K)
-    x[:, 0] = x[:, 9:70] = x[:, 75:] = float("inf")
-    keep = [*range(1, 9), *range(70, 75)]
-    check(run_bitmap_walk(x, w, pack_bitmap(w), None, "none", None, torch.float32),
-          linear64(x[:, keep], w[:, keep], None, "none", None), torch.float32)
 
 
 def run_csr(x, w, packed, bias, act, res, dtype, config=None):
