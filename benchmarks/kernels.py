@@ -437,11 +437,7 @@ def run_sweep_csr(args):
                 out = torch.empty(M, N, device=dev, dtype=dtype)
                 ref = x.double() @ w.double().t()
                 bm = 1 if M == 1 else min(64, M)
-                if args.csr_token_tiles:  # fewer tokens a program (x^T's slice stays in L1), cache hints
-                    cfgs = [dict(BLOCK_M=tile, ROWS=rows, CHUNK=chunk, HINTS=hints, num_warps=nw)
-                            for tile in [2, 4, 8, 16] if tile <= bm for rows in [1, 2, 4] for chunk in [32, 64, 128]
-                            if 128 <= tile * rows * chunk <= 8192 for hints in [False, True] for nw in [4, 8]]
-                elif args.csr_whole_rows:  # fewer warps, chunks as long as a whole row: one pass, no loop
+                if args.csr_whole_rows:  # fewer warps, chunks as long as a whole row: one pass, no loop
                     cfgs = [dict(ROWS=rows, CHUNK=chunk, num_warps=nw) for rows in [1, 2, 4]
                             for chunk in [128, 256, 512, 1024, 2048] if 128 <= bm * rows * chunk <= 8192
                             for nw in [1, 2, 4]]
@@ -503,8 +499,6 @@ def main():
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
-    p.add_argument("--csr-token-tiles", action="store_true",
-                   help="--sweep-csr over token tiles smaller than M and cache hints (x^T kept, the weight streamed)")
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")

@@ -28,7 +28,7 @@ def csr_kernel(xt_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr,
                M, N, stride_xk, stride_om, stride_rm,
                ROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                INDEX16: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-               ACT: tl.constexpr, HINTS: tl.constexpr):
+               ACT: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     start = tl.load(ro_ptr + rows, mask=row_ok, other=0)
@@ -42,17 +42,12 @@ def csr_kernel(xt_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, out_ptr,
     for j0 in range(0, longest, CHUNK):
         nz_ok = (j0 + j)[None, :] < length[:, None]            # [ROWS, CHUNK]
         nz = start[:, None] + j0 + j[None, :]
-        if HINTS:  # the weight streams through once; x^T is read again by every row: keep it cached
-            w = tl.load(v_ptr + nz, mask=nz_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            col = tl.load(ci_ptr + nz, mask=nz_ok, other=0, eviction_policy="evict_first").to(tl.int32)
-        else:
-            w = tl.load(v_ptr + nz, mask=nz_ok, other=0.0).to(tl.float32)
-            col = tl.load(ci_ptr + nz, mask=nz_ok, other=0).to(tl.int32)
+        w = tl.load(v_ptr + nz, mask=nz_ok, other=0.0).to(tl.float32)
+        col = tl.load(ci_ptr + nz, mask=nz_ok, other=0).to(tl.int32)
         if INDEX16:  # stored as int16 bit patterns of columns up to 65535
             col = col & 0xFFFF
         xv = tl.load(xt_ptr + col.to(tl.int64)[:, :, None] * stride_xk + m[None, None, :],
-                     mask=nz_ok[:, :, None] & m_ok[None, None, :], other=0.0,
-                     eviction_policy="evict_last" if HINTS else "")
+                     mask=nz_ok[:, :, None] & m_ok[None, None, :], other=0.0)
         acc += xv.to(tl.float32) * w[:, :, None]
     y = tl.trans(tl.sum(acc, axis=1))                           # [BLOCK_M, ROWS]
     fused_epilogue(y, m, rows, M, N, out_ptr, stride_om, bias_ptr, res_ptr, stride_rm, out_ptr,
@@ -68,8 +63,8 @@ def pick_config(M, N):
     dependent loads (Nsight Compute: half of a warp's cycles wait on loads, DRAM at 31%)."""
     block_m = pow2_tile(M, 1, MAX_M)
     if block_m == 1:
-        return dict(BLOCK_M=1, ROWS=1, CHUNK=256, num_warps=1, num_stages=2, HINTS=False)
-    return dict(BLOCK_M=block_m, ROWS=1, CHUNK=64, num_warps=4, num_stages=2, HINTS=False)
+        return dict(BLOCK_M=1, ROWS=1, CHUNK=256, num_warps=1, num_stages=2)
+    return dict(BLOCK_M=block_m, ROWS=1, CHUNK=64, num_warps=4, num_stages=2)
 
 
 def launch(xt, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
@@ -86,6 +81,6 @@ def launch(xt, values, col_indices, row_offsets, N, bias, act_code, res2d, out, 
         M, N, xt.stride(0), out.stride(0), 0 if res2d is None else res2d.stride(0),
         ROWS=cfg["ROWS"], CHUNK=cfg["CHUNK"], BLOCK_M=cfg["BLOCK_M"],
         INDEX16=col_indices.dtype.itemsize == 2, HAS_BIAS=bias is not None,
-        HAS_RES=res2d is not None, ACT=act_code, HINTS=cfg["HINTS"], num_warps=cfg["num_warps"],
+        HAS_RES=res2d is not None, ACT=act_code, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out
