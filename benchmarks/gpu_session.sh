@@ -112,9 +112,6 @@ for s in $steps; do
         step "prefill_python_$round" 90 python3 benchmarks/models.py --skip-other --shapes prefill --only a,c
       done ;;
     # Decode of cases (a) and (e) alone (a quick check of the decode path, PDL included)
-    # Issue 14's decode table in the default mode (no CUDA graphs: launch-bound, never slower than Inductor),
-    # not measured on the committed code since the seventh session's run with Inductor's static launcher
-    decode_default) step decode_default 450 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     decode_ae) step decode_ae 240 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,e ;;
     models_all_modes) step models_all_modes 400 python3 benchmarks/models.py --skip-other --all-modes --shapes decode1,decode16 ;;
     # prefill with each side timed alone after 3 s of its own calls (the GPU's clock settles per load)
