@@ -49,6 +49,9 @@ for s in $steps; do
                     tests/test_semi_structured.py -k "bsr or op_3d or semi or two_four or float64" -p no:cacheprovider ;;
     # 2:4 through cuSPARSELt against cuBLAS and torch's 2:4 (the cost model's figures)
     sweep_2_4) step sweep_2_4 60 python3 benchmarks/kernels.py --sweep-2-4 --tokens 16 256 2048 4096 --rep 10 ;;
+    # The decode kernel's Tensor Core configs with 6-14 pipeline stages (Triton 3.6 keeps (stages - 2) / 2
+    # buffers of its loop), at 1 and 16 tokens; every config checked against float64 before it is timed
+    deep_stages) step deep_stages 420 python3 benchmarks/kernels.py --sweep --deep-stages --tokens 16 1 --patterns block90,block50 ;;
     bsr_sweep_large) step bsr_sweep_large 500 python3 benchmarks/kernels.py --sweep --tokens 256 4096 ;;
     # The Triton CSR kernel (issue 5): config sweep, then the unstructured rows of the kernel table
     csr_sweep) step csr_sweep 150 python3 benchmarks/kernels.py --sweep-csr ;;

@@ -293,7 +293,16 @@ def run_sweep(args):
             ref = reference.swiglu(ref)
         out = torch.empty(M, n_out, device=dev, dtype=dtype)
         cfgs = [("default", None)]
-        if M <= 64:
+        if M <= 64 and args.deep_stages:
+            # the Tensor Core path with deeper pipelines: Triton 3.6 keeps (num_stages - 2) / 2 buffers of
+            # this loop (its index load takes stages of its own), so 6 stages keep two steps in flight;
+            # at fewer than DOT_MIN_M tokens too, the tokens padded to a 16-row tile
+            for rows in [64, 32]:
+                for step in [1, 2]:
+                    for ns in [6, 8, 10, 12, 14]:
+                        cfgs.append(("small", dict(BLOCK_M=16, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False,
+                                                   num_warps=4, num_stages=ns)))
+        elif M <= 64:
             dot = M >= bsr_small_m.DOT_MIN_M
             # PREFETCH only without tl.dot: with it, Triton's pipeliner was faster in every decode shape
             # (fourth session's sweep at 16 tokens, benchmarks/RESULTS.md)
@@ -363,6 +372,12 @@ def run_sweep(args):
             same = [(t, c) for t, k, c in best if k == kind]
             if same and M > bsr_small_m.MAX_BLOCK_M:
                 print(f"  {kind}: best {same[0][0] * 1e3:.1f}us {same[0][1]}", flush=True)
+        if args.deep_stages and M <= 64:  # the fastest config at each pipeline depth
+            fastest = {}
+            for t, k, c in best:
+                fastest.setdefault(c["num_stages"], (t, c))
+            print("  by stages: " + "; ".join(f"{ns}: {t * 1e3:.1f}us ROWS {c['ROWS']} STEP {c['STEP']}"
+                                              for ns, (t, c) in sorted(fastest.items())), flush=True)
         for prefetch in (False, True):  # with and without the next step loaded ahead
             same = [t for t, k, c in best if c.get("PREFETCH") is prefetch]
             if same and M < bsr_small_m.DOT_MIN_M:
@@ -496,6 +511,8 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--tma", action="store_true",
                    help="--sweep above 64 tokens: the many-token kernel's configs with x's tiles through pointers and through TMA")
+    p.add_argument("--deep-stages", action="store_true",
+                   help="--sweep at few tokens: the Tensor Core decode configs with 6-14 pipeline stages")
     p.add_argument("--sweep-csr", action="store_true")
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")

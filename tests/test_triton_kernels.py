@@ -88,9 +88,12 @@ def test_bsr_kernels_shapes(case, M):
     ref = linear64(x, w, None, "none", None)
     if M <= bsr_small_m.MAX_BLOCK_M:
         check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32), ref, torch.float32)
-        if M < bsr_small_m.DOT_MIN_M:  # thick slabs too (the default thins them for small N)
+        if M < bsr_small_m.DOT_MIN_M:  # thick slabs too (the default thins them for small N), and tl.dot
             check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32,
                           config=dict(ROWS=16)), ref, torch.float32)
+            check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32,
+                          config=dict(BLOCK_M=16, USE_DOT=True, ROWS=min(32, block[0]), STEP=2, num_stages=10)),
+                  ref, torch.float32)
     else:  # the decode kernel over several token tiles (the last one ragged)
         check(run_bsr(bsr_small_m, x, w, p, None, "none", None, torch.float32,
                       config=dict(BLOCK_M=32, num_stages=2)), ref, torch.float32)
@@ -119,8 +122,7 @@ def test_bsr_small_m_blocks_per_step(case, M, step, prefetch):
 
 @pytest.mark.parametrize("block_rows,gated,rows,step,prefetch", [
     (64, False, 8, 8, True),      # 4096-row weight: thin slabs, still few programs -> load ahead
-    (192, False, 16, 4, False),   # 12288 rows (q/k/v): enough programs with 16-row slabs
-    (172, True, 16, 2, False),    # gated gate/up, 2 x 11008 rows: a step holds both halves
+    (64, True, 8, 4, False),      # a gated 2 x 4096-row weight: twice the programs, none loads ahead
 ])
 def test_bsr_small_m_broadcast_table(block_rows, gated, rows, step, prefetch):
     """The table without tl.dot at one token picks the configs the H200 sweep found best, and as M
@@ -134,6 +136,27 @@ def test_bsr_small_m_broadcast_table(block_rows, gated, rows, step, prefetch):
         assert not cfg["USE_DOT"] and cfg["BLOCK_M"] >= M
         one_block = cfg["BLOCK_M"] * cfg["ROWS"] * 64 * halves
         assert cfg["STEP"] * one_block <= max(bsr_small_m.BROADCAST_STEP_WEIGHTS, one_block)
+
+
+@pytest.mark.parametrize("block_rows,blocks_per_row,gated,rows,stages", [
+    (192, 6.4, False, 64, 6),    # q/k/v 12288x4096 at 90%: short rows, two steps in flight
+    (172, 6.4, True, 64, 6),     # gate/up with the SwiGLU epilogue
+    (64, 17.2, False, 32, 10),   # down 4096x11008 at 90%: 128 programs, one a SM -> four steps in flight
+    (64, 6.4, False, 32, 6),     # o 4096x4096 at 90%: four steps would outrun its rows
+    (192, 32.0, False, 64, 8),   # q/k/v at 50%: three
+    (344, 32.0, False, 64, 6),   # 22016x4096 at 50%: 2.6 programs a SM, two
+])
+def test_bsr_small_m_deep_pipeline_table(block_rows, blocks_per_row, gated, rows, stages):
+    """On one 16-token tile the Tensor Core table picks two blocks a step and the pipeline depth the H200
+    sweep found best: Triton keeps (num_stages - 2) / 2 steps in flight, more where the SMs hold fewer
+    programs and the rows are long enough. At one token the weights with programs enough in 64- or
+    32-row slabs take it too (tokens padded to the 16-row tile); others keep broadcast-multiply."""
+    for M in (16, 9, 1):
+        cfg = bsr_small_m.pick_config(M, 64, 64, block_rows, blocks_per_row, gated, 2)
+        if M < bsr_small_m.DOT_MIN_M and block_rows * 2 < bsr_small_m.DOT_MIN_PROGRAMS:
+            assert not cfg["USE_DOT"]
+            continue
+        assert (cfg["BLOCK_M"], cfg["USE_DOT"], cfg["ROWS"], cfg["STEP"], cfg["num_stages"]) == (16, True, rows, 2, stages)
 
 
 @pytest.mark.parametrize("M,block_rows,serves,rows", [

@@ -52,17 +52,35 @@ MAX_BLOCK_M = 64   # the token tile: more tokens run as several tiles (grid axis
 ALL_WEIGHTS_M = 128
 MID_M = 256
 FEW_BLOCK_ROWS = 128
-DOT_MIN_M = 9      # from here tl.dot (M padded to 16) beats broadcast-multiply-sum
-# With tl.dot, non-zero blocks a program loads per loop step, as one tile STEP*BW columns wide: 4 for
-# block rows with LONG_ROW_BLOCKS or more non-zero blocks on average, else 2 (at 16 tokens: 50%
-# blocks 12-40% faster with 4; 90% blocks of 4096-wide rows, ~6 blocks a row, 5-15% faster with 2).
-# The Tensor Core path gets its loads ahead from Triton's pipeliner (num_stages), not PREFETCH.
+# tl.dot pads the tokens to a 16-row tile. From DOT_MIN_M tokens it beats broadcast-multiply-sum on every
+# weight; below, on weights whose block rows give DOT_MIN_PROGRAMS programs in DOT_ROWS slabs, since at one
+# token the pipelined Tensor Core loop keeps more bytes in flight (eighteenth session's sweep, H200,
+# broadcast -> tl.dot at one token: 22016x4096 90% 11.6 -> 9.4 us, gate/up SwiGLU 11.9 -> 11.1,
+# 12288x4096 7.6 -> 7.1, 11008x4096 8.0 -> 7.4; 50%: 29.4 -> 25.7, 17.4 -> 16.5, 17.2 -> 17.0). On
+# 4096-row weights the broadcast path's thin slabs stay faster (4096x11008 7.1 against 7.6 us).
+DOT_MIN_M = 9
+# With tl.dot on token tiles above 16 tokens: non-zero blocks a program loads per loop step, as one tile
+# STEP*BW columns wide: 4 for block rows with LONG_ROW_BLOCKS or more non-zero blocks on average, else 2
+# (fifth session, 16 tokens: 50% blocks 12-40% faster with 4; 90% blocks of 4096-wide rows, ~6 blocks a
+# row, 5-15% faster with 2); a step is halved, then the stages cut, until DOT_STAGES stages of it fit
+# SMEM_BUDGET (of 228 KB per SM). Not swept with the deeper pipelines below.
 STEPS = (4, 2)
 LONG_ROW_BLOCKS = 16
-# Shared memory the pipelined tl.dot loads may take (of 228 KB per SM): a step is halved, then the
-# stages cut, until DOT_STAGES stages of it fit.
 SMEM_BUDGET = 200 * 1024
-DOT_STAGES = 6     # deep pipeline: the weight stream is the whole cost (H100 sweep: 6 stages ~25% faster)
+DOT_STAGES = 6
+# With tl.dot on one 16-token tile (decode): how far the loads run ahead. Triton 3.6's pipeliner keeps
+# (num_stages - 2) // 2 buffers of this loop, a step each (the column-index load that feeds the x load
+# takes stages of its own; compiled for sm_90), so 6 stages keep only two steps in flight. A step is
+# DEEP_STEP blocks, and a program keeps its SM's share (programs over SMS) of IN_FLIGHT_STEPS_PER_SM
+# steps in flight: at least 2 buffers, at most MAX_BUFFERS and half a mean block row's steps (a short
+# row is in flight whole). Eighteenth session's sweep (`kernels.py --sweep --deep-stages --tokens 16 1`,
+# H200), the older rule above -> this one at 16 tokens: 4096x11008 90% 8.1 -> 7.5 us, 50% 23.0 ->
+# 20.7; 4096x4096 50% 11.2 -> 10.0; 12288x4096 50% 18.4 -> 17.3; gate/up SwiGLU 90% 14.3 -> 12.6; the
+# other decode weights within 0.3 us of their best.
+DEEP_STEP = 2
+SMS = 132          # the H100's and H200's, where the tables were swept
+IN_FLIGHT_STEPS_PER_SM = 4
+MAX_BUFFERS = 5
 
 
 @triton.jit
@@ -231,7 +249,11 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
     `block_rows` block rows (programs: block rows x slabs; gated programs stream two block rows)
     holding `blocks_per_row` non-zero blocks on average."""
     halves = 2 if gated else 1
-    if M < DOT_MIN_M:
+    bm = pow2_tile(M, 16, MAX_BLOCK_M)
+    token_tiles = -(-M // bm)
+    dot_rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) * token_tiles >= DOT_MIN_PROGRAMS),
+                    None)
+    if M < DOT_MIN_M and dot_rows is None:
         bm = pow2_tile(M)
         rows = min(ROWS, BH)
         streams = block_rows * halves
@@ -242,15 +264,23 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
         warps = PREFETCH_WARPS if prefetch and blocks_per_row >= VERY_LONG_ROW_BLOCKS else 4
         return dict(BLOCK_M=bm, USE_DOT=False, ROWS=rows, STEP=step, PREFETCH=prefetch,
                     num_warps=warps, num_stages=4)
-    step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
-    bm = pow2_tile(M, 16, MAX_BLOCK_M)
-    token_tiles = -(-M // bm)
-    rows = next((r for r in DOT_ROWS if r <= BH and block_rows * (BH // r) * token_tiles >= DOT_MIN_PROGRAMS),
-                min(DOT_ROWS[-1], BH))
+    rows = dot_rows or min(DOT_ROWS[-1], BH)
 
     def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when gated)
         return (bm + rows) * step * BW * itemsize * halves
 
+    if bm == 16:
+        step = DEEP_STEP
+        programs = block_rows * (BH // rows)
+        buffers = max(2, min(MAX_BUFFERS, round(IN_FLIGHT_STEPS_PER_SM * SMS / programs),
+                             int(blocks_per_row / step / 2)))
+        while buffers > 2 and buffers * stage_bytes(step) > SMEM_BUDGET:
+            buffers -= 1
+        while step > 1 and buffers * stage_bytes(step) > SMEM_BUDGET:
+            step //= 2
+        return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4,
+                    num_stages=2 + 2 * buffers)
+    step = STEPS[0] if blocks_per_row >= LONG_ROW_BLOCKS else STEPS[1]
     while step > 1 and DOT_STAGES * stage_bytes(step) > SMEM_BUDGET:
         step //= 2
     stages = max(2, min(DOT_STAGES, SMEM_BUDGET // stage_bytes(step)))
