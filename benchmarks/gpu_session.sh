@@ -52,6 +52,10 @@ for s in $steps; do
     # The decode kernel's Tensor Core configs with 6-14 pipeline stages (Triton 3.6 keeps (stages - 2) / 2
     # buffers of its loop), at 1 and 16 tokens; every config checked against float64 before it is timed
     deep_stages) step deep_stages 420 python3 benchmarks/kernels.py --sweep --deep-stages --tokens 16 1 --patterns block90,block50 ;;
+    # The block-sparse rows of issue 5's table, then decode (a) and (b) again, with CUDA graphs
+    block_tables)
+      step kernels_block 150 python3 benchmarks/kernels.py --patterns block90,block50 --rep 10
+      step decode_ab 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,b ;;
     bsr_sweep_large) step bsr_sweep_large 500 python3 benchmarks/kernels.py --sweep --tokens 256 4096 ;;
     # The Triton CSR kernel (issue 5): config sweep, then the unstructured rows of the kernel table
     csr_sweep) step csr_sweep 150 python3 benchmarks/kernels.py --sweep-csr ;;
