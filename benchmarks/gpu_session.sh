@@ -53,9 +53,11 @@ for s in $steps; do
     # buffers of its loop), at 1 and 16 tokens; every config checked against float64 before it is timed
     deep_stages) step deep_stages 420 python3 benchmarks/kernels.py --sweep --deep-stages --tokens 16 1 --patterns block90,block50 ;;
     # The block-sparse rows of issue 5's table, then decode (a) and (b) again, with CUDA graphs
+    # (the gated gate/up kernel's deep configs at 50% first, its 90% ones beside them)
     block_tables)
-      step kernels_block 150 python3 benchmarks/kernels.py --patterns block90,block50 --rep 10
-      step decode_ab 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,b ;;
+      step deep_gated 120 python3 benchmarks/kernels.py --sweep --deep-stages --tokens 16 1 --patterns block50,block90 --weights 22016x4096
+      step decode_ab 200 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 --only a,b
+      step kernels_block 150 python3 benchmarks/kernels.py --patterns block90,block50 --rep 10 ;;
     bsr_sweep_large) step bsr_sweep_large 500 python3 benchmarks/kernels.py --sweep --tokens 256 4096 ;;
     # The Triton CSR kernel (issue 5): config sweep, then the unstructured rows of the kernel table
     csr_sweep) step csr_sweep 150 python3 benchmarks/kernels.py --sweep-csr ;;

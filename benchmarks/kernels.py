@@ -273,8 +273,8 @@ def run_sweep(args):
     # (pattern, weight shape, tokens, activation): the stacked gate/up also with its SwiGLU epilogue
     patterns = args.patterns.split(",") if args.patterns else ["block90", "block50"]
     plan = [(pattern, nk, M, "none") for pattern in patterns for nk in small for M in args.tokens if M <= 64]
-    plan += [(pattern, (22016, 4096), M, "swiglu") for pattern in patterns if pattern.endswith("90")
-             for M in args.tokens if M <= 64]
+    plan += [(pattern, (22016, 4096), M, "swiglu") for pattern in patterns
+             if pattern.endswith("90") or args.deep_stages for M in args.tokens if M <= 64]
     plan += [(pattern, nk, M, "none") for pattern in patterns for nk in large for M in args.tokens if M > 64]
     # the prefill shapes of the stack's other weights (q/k/v stacked, o, gate/up stacked with SwiGLU)
     plan += [(pattern, nk, M, act) for pattern in patterns for M in args.tokens if M > 64

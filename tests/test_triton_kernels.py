@@ -145,6 +145,7 @@ def test_bsr_small_m_broadcast_table(block_rows, gated, rows, step, prefetch):
     (64, 6.4, False, 32, 6),     # o 4096x4096 at 90%: four steps would outrun its rows
     (192, 32.0, False, 64, 8),   # q/k/v at 50%: three
     (344, 32.0, False, 64, 6),   # 22016x4096 at 50%: 2.6 programs a SM, two
+    (172, 32.0, True, 64, 6),    # gate/up at 50%: three buffers (126 KB) would leave one program a SM, two waves
 ])
 def test_bsr_small_m_deep_pipeline_table(block_rows, blocks_per_row, gated, rows, stages):
     """On one 16-token tile the Tensor Core table picks two blocks a step and the pipeline depth the H200

@@ -77,8 +77,11 @@ DOT_STAGES = 6
 # H200), the older rule above -> this one at 16 tokens: 4096x11008 90% 8.1 -> 7.5 us, 50% 23.0 ->
 # 20.7; 4096x4096 50% 11.2 -> 10.0; 12288x4096 50% 18.4 -> 17.3; gate/up SwiGLU 90% 14.3 -> 12.6; the
 # other decode weights within 0.3 us of their best.
+# The buffers of the programs one SM holds must fit its shared memory (SMEM_PER_SM), or the grid runs in
+# two waves: gate/up at 50% with three buffers took 126 KB a program, one a SM for 172 programs.
 DEEP_STEP = 2
 SMS = 132          # the H100's and H200's, where the tables were swept
+SMEM_PER_SM = 224 * 1024
 IN_FLIGHT_STEPS_PER_SM = 4
 MAX_BUFFERS = 5
 
@@ -266,17 +269,18 @@ def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):
                     num_warps=warps, num_stages=4)
     rows = dot_rows or min(DOT_ROWS[-1], BH)
 
-    def stage_bytes(step):  # the x tile and the weight slab of one step (both halves when gated)
-        return (bm + rows) * step * BW * itemsize * halves
+    def stage_bytes(step):  # one step's x tile, weight slab and column indices (both halves when gated)
+        return ((bm + rows) * itemsize + 4) * step * BW * halves
 
     if bm == 16:
         step = DEEP_STEP
         programs = block_rows * (BH // rows)
+        budget = min(SMEM_BUDGET, SMEM_PER_SM // -(-programs // SMS))  # every program in one wave
         buffers = max(2, min(MAX_BUFFERS, round(IN_FLIGHT_STEPS_PER_SM * SMS / programs),
                              int(blocks_per_row / step / 2)))
-        while buffers > 2 and buffers * stage_bytes(step) > SMEM_BUDGET:
+        while buffers > 2 and buffers * stage_bytes(step) > budget:
             buffers -= 1
-        while step > 1 and buffers * stage_bytes(step) > SMEM_BUDGET:
+        while step > 1 and buffers * stage_bytes(step) > budget:
             step //= 2
         return dict(BLOCK_M=bm, USE_DOT=True, ROWS=rows, STEP=step, PREFETCH=False, num_warps=4,
                     num_stages=2 + 2 * buffers)
