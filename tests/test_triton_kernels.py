@@ -5,7 +5,11 @@ GPU: SPARSEC_TEST_GPU=1 runs the same tests compiled on CUDA (used through the d
 Kernel launchers are called directly with NaN-poisoned output buffers, which proves that
 every output element is written.
 """
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 ON_GPU = os.environ.get("SPARSEC_TEST_GPU", "0") == "1"
 if not ON_GPU:
@@ -21,6 +25,8 @@ from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
 from sparsec.runtime import ops  # noqa: E402
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr  # noqa: E402
 from float64_reference import linear64  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEV = "cuda" if ON_GPU else "cpu"
 # relative-to-max tolerances: bf16/fp16 outputs are rounded once at the end
@@ -508,3 +514,23 @@ def test_pdl_chain_equals_serial_launches(M):
             graph.replay()
         assert torch.equal(graphs[True][1], graphs[False][1])
         assert torch.equal(graphs[False][1], chain(False))
+
+
+def test_decode_table_pipeline_depth_on_hopper():
+    """The premise of the decode kernel's deep-pipeline table, on the kernel compiled for sm_90 (no GPU
+    needed, ptxas comes with Triton; in a child process, since this one runs the interpreter): the
+    pipeliner keeps (num_stages - 2) / 2 buffers of its loop, and the table's configs for the LLaMA-style
+    decode weights fit all programs of the grid in one wave."""
+    def compiled(*flags):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_sm90.py"), "--json", *flags],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    for record in compiled("--stages", "6", "10"):
+        depth = (record["num_stages"] - 2) // 2
+        assert record["buffers"] and all(b.startswith(f"{depth}x") for b in record["buffers"]), record
+    for record in compiled():
+        programs_a_sm = -(-record["block_rows"] * (64 // record["config"]["ROWS"]) // bsr_small_m.SMS)
+        assert record["shared"] * programs_a_sm <= bsr_small_m.SMEM_PER_SM, record

@@ -1,0 +1,87 @@
+"""What Triton makes of the block-sparse decode kernel on a Hopper GPU, without one: compile it for sm_90
+and print its shared memory and the buffers the software pipeliner keeps, for the configs the launcher's
+table picks on the LLaMA-style decode weights (or for the stages given).
+
+Why: the pipeline depth of the decode kernel is not what `num_stages` says. Triton 3.6 keeps
+(num_stages - 2) / 2 buffers of its loop (the column-index load that feeds the x load takes stages of its
+own), found this way before any device time was spent (benchmarks/RESULTS.md, eighteenth session).
+
+Run it with the Triton the GPU machine has (3.6), e.g. in a venv of its own:
+    pip download triton==3.6.0 --no-deps -d /tmp/t && python -m venv /tmp/t36 &&
+    /tmp/t36/bin/pip install /tmp/t/*.whl torch==2.13.0 && /tmp/t36/bin/python benchmarks/compile_sm90.py
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+try:
+    from sparsec.codegen.triton import bsr_small_m
+except ImportError:  # a venv with only torch and Triton: the checkout's kernels
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from codegen.triton import bsr_small_m
+
+HOPPER = GPUTarget("cuda", 90, 32)  # compute capability 9.0, 32-thread warps
+ARGUMENTS = {  # bsr_small_m_kernel's runtime arguments and their Triton types (bf16 activations, int32 indices)
+    "x_ptr": "*bf16", "v_ptr": "*bf16", "ci_ptr": "*i32", "ro_ptr": "*i32", "bias_ptr": "*bf16", "res_ptr": "*bf16",
+    "rperm_ptr": "*i32", "cperm_ptr": "*i32", "out_ptr": "*bf16",
+    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_rm": "i32",
+}
+# Arguments the JIT sees as multiples of 16 for torch's tensors and these shapes: without them the loads
+# are not vectorized and the pipeliner turns none of them into asynchronous copies
+DIVISIBLE_BY_16 = [name for name, kind in ARGUMENTS.items() if kind.startswith("*")] + [
+    "N", "K", "stride_xm", "stride_om", "stride_rm"]
+# (label, block rows, mean non-zero blocks a row, gated): the decode weights of the LLaMA-style stack
+WEIGHTS = [
+    ("q/k/v 12288x4096 90%", 192, 6.4, False), ("o 4096x4096 90%", 64, 6.4, False),
+    ("gate/up SwiGLU 90%", 172, 6.4, True), ("down 4096x11008 90%", 64, 17.2, False),
+    ("q/k/v 12288x4096 50%", 192, 32.0, False), ("gate/up SwiGLU 50%", 172, 32.0, True),
+    ("down 4096x11008 50%", 64, 86.0, False),
+]
+
+
+def compile_decode_kernel(config: dict, gated: bool, num_stages: int):
+    constants = dict(BH=64, BW=64, ROWS_=config["ROWS"], STEP=config["STEP"], BLOCK_M=config["BLOCK_M"],
+                     USE_DOT=config["USE_DOT"], PREFETCH=config["PREFETCH"], HAS_BIAS=False, HAS_RES=False,
+                     HAS_RPERM=False, HAS_CPERM=False, ACT=4 if gated else 0, IEEE=False, UPCAST=False, PDL=True)
+    names = list(ARGUMENTS)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+    source = ASTSource(fn=bsr_small_m.bsr_small_m_kernel, signature=ARGUMENTS, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=HOPPER, options=dict(num_warps=config["num_warps"], num_stages=num_stages))
+
+
+def pipeline_buffers(kernel) -> list[str]:
+    """The shared-memory buffers the pipeliner allocated, as `depth x shape x type`."""
+    return re.findall(r"ttg.local_alloc\s*:\s*\(\)\s*->\s*!ttg.memdesc<([^,>]*)", kernel.asm["ttgir"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--stages", type=int, nargs="*", help="compile at these num_stages instead of the table's")
+    parser.add_argument("--json", action="store_true", help="one JSON record a compile instead of the table")
+    args = parser.parse_args(argv)
+    if not args.json:
+        print(f"triton {triton.__version__}, sm_90, {args.tokens} tokens")
+        print("| weight | config | num_stages | shared memory | pipelined buffers |")
+        print("| --- | --- | --- | --- | --- |")
+    for label, block_rows, blocks_per_row, gated in WEIGHTS:
+        config = bsr_small_m.pick_config(args.tokens, 64, 64, block_rows, blocks_per_row, gated, 2)
+        for stages in args.stages or [config["num_stages"]]:
+            kernel = compile_decode_kernel(config, gated, stages)
+            shown = {k: config[k] for k in ("BLOCK_M", "USE_DOT", "ROWS", "STEP")}
+            if args.json:
+                print(json.dumps(dict(weight=label, block_rows=block_rows, config=config, num_stages=stages,
+                                      shared=kernel.metadata.shared, buffers=pipeline_buffers(kernel))))
+            else:
+                print(f"| {label} | {shown} | {stages} | {kernel.metadata.shared / 1024:.0f} KB | "
+                      f"{', '.join(pipeline_buffers(kernel)) or 'none'} |")
+
+
+if __name__ == "__main__":
+    main()
