@@ -4,12 +4,12 @@ At small M the op is memory-bound: the weight blocks must be read once, at full 
 Grid: (block row x row slice, token tiles). Each program owns ROWS output features of one
 block row (a contiguous ROWS x BW slab of every non-zero block, so loads stay coalesced)
 and ALL tokens of its tile; slicing block rows multiplies the programs so that even a
-4096-row weight fills the GPU. For M <= 8 there is no Tensor Core padding waste: a
-broadcast-multiply into a [BLOCK_M, ROWS, STEP*BW] fp32 register accumulator, reduced once at
-the end. From 9 tokens tl.dot with M padded to 16..64, in 64-token tiles beyond. Each loop step
-loads STEP non-zero blocks of the block row as one tile; with PREFETCH the next step's loads are issued before this
-step is multiplied (a register double buffer), for weights too short in rows to give every SM
-enough programs.
+4096-row weight fills the GPU. tl.dot with M padded to 16..64, in 64-token tiles beyond, its loads
+run ahead by Triton's software pipeliner (num_stages). For M <= 8 on weights with few block rows a
+broadcast-multiply into a [BLOCK_M, ROWS, STEP*BW] fp32 register accumulator instead, reduced once at
+the end: thin slabs give it programs enough. Each loop step loads STEP non-zero blocks of the block
+row as one tile; without tl.dot, PREFETCH issues the next step's loads before this step is multiplied
+(a register double buffer), for weights too short in rows to give every SM enough programs.
 """
 import triton
 import triton.language as tl
