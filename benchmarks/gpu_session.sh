@@ -39,6 +39,16 @@ for s in $steps; do
     resnet_rows) step resnet_rows 200 python3 benchmarks/channel_slice.py --only ResNet ;;
     # Where the decode time goes in case (a) (issue 14), and the BSR config sweeps (issue 5): the
     # stack's decode shapes at 1 and 16 tokens, the issue's weights at 256 and 4096
+    # Where the host's time of a CUDA-graph decode call goes, sparsec beside Inductor (issue 14: case (a)
+    # is host-bound on a slow host)
+    host_a) step host_a 300 python3 benchmarks/profile_decode.py --case a --tokens 1 16 --host ;;
+    host_a1) step host_a1 150 python3 benchmarks/profile_decode.py --case a --tokens 1 --host ;;
+    # The decode rows of every case with CUDA graphs (against Inductor's)
+    decode_all) step decode_all 330 python3 benchmarks/models.py --skip-other --shapes decode1,decode16 ;;
+    # sparsec's CUDA-graph runtime (runtime/cuda_graphs.py) on the GPU, and the whole-model tests in
+    # reduce-overhead mode
+    graph_tests) step graph_tests 300 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py \
+                   tests/test_select_kernels.py tests/test_semi_structured.py tests/test_conv_epilogue.py -k "graph or mode" -p no:cacheprovider ;;
     profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
     # the same at 16 tokens with one non-zero block a step (the Tensor Core decode kernel before its STEPS table)
     profile_a_step1) step profile_a_step1 150 python3 benchmarks/profile_decode.py --case a --tokens 16 --steps 1 1 --skip-inductor ;;

@@ -6,15 +6,21 @@ kernel).
     python benchmarks/profile_decode.py --case e --tokens 2048 --prefill --mode default
     python benchmarks/profile_decode.py --model resnet
     python benchmarks/profile_decode.py --model bert
+    python benchmarks/profile_decode.py --case a --tokens 1 16 --host   # the host's side of a call
 
 Prints the kernels by total GPU time over 20 calls and the wall time per call, for sparsec and
 Inductor side by side, so a gap to the floor can be assigned to kernels or to launch overhead.
+`--host` instead prints where the host's time of a call goes (cProfile over HOST_CALLS calls, the
+Python functions by own time) and the host's ms per call without the profiler, for both sides: a
+call whose host time is as long as its GPU time is host-bound, and the difference is in that list.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import logging
+import pstats
 import time
 
 import torch
@@ -49,6 +55,38 @@ def profile(fn, x, label: str, calls: int = 20, top: int = 20) -> None:
     per_launch(prof, calls)
 
 
+HOST_CALLS = 300  # calls under cProfile: enough that a function called once a call shows its per-call cost
+
+
+def profile_host(fn, x, label: str, top: int = 25) -> None:
+    """The host's ms per call (issuing back-to-back calls, as a decode loop does), then the Python
+    functions of HOST_CALLS calls by own time, in microseconds per call."""
+    for _ in range(10):
+        fn(x)
+    torch.cuda.synchronize()
+    issued = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(50):
+            fn(x)
+        issued.append((time.perf_counter() - start) * 1e3 / 50)
+        torch.cuda.synchronize()
+    print(f"\n## {label}: host {sorted(issued)[2]:.4f} ms/call (median of 5 runs of 50 calls)")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(HOST_CALLS):
+        fn(x)
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    print(f"  {'own us':>8} {'cum us':>8} {'calls':>6}  function (per call of the model, under cProfile)")
+    for (path, line, name), (_prim, count, own, cumulative, _callers) in rows:
+        where = f"{path.rsplit('/', 2)[-2:][-1] if '/' in path else path}:{line}"
+        print(f"  {own * 1e6 / HOST_CALLS:8.2f} {cumulative * 1e6 / HOST_CALLS:8.2f} {count / HOST_CALLS:6.1f}  {name} ({where})")
+    pstats.Stats(profiler).sort_stats("cumulative").print_callees(r"replay|cuda_graphs.py")
+
+
 def per_launch(prof, calls: int) -> None:
     """sparsec's kernels launched more than once a call, by their place in the call (the gated and the
     down launches of the FFN share a kernel name, so the totals above cannot tell them apart)."""
@@ -72,6 +110,8 @@ def main():
                         "Core path (9-64 tokens; long rows, short rows) instead of its table's, e.g. 1 1: one block "
                         "a step (below 9 tokens the step comes from bsr_small_m.BROADCAST_STEP_WEIGHTS)")
     parser.add_argument("--skip-inductor", action="store_true")
+    parser.add_argument("--host", action="store_true", help="profile the host's side of a call (cProfile) "
+                        "instead of the GPU kernels")
     parser.add_argument("--prefill", action="store_true", help="input [1, tokens, 4096] (one sequence, causal "
                         "attention) instead of [tokens, 1, 4096]")
     parser.add_argument("--log-autotune", action="store_true", help="print Inductor's timing of each config "
@@ -99,9 +139,10 @@ def main():
         for tokens in args.tokens:
             shape = (1, tokens, 4096) if args.prefill else (tokens, 1, 4096)
             x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            run = profile_host if args.host else profile
             if not args.skip_inductor:
-                profile(compiled(model, "inductor", mode), x, f"inductor {args.mode} M={tokens}")
-            profile(compiled(model, "sparsec", mode), x, f"sparsec {args.mode} case {args.case} M={tokens}"
+                run(compiled(model, "inductor", mode), x, f"inductor {args.mode} M={tokens}")
+            run(compiled(model, "sparsec", mode), x, f"sparsec {args.mode} case {args.case} M={tokens}"
                     + (f" STEPS={args.steps}" if args.steps else ""))
 
 

@@ -15,6 +15,9 @@ Reliability contract (see DESIGN.md, "Reliability rules"):
   select-kernels finds that a layer's best kernel changes with the token count, once per range of
   token counts, picked per call by the first input's token count (`range_variants`); otherwise one
   variant per input-shape signature, at most `MAX_SHAPE_VARIANTS`, then the unoptimized graph.
+- CUDA graphs (`mode="reduce-overhead"`): a compiled graph replays through sparsec's runtime
+  (runtime/cuda_graphs.py, one graph per input shape, fresh outputs); what a graph cannot hold runs
+  without one and is said in the report. Graphs left to Inductor keep Inductor's cudagraph trees.
 - Whatever sparsec cannot handle (gradients needed, graphs that mutate their weights, unsupported
   dtypes or devices, a failure anywhere in capture, passes or codegen) runs without sparsec's
   passes (through Inductor when the backend can still compile it, else as eager) and is reported
@@ -30,6 +33,7 @@ import operator
 import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -144,23 +148,29 @@ def _pdl_device(example_inputs: list) -> bool:
     (`benchmarks/pdl_chain.py`) 140.6 -> 134.7 us at 16 tokens, 139.0 -> 131.0 at one, over the
     block-sparse kernels' PDL alone. Without CUDA graphs it stays off: Inductor launches such
     kernels through a slower host path."""
-    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
-    if device is None or device.type != "cuda":
-        return False
     from sparsec.codegen.triton.pdl import pdl_supported  # triton comes with torch's CUDA builds
 
-    return pdl_supported(device)
+    return pdl_supported(next(t.device for t in example_inputs if isinstance(t, torch.Tensor)))
 
 
-def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None) -> Callable:
+def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None,
+                     graph_note: Callable[[str], None] | None = None) -> Callable:
+    """`gm` compiled by Inductor in torch.compile's `mode`. `graph_note` given, a mode with CUDA graphs
+    on a CUDA graph replays them through sparsec's runtime (runtime/cuda_graphs.py: no Python checks
+    per call) instead of Inductor's cudagraph trees, and `graph_note` hears what runs without one."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
+    cuda_graphs = bool(patches.get("triton.cudagraphs"))
+    on_cuda = _device_type(example_inputs) == "cuda"
     wanted = INDUCTOR_PDL == "always" or (INDUCTOR_PDL == "auto" and _short_kernels(gm))
-    if (wanted and patches.get("triton.cudagraphs") and _pdl_device(example_inputs)
+    if (wanted and cuda_graphs and on_cuda and _pdl_device(example_inputs)
             and hasattr(torch._inductor.config.triton, "enable_pdl")):
         patches["triton.enable_pdl"] = True
+    own_graphs = cuda_graphs and on_cuda and graph_note is not None
+    if own_graphs:
+        patches["triton.cudagraphs"] = False
     # sparsec's constants are the model's weights: with CUDA graphs they must stay where they are
     # rather than be copied into graph-owned memory on every replay (a full weight copy per call).
     # AOTAutograd marks parameters and buffers static for graphs that carry a Dynamo compile id
@@ -170,7 +180,17 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None)
     inputs = scalar_readable(example_inputs)
     if inputs is not example_inputs:
         ir.drop_unbacked_bindings(gm)
-    return compile_fx(gm, inputs, config_patches=patches)
+    compiled = compile_fx(gm, inputs, config_patches=patches)
+    if own_graphs:
+        from sparsec.runtime.cuda_graphs import CudaGraphReplay
+
+        return CudaGraphReplay(compiled, graph_note)
+    return compiled
+
+
+def _device_type(example_inputs: list) -> str | None:
+    """The device type of a graph's first tensor input (None without one)."""
+    return next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), None)
 
 
 def scalar_readable(example_inputs: list) -> list:
@@ -303,8 +323,14 @@ def build(captured: Captured, options: Options, mode: str | None = None,
             return compiled, report
     if options.inductor:
         examples = inductor_inputs if inductor_inputs is not None else captured.example_inputs
-        return inductor_compile(gm, examples, mode), report
+        return inductor_compile(gm, examples, mode, graph_note=partial(_note_once, report.notes)), report
     return gm, report
+
+
+def _note_once(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
+        log.info("sparsec: %s", text)
 
 
 def _mlir_compile(gm: fx.GraphModule, example_inputs, report: Report) -> Callable | None:
