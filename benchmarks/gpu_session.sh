@@ -49,6 +49,8 @@ for s in $steps; do
     # reduce-overhead mode
     graph_tests) step graph_tests 300 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py \
                    tests/test_select_kernels.py tests/test_semi_structured.py tests/test_conv_epilogue.py -k "graph or mode" -p no:cacheprovider ;;
+    graph_runtime_tests) step graph_runtime_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py -p no:cacheprovider ;;
+    profile_a16) step profile_a16 120 python3 benchmarks/profile_decode.py --case a --tokens 16 --skip-inductor ;;
     profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
     # the same at 16 tokens with one non-zero block a step (the Tensor Core decode kernel before its STEPS table)
     profile_a_step1) step profile_a_step1 150 python3 benchmarks/profile_decode.py --case a --tokens 16 --steps 1 1 --skip-inductor ;;

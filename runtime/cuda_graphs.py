@@ -1,9 +1,10 @@
 """CUDA-graph replay of a compiled graph: sparsec's `mode="reduce-overhead"` runtime.
 
-Inductor's CUDA graphs (cudagraph trees) run about 80-130 us of Python on every call to check and
-replay a graph (measured on the GPU machine under cProfile, `benchmarks/profile_decode.py --host`).
-A 4-layer decoder whose pruned weights stream in 0.18 ms of GPU time then waits on the host. Here a
-call costs one dictionary lookup, one copy of the inputs into the graph's own buffers, the replay,
+Inductor's CUDA graphs (cudagraph trees) run their checks in Python on every call: most of a call's
+host time (200-240 us of cumulative time under cProfile, on the GPU machine's host, for calls of
+0.13-0.18 ms without the profiler: `benchmarks/profile_decode.py --host`). A 4-layer decoder whose
+pruned weights stream in 0.18 ms of GPU time then waits on a slow host. Here a
+call costs one dictionary lookup, one copy of each input into the graph's own buffers, the replay,
 and one copy of each output:
 
     call -> key (shapes, strides) -> inputs copied into the graph's buffers -> replay -> outputs cloned
@@ -82,7 +83,11 @@ class CudaGraphReplay:
             return self._record(key, args)
         if recorded is None:
             return self.fn(*args)
-        torch._foreach_copy_(recorded.inputs, [args[i] for i in recorded.positions])
+        # One copy kernel per input, not torch._foreach_copy_ (cudagraph trees' choice): that runs each
+        # 64K-element chunk of a tensor in one thread block, 14 us for a [16, 1, 4096] decode input on
+        # the H200 against ~2 us for copy_'s full grid.
+        for buffer, i in zip(recorded.inputs, recorded.positions):
+            buffer.copy_(args[i])
         recorded.graph.replay()
         return _fresh(recorded.outputs)
 
@@ -98,7 +103,8 @@ class CudaGraphReplay:
         with torch.inference_mode(False):  # buffers a later call outside inference mode may write to
             buffers = [torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype, device=device)
                        for i in positions]
-        torch._foreach_copy_(buffers, [args[i] for i in positions])
+        for buffer, i in zip(buffers, positions):
+            buffer.copy_(args[i])
         graph_args = list(args)
         for i, buffer in zip(positions, buffers):
             graph_args[i] = buffer
