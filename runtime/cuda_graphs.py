@@ -83,9 +83,9 @@ class CudaGraphReplay:
             return self._record(key, args)
         if recorded is None:
             return self.fn(*args)
-        # One copy kernel per input, not torch._foreach_copy_ (cudagraph trees' choice): that runs each
+        # One copy per input, not torch._foreach_copy_ (cudagraph trees' choice): that runs each
         # 64K-element chunk of a tensor in one thread block, 14 us for a [16, 1, 4096] decode input on
-        # the H200 against ~2 us for copy_'s full grid.
+        # the H200, where copy_ of a contiguous input is a device-to-device memcpy of ~1.3 us.
         for buffer, i in zip(recorded.inputs, recorded.positions):
             buffer.copy_(args[i])
         recorded.graph.replay()
