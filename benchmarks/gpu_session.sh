@@ -50,6 +50,10 @@ for s in $steps; do
     graph_tests) step graph_tests 300 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py \
                    tests/test_select_kernels.py tests/test_semi_structured.py tests/test_conv_epilogue.py -k "graph or mode" -p no:cacheprovider ;;
     graph_runtime_tests) step graph_runtime_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py -p no:cacheprovider ;;
+    # The 64x64-pruned weights at 50% also packed in 128x64 blocks (two block rows a program, x re-read half as
+    # often through L2) at many tokens: the limit of prefill (b) and of issue 5's 50% cells at 256-4096 tokens
+    tall_blocks) step tall_blocks 300 python3 benchmarks/kernels.py --patterns block50,block90 --table-tokens 256 2048 4096 \
+                   --tall-blocks 128x64,128x128 --rep 10 ;;
     profile_a16) step profile_a16 120 python3 benchmarks/profile_decode.py --case a --tokens 16 --skip-inductor ;;
     profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
     # the same at 16 tokens with one non-zero block a step (the Tensor Core decode kernel before its STEPS table)

@@ -114,8 +114,9 @@ def run_gpu(args):
         patterns = args.patterns.split(",")
     if args.quick:
         shapes, Ms = shapes[:1], [1, 256]
-    methods = ["sparsec", "sparsec_eager", "sparsec_csr", "cuBLAS", "inductor", "torch_bsr", "torch_2:4",
-               "cusparse_csr", "floor", "floor_csr"]
+    tall = [tuple(int(v) for v in b.split("x")) for b in args.tall_blocks.split(",") if b]
+    methods = ["sparsec", *(f"sparsec_{bh}x{bw}" for bh, bw in tall), "sparsec_eager", "sparsec_csr", "cuBLAS",
+               "inductor", "torch_bsr", "torch_2:4", "cusparse_csr", "floor", "floor_csr"]
     rows = []
     compiled_linear = torch.compile(lambda a, b: F.linear(a, b))
     global HBM_BPS, MMA_FLOPS
@@ -150,6 +151,9 @@ def run_gpu(args):
                 rot = Rotor(packs)
                 res["sparsec"], how = bench(lambda: sp_fn(x, rot.next()), True, args.rep)
                 res["sparsec_eager"], _ = bench(lambda: sp_fn(x, packs[0]), False, args.rep)
+                for bh, bw in tall:
+                    res[f"sparsec_{bh}x{bw}"] = bench_tall_blocks(w, (bh, bw), x, ref, args) \
+                        if pattern.startswith("block") else "-"
                 key = (N, K, M)
                 if key not in DENSE_CACHE:
                     DENSE_CACHE[key] = {}
@@ -189,6 +193,18 @@ def run_gpu(args):
 
 
 DENSE_CACHE = {}
+
+
+def bench_tall_blocks(w, block, x, ref, args):
+    """The same 64x64-pruned weight packed in taller blocks (e.g. 128x64: two block rows share each x tile,
+    zero halves stored): fewer re-reads of x through L2 at many tokens, for more weight bytes and flops."""
+    packs = [pack_bsr(w, block)]
+    packs += [pack_bsr(w, block) for _ in range(n_copies(packs[0].nbytes) - 1)]
+    err = rel_err(bsr_linear(x, packs[0]), ref)
+    if err > 2e-2:
+        return f"wrong({err:.1e})"
+    rot = Rotor(packs)
+    return bench(lambda: bsr_linear(x, rot.next()), True, args.rep)[0]
 
 
 def try_torch(make, x, ref, args):
@@ -524,6 +540,8 @@ def main():
                    "the same number of non-zero blocks in every block row)")
     p.add_argument("--weights", default="", help="--sweep, --sweep-bitmap: comma list of weight shapes, e.g. 11008x4096")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
+    p.add_argument("--tall-blocks", default="", help="the table's block patterns also packed in these block shapes, "
+                   "e.g. 128x64 (a column each, sparsec_128x64): fewer re-reads of x at many tokens")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():
         run_smoke()

@@ -80,6 +80,7 @@ CASES = [
     (96, 130, (64, 64), 0.5, {}),
     (40, 96, (16, 64), 0.0, {}),                 # no blocks at all
     (50, 70, (32, 16), 1.0, {"one_per_row": True}),
+    (200, 96, (128, 64), 0.5, {}),              # tall blocks: two 64-row block rows over one x tile
 ]
 
 
