@@ -1,6 +1,8 @@
 """What Triton makes of the block-sparse decode kernel on a Hopper GPU, without one: compile it for sm_90
 and print its shared memory and the buffers the software pipeliner keeps, for the configs the launcher's
-table picks on the LLaMA-style decode weights (or for the stages given).
+table picks on the LLaMA-style decode weights (or for the stages given). `--large-m`: the many-token
+kernel's autotune configs instead, with registers a thread (ptxas, which comes with Triton) and how many
+programs a SM's shared memory and registers hold, for 64x64 and taller blocks.
 
 Why: the pipeline depth of the decode kernel is not what `num_stages` says. Triton 3.6 keeps
 (num_stages - 2) / 2 buffers of its loop (the column-index load that feeds the x load takes stages of its
@@ -12,8 +14,11 @@ Run it with the Triton the GPU machine has (3.6), e.g. in a venv of its own:
 """
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -21,10 +26,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 try:
-    from sparsec.codegen.triton import bsr_small_m
+    from sparsec.codegen.triton import bsr_large_m, bsr_small_m
 except ImportError:  # a venv with only torch and Triton: the checkout's kernels
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from codegen.triton import bsr_small_m
+    from codegen.triton import bsr_large_m, bsr_small_m
 
 HOPPER = GPUTarget("cuda", 90, 32)  # compute capability 9.0, 32-thread warps
 ARGUMENTS = {  # bsr_small_m_kernel's runtime arguments and their Triton types (bf16 activations, int32 indices)
@@ -55,6 +60,51 @@ def compile_decode_kernel(config: dict, gated: bool, num_stages: int):
     return triton.compile(source, target=HOPPER, options=dict(num_warps=config["num_warps"], num_stages=num_stages))
 
 
+# bsr_large_m_kernel's runtime arguments: the decode kernel's, with the token bucket its autotuner keys on
+_NAMES = list(ARGUMENTS)
+LARGE_M_ARGUMENTS = {**{n: ARGUMENTS[n] for n in _NAMES[:12]}, "M_BUCKET": "i32", **{n: ARGUMENTS[n] for n in _NAMES[12:]}}
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 228 * 1024
+
+
+def compile_large_m_kernel(block: tuple[int, int], config, num_stages: int | None = None):
+    constants = dict(BH=block[0], BW=block[1], BLOCK_M=config.kwargs["BLOCK_M"], HAS_BIAS=False, HAS_RES=False,
+                     HAS_RPERM=False, HAS_CPERM=False, ACT=0, TMA=False, IEEE=False, UPCAST=False)
+    names = list(LARGE_M_ARGUMENTS)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+    source = ASTSource(fn=bsr_large_m.bsr_large_m_kernel, signature=LARGE_M_ARGUMENTS, constexprs=constants,
+                       attrs=attrs)
+    return triton.compile(source, target=HOPPER, options=dict(num_warps=config.num_warps,
+                                                               num_stages=num_stages or config.num_stages))
+
+
+def registers_a_thread(kernel) -> int:
+    """ptxas's register count for the kernel's PTX (a compiled kernel knows it only once loaded on a GPU)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "kernel.ptx")
+        Path(ptx).write_text(kernel.asm["ptx"])
+        report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Used (\d+) registers", report).group(1))
+
+
+def large_m_table(blocks: list[tuple[int, int]], stages: list[int] | None) -> None:
+    print(f"triton {triton.__version__}, sm_90, bsr_large_m_kernel")
+    print("| block | BLOCK_M | warps | stages | registers | shared memory | programs a SM | pipelined buffers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for block in blocks:
+        for config in bsr_large_m.LARGE_M_CONFIGS:
+            for num_stages in stages or [config.num_stages]:
+                kernel = compile_large_m_kernel(block, config, num_stages)
+                registers = registers_a_thread(kernel)
+                programs = min(SHARED_PER_SM // max(1, kernel.metadata.shared),
+                               REGISTERS_PER_SM // (registers * 32 * config.num_warps))
+                print(f"| {block[0]}x{block[1]} | {config.kwargs['BLOCK_M']} | {config.num_warps} | {num_stages} | "
+                      f"{registers} | {kernel.metadata.shared / 1024:.0f} KB | {programs} | "
+                      f"{', '.join(pipeline_buffers(kernel))} |", flush=True)
+
+
 def pipeline_buffers(kernel) -> list[str]:
     """The shared-memory buffers the pipeliner allocated, as `depth x shape x type`."""
     return re.findall(r"ttg.local_alloc\s*:\s*\(\)\s*->\s*!ttg.memdesc<([^,>]*)", kernel.asm["ttgir"])
@@ -65,7 +115,12 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--stages", type=int, nargs="*", help="compile at these num_stages instead of the table's")
     parser.add_argument("--json", action="store_true", help="one JSON record a compile instead of the table")
+    parser.add_argument("--large-m", action="store_true", help="the many-token kernel's configs instead")
+    parser.add_argument("--blocks", default="64x64,128x64", help="--large-m: block shapes, e.g. 64x64,128x64")
     args = parser.parse_args(argv)
+    if args.large_m:
+        large_m_table([tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")], args.stages)
+        return
     if not args.json:
         print(f"triton {triton.__version__}, sm_90, {args.tokens} tokens")
         print("| weight | config | num_stages | shared memory | pipelined buffers |")

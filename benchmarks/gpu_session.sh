@@ -50,8 +50,8 @@ for s in $steps; do
     graph_tests) step graph_tests 300 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py \
                    tests/test_select_kernels.py tests/test_semi_structured.py tests/test_conv_epilogue.py -k "graph or mode" -p no:cacheprovider ;;
     graph_runtime_tests) step graph_runtime_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py -p no:cacheprovider ;;
-    # The 64x64-pruned weights at 50% also packed in 128x64 blocks (two block rows a program, x re-read half as
-    # often through L2) at many tokens: the limit of prefill (b) and of issue 5's 50% cells at 256-4096 tokens
+    # The 64x64-pruned weights also packed in 128x64 and 128x128 blocks at many tokens: checks the L2-bytes-a-flop
+    # model of the many-token kernel's limit (prefill (b), issue 5's 50% cells), which predicts no gain at 50%
     tall_blocks) step tall_blocks 300 python3 benchmarks/kernels.py --patterns block50,block90 --table-tokens 256 2048 4096 \
                    --tall-blocks 128x64,128x128 --rep 10 ;;
     profile_a16) step profile_a16 120 python3 benchmarks/profile_decode.py --case a --tokens 16 --skip-inductor ;;

@@ -197,7 +197,9 @@ DENSE_CACHE = {}
 
 def bench_tall_blocks(w, block, x, ref, args):
     """The same 64x64-pruned weight packed in taller blocks (e.g. 128x64: two block rows share each x tile,
-    zero halves stored): fewer re-reads of x through L2 at many tokens, for more weight bytes and flops."""
+    zero halves stored). At 50% random blocks x's tiles are read 25% less often and the weight's bytes and
+    flops grow 1.5x, so the L2 traffic a useful flop stays the same (benchmarks/RESULTS.md, nineteenth
+    session): the column checks that model of the many-token kernel's limit."""
     packs = [pack_bsr(w, block)]
     packs += [pack_bsr(w, block) for _ in range(n_copies(packs[0].nbytes) - 1)]
     err = rel_err(bsr_linear(x, packs[0]), ref)
@@ -541,7 +543,7 @@ def main():
     p.add_argument("--weights", default="", help="--sweep, --sweep-bitmap: comma list of weight shapes, e.g. 11008x4096")
     p.add_argument("--rep", type=int, default=40, help="ms per timing")
     p.add_argument("--tall-blocks", default="", help="the table's block patterns also packed in these block shapes, "
-                   "e.g. 128x64 (a column each, sparsec_128x64): fewer re-reads of x at many tokens")
+                   "e.g. 128x64 (a column each, sparsec_128x64): x read less often, more weight read")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():
         run_smoke()
