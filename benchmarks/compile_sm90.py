@@ -78,30 +78,33 @@ def compile_large_m_kernel(block: tuple[int, int], config, num_stages: int | Non
                                                                num_stages=num_stages or config.num_stages))
 
 
-def registers_a_thread(kernel) -> int:
-    """ptxas's register count for the kernel's PTX (a compiled kernel knows it only once loaded on a GPU)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+def registers_a_thread(kernel) -> tuple[int, int]:
+    """ptxas's register count and spill stores (bytes) for the kernel's PTX (a compiled kernel knows them
+    only once loaded on a GPU)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(HOPPER.arch).path  # the one Triton itself assembles sm_90 with
     with tempfile.TemporaryDirectory() as folder:
         ptx = os.path.join(folder, "kernel.ptx")
         Path(ptx).write_text(kernel.asm["ptx"])
         report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.devnull],
                                 capture_output=True, text=True, check=True).stderr
-    return int(re.search(r"Used (\d+) registers", report).group(1))
+    return int(re.search(r"Used (\d+) registers", report).group(1)), int(re.search(r"(\d+) bytes spill stores", report).group(1))
 
 
 def large_m_table(blocks: list[tuple[int, int]], stages: list[int] | None) -> None:
     print(f"triton {triton.__version__}, sm_90, bsr_large_m_kernel")
-    print("| block | BLOCK_M | warps | stages | registers | shared memory | programs a SM | pipelined buffers |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| block | BLOCK_M | warps | stages | registers | spilled bytes | shared memory | programs a SM | pipelined buffers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for block in blocks:
         for config in bsr_large_m.LARGE_M_CONFIGS:
             for num_stages in stages or [config.num_stages]:
                 kernel = compile_large_m_kernel(block, config, num_stages)
-                registers = registers_a_thread(kernel)
+                registers, spilled = registers_a_thread(kernel)
                 programs = min(SHARED_PER_SM // max(1, kernel.metadata.shared),
                                REGISTERS_PER_SM // (registers * 32 * config.num_warps))
                 print(f"| {block[0]}x{block[1]} | {config.kwargs['BLOCK_M']} | {config.num_warps} | {num_stages} | "
-                      f"{registers} | {kernel.metadata.shared / 1024:.0f} KB | {programs} | "
+                      f"{registers} | {spilled} | {kernel.metadata.shared / 1024:.0f} KB | {programs} | "
                       f"{', '.join(pipeline_buffers(kernel))} |", flush=True)
 
 
