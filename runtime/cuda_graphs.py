@@ -14,6 +14,9 @@ hand out the graph's own buffers instead and fail when an overwritten one is rea
 views of the inputs. Each compiled function keeps its own memory pool for its graphs' intermediates
 (cudagraph trees share one across a process's graphs).
 
+sparsec.compiler.replays_own_cuda_graphs decides which compiled graphs come here: those whose inputs
+are all on the GPU (a graph with host scalars keeps Inductor's cudagraph trees).
+
 Left to the graphless compiled function, with a note, per input signature:
 - inputs not all on one CUDA device, or an input whose elements overlap (an expanded tensor: it
   cannot be the destination of a copy);

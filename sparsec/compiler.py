@@ -15,9 +15,10 @@ Reliability contract (see DESIGN.md, "Reliability rules"):
   select-kernels finds that a layer's best kernel changes with the token count, once per range of
   token counts, picked per call by the first input's token count (`range_variants`); otherwise one
   variant per input-shape signature, at most `MAX_SHAPE_VARIANTS`, then the unoptimized graph.
-- CUDA graphs (`mode="reduce-overhead"`): a compiled graph replays through sparsec's runtime
-  (runtime/cuda_graphs.py, one graph per input shape, fresh outputs); what a graph cannot hold runs
-  without one and is said in the report. Graphs left to Inductor keep Inductor's cudagraph trees.
+- CUDA graphs (`mode="reduce-overhead"`): a compiled graph whose inputs are all on the GPU replays
+  through sparsec's runtime (runtime/cuda_graphs.py, one graph per input shape, fresh outputs); what a
+  graph cannot hold runs without one and is said in the report. Graphs left to Inductor, and graphs
+  with host inputs (`dynamic=True`'s float scalars), keep Inductor's cudagraph trees.
 - Whatever sparsec cannot handle (gradients needed, graphs that mutate their weights, unsupported
   dtypes or devices, a failure anywhere in capture, passes or codegen) runs without sparsec's
   passes (through Inductor when the backend can still compile it, else as eager) and is reported
@@ -163,12 +164,11 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None,
 
     patches = list_mode_options(mode) if mode else {}
     cuda_graphs = bool(patches.get("triton.cudagraphs"))
-    on_cuda = _device_type(example_inputs) == "cuda"
     wanted = INDUCTOR_PDL == "always" or (INDUCTOR_PDL == "auto" and _short_kernels(gm))
-    if (wanted and cuda_graphs and on_cuda and _pdl_device(example_inputs)
+    if (wanted and cuda_graphs and _device_type(example_inputs) == "cuda" and _pdl_device(example_inputs)
             and hasattr(torch._inductor.config.triton, "enable_pdl")):
         patches["triton.enable_pdl"] = True
-    own_graphs = cuda_graphs and on_cuda and graph_note is not None
+    own_graphs = graph_note is not None and replays_own_cuda_graphs(mode, example_inputs)
     if own_graphs:
         patches["triton.cudagraphs"] = False
     # sparsec's constants are the model's weights: with CUDA graphs they must stay where they are
@@ -186,6 +186,18 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None,
 
         return CudaGraphReplay(compiled, graph_note)
     return compiled
+
+
+def replays_own_cuda_graphs(mode: str | None, example_inputs: list) -> bool:
+    """Whether a graph compiled in `mode` replays through sparsec's CUDA-graph runtime: a mode with CUDA
+    graphs, and every tensor input on the GPU. A graph with host inputs (the 0-d CPU tensors that carry
+    a module's floats under `dynamic=True`, e.g. an RMSNorm's eps) keeps Inductor's cudagraph trees,
+    which the runtime has not been tested against."""
+    from torch._inductor import list_mode_options
+
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    return (bool(mode and list_mode_options(mode).get("triton.cudagraphs")) and bool(tensors)
+            and all(t.device.type == "cuda" for t in tensors))
 
 
 def _device_type(example_inputs: list) -> str | None:

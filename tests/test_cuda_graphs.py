@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from sparsec import models
 from sparsec.backend import compiled_graphs
-from sparsec.compiler import inductor_compile
+from sparsec.compiler import inductor_compile, replays_own_cuda_graphs
 from sparsec.pass_manager import output_close
 from sparsec.runtime import cuda_graphs
 from sparsec.runtime.cuda_graphs import CudaGraphReplay
@@ -57,6 +57,21 @@ def test_reduce_overhead_on_cpu_keeps_inductors_function(fresh_dynamo):
     gm = torch.fx.symbolic_trace(nn.Linear(8, 8))
     compiled = inductor_compile(gm, [torch.randn(2, 8)], "reduce-overhead", graph_note=print)
     assert not isinstance(compiled, CudaGraphReplay)
+
+
+def test_which_graphs_replay_through_the_runtime():
+    """A mode with CUDA graphs and every input on the GPU (Dynamo's fake tensors, no GPU needed). A 0-d
+    CPU input (a module's float under dynamic=True) keeps Inductor's cudagraph trees."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, eps = torch.empty(2, 8, device="cuda"), torch.empty((), device="cpu")
+    assert replays_own_cuda_graphs("reduce-overhead", [x, 2])
+    assert replays_own_cuda_graphs("max-autotune", [x])
+    assert not replays_own_cuda_graphs("reduce-overhead", [x, eps])
+    assert not replays_own_cuda_graphs(None, [x])
+    assert not replays_own_cuda_graphs("max-autotune-no-cudagraphs", [x])
+    assert not replays_own_cuda_graphs("reduce-overhead", [torch.randn(2)])
 
 
 @needs_cuda
