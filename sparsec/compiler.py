@@ -149,23 +149,25 @@ def _pdl_device(example_inputs: list) -> bool:
     (`benchmarks/pdl_chain.py`) 140.6 -> 134.7 us at 16 tokens, 139.0 -> 131.0 at one, over the
     block-sparse kernels' PDL alone. Without CUDA graphs it stays off: Inductor launches such
     kernels through a slower host path."""
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
+    if device is None or device.type != "cuda":
+        return False
     from sparsec.codegen.triton.pdl import pdl_supported  # triton comes with torch's CUDA builds
 
-    return pdl_supported(next(t.device for t in example_inputs if isinstance(t, torch.Tensor)))
+    return pdl_supported(device)
 
 
 def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None,
                      graph_note: Callable[[str], None] | None = None) -> Callable:
-    """`gm` compiled by Inductor in torch.compile's `mode`. `graph_note` given, a mode with CUDA graphs
-    on a CUDA graph replays them through sparsec's runtime (runtime/cuda_graphs.py: no Python checks
-    per call) instead of Inductor's cudagraph trees, and `graph_note` hears what runs without one."""
+    """`gm` compiled by Inductor in torch.compile's `mode`. `graph_note` given, a graph that
+    `replays_own_cuda_graphs` replays through sparsec's runtime (runtime/cuda_graphs.py: no Python
+    checks per call) instead of Inductor's cudagraph trees, and `graph_note` hears what runs without one."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
-    cuda_graphs = bool(patches.get("triton.cudagraphs"))
     wanted = INDUCTOR_PDL == "always" or (INDUCTOR_PDL == "auto" and _short_kernels(gm))
-    if (wanted and cuda_graphs and _device_type(example_inputs) == "cuda" and _pdl_device(example_inputs)
+    if (wanted and uses_cuda_graphs(mode) and _pdl_device(example_inputs)
             and hasattr(torch._inductor.config.triton, "enable_pdl")):
         patches["triton.enable_pdl"] = True
     own_graphs = graph_note is not None and replays_own_cuda_graphs(mode, example_inputs)
@@ -193,16 +195,15 @@ def replays_own_cuda_graphs(mode: str | None, example_inputs: list) -> bool:
     graphs, and every tensor input on the GPU. A graph with host inputs (the 0-d CPU tensors that carry
     a module's floats under `dynamic=True`, e.g. an RMSNorm's eps) keeps Inductor's cudagraph trees,
     which the runtime has not been tested against."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    return uses_cuda_graphs(mode) and bool(tensors) and all(t.device.type == "cuda" for t in tensors)
+
+
+def uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's `mode` asks for CUDA graphs ("reduce-overhead", "max-autotune")."""
     from torch._inductor import list_mode_options
 
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    return (bool(mode and list_mode_options(mode).get("triton.cudagraphs")) and bool(tensors)
-            and all(t.device.type == "cuda" for t in tensors))
-
-
-def _device_type(example_inputs: list) -> str | None:
-    """The device type of a graph's first tensor input (None without one)."""
-    return next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), None)
+    return bool(mode and list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def scalar_readable(example_inputs: list) -> list:
@@ -298,15 +299,13 @@ def optimize(captured: Captured, options: Options, out=None, token_range=None, m
     """Run the pass pipeline over `captured.gm` in place; returns the report. `token_range`: the
     token counts a dynamic graph will serve (default: all of them); `mode`: torch.compile's mode
     the graph will be compiled in."""
-    from torch._inductor import list_mode_options
-
     ctx = PassContext(
         options=options,
         example_inputs=captured.example_inputs,
         device=_device_of(captured.example_inputs, captured),
         out=out or sys.stderr,
         token_range=(token_range or (DYNAMIC_MIN_TOKENS, None)) if captured.dynamic else None,
-        cuda_graphs=bool(mode and list_mode_options(mode).get("triton.cudagraphs")),
+        cuda_graphs=uses_cuda_graphs(mode),
     )
     records = run_pipeline(captured.gm, ctx)
     return Report(
@@ -335,14 +334,15 @@ def build(captured: Captured, options: Options, mode: str | None = None,
             return compiled, report
     if options.inductor:
         examples = inductor_inputs if inductor_inputs is not None else captured.example_inputs
-        return inductor_compile(gm, examples, mode, graph_note=partial(_note_once, report.notes)), report
+        return inductor_compile(gm, examples, mode, graph_note=partial(add_note, report.notes)), report
     return gm, report
 
 
-def _note_once(notes: list[str], text: str) -> None:
+def add_note(notes: list[str], text: str) -> None:
+    """`text` into `notes` once, and to the log each time it is said."""
     if text not in notes:
         notes.append(text)
-        log.info("sparsec: %s", text)
+    log.info("sparsec: %s", text)
 
 
 def _mlir_compile(gm: fx.GraphModule, example_inputs, report: Report) -> Callable | None:
@@ -527,9 +527,7 @@ class CompiledVariants:
         return Report(layers=report.layers, passes=report.passes, notes=report.notes + extra)
 
     def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
-        log.info("sparsec: %s", text)
+        add_note(self.notes, text)
 
     # -- weight guards -----------------------------------------------------------------------
 
