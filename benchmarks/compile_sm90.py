@@ -50,19 +50,25 @@ WEIGHTS = [
 ]
 
 
+def divisibility(signature: dict) -> dict:
+    """The JIT's multiple-of-16 hints for the arguments of `signature` in DIVISIBLE_BY_16."""
+    names = list(signature)
+    return {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+
+
 def compile_decode_kernel(config: dict, gated: bool, num_stages: int):
     constants = dict(BH=64, BW=64, ROWS_=config["ROWS"], STEP=config["STEP"], BLOCK_M=config["BLOCK_M"],
                      USE_DOT=config["USE_DOT"], PREFETCH=config["PREFETCH"], HAS_BIAS=False, HAS_RES=False,
                      HAS_RPERM=False, HAS_CPERM=False, ACT=4 if gated else 0, IEEE=False, UPCAST=False, PDL=True)
-    names = list(ARGUMENTS)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
-    source = ASTSource(fn=bsr_small_m.bsr_small_m_kernel, signature=ARGUMENTS, constexprs=constants, attrs=attrs)
+    source = ASTSource(fn=bsr_small_m.bsr_small_m_kernel, signature=ARGUMENTS, constexprs=constants,
+                       attrs=divisibility(ARGUMENTS))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=config["num_warps"], num_stages=num_stages))
 
 
-# bsr_large_m_kernel's runtime arguments: the decode kernel's, with the token bucket its autotuner keys on
-_NAMES = list(ARGUMENTS)
-LARGE_M_ARGUMENTS = {**{n: ARGUMENTS[n] for n in _NAMES[:12]}, "M_BUCKET": "i32", **{n: ARGUMENTS[n] for n in _NAMES[12:]}}
+# bsr_large_m_kernel's runtime arguments, in its order: the decode kernel's, and the token bucket its
+# autotuner keys on (an int)
+LARGE_M_ARGUMENTS = {param.name: ARGUMENTS.get(param.name, "i32")
+                     for param in bsr_large_m.bsr_large_m_kernel.params if not param.is_constexpr}
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 
@@ -70,15 +76,13 @@ SHARED_PER_SM = 228 * 1024
 def compile_large_m_kernel(block: tuple[int, int], config, num_stages: int | None = None):
     constants = dict(BH=block[0], BW=block[1], BLOCK_M=config.kwargs["BLOCK_M"], HAS_BIAS=False, HAS_RES=False,
                      HAS_RPERM=False, HAS_CPERM=False, ACT=0, TMA=False, IEEE=False, UPCAST=False)
-    names = list(LARGE_M_ARGUMENTS)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     source = ASTSource(fn=bsr_large_m.bsr_large_m_kernel, signature=LARGE_M_ARGUMENTS, constexprs=constants,
-                       attrs=attrs)
+                       attrs=divisibility(LARGE_M_ARGUMENTS))
     return triton.compile(source, target=HOPPER, options=dict(num_warps=config.num_warps,
                                                                num_stages=num_stages or config.num_stages))
 
 
-def registers_a_thread(kernel) -> tuple[int, int]:
+def ptxas_usage(kernel) -> tuple[int, int]:
     """ptxas's register count and spill stores (bytes) for the kernel's PTX (a compiled kernel knows them
     only once loaded on a GPU)."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -100,7 +104,7 @@ def large_m_table(blocks: list[tuple[int, int]], stages: list[int] | None) -> No
         for config in bsr_large_m.LARGE_M_CONFIGS:
             for num_stages in stages or [config.num_stages]:
                 kernel = compile_large_m_kernel(block, config, num_stages)
-                registers, spilled = registers_a_thread(kernel)
+                registers, spilled = ptxas_usage(kernel)
                 programs = min(SHARED_PER_SM // max(1, kernel.metadata.shared),
                                REGISTERS_PER_SM // (registers * 32 * config.num_warps))
                 print(f"| {block[0]}x{block[1]} | {config.kwargs['BLOCK_M']} | {config.num_warps} | {num_stages} | "

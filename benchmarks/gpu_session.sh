@@ -37,8 +37,6 @@ for s in $steps; do
       step resnet_full 150 python3 benchmarks/channel_slice.py --only ResNet --profile ;;
     # The ResNet rows alone (default mode: host-bound on cuDNN's launch path; CUDA graphs)
     resnet_rows) step resnet_rows 200 python3 benchmarks/channel_slice.py --only ResNet ;;
-    # Where the decode time goes in case (a) (issue 14), and the BSR config sweeps (issue 5): the
-    # stack's decode shapes at 1 and 16 tokens, the issue's weights at 256 and 4096
     # Where the host's time of a CUDA-graph decode call goes, sparsec beside Inductor (issue 14: case (a)
     # is host-bound on a slow host)
     host_a) step host_a 300 python3 benchmarks/profile_decode.py --case a --tokens 1 16 --host ;;
@@ -54,8 +52,11 @@ for s in $steps; do
     # model of the many-token kernel's limit (prefill (b), issue 5's 50% cells), which predicts no gain at 50%
     tall_blocks) step tall_blocks 300 python3 benchmarks/kernels.py --patterns block50,block90 --table-tokens 256 2048 4096 \
                    --tall-blocks 128x64,128x128 --rep 10 ;;
-    profile_a16) step profile_a16 120 python3 benchmarks/profile_decode.py --case a --tokens 16 --skip-inductor ;;
+    # Where the decode time goes in case (a) (issue 14), and the BSR config sweeps (issue 5): the
+    # stack's decode shapes at 1 and 16 tokens, the issue's weights at 256 and 4096
     profile_a) step profile_a 200 python3 benchmarks/profile_decode.py --case a --tokens 1 16 ;;
+    # sparsec's side alone at 16 sequences (CUDA graphs: the input copy and the output clone among the kernels)
+    profile_a16) step profile_a16 120 python3 benchmarks/profile_decode.py --case a --tokens 16 --skip-inductor ;;
     # the same at 16 tokens with one non-zero block a step (the Tensor Core decode kernel before its STEPS table)
     profile_a_step1) step profile_a_step1 150 python3 benchmarks/profile_decode.py --case a --tokens 16 --steps 1 1 --skip-inductor ;;
     bsr_tests) step bsr_tests 240 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_triton_kernels.py -k "bsr or op_3d" -p no:cacheprovider ;;

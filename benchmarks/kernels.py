@@ -96,6 +96,12 @@ def n_copies(nbytes):
     return max(1, min(8, math.ceil(L2_ROTATE_BYTES / max(nbytes, 1))))
 
 
+def weight_copies(pack):
+    """`pack()` called as often as n_copies asks for its result's bytes (the first result first)."""
+    first = pack()
+    return [first] + [pack() for _ in range(n_copies(first.nbytes) - 1)]
+
+
 def rel_err(out, ref):
     out = out.double()
     if not torch.isfinite(out).all():
@@ -129,15 +135,13 @@ def run_gpu(args):
             w = make_weight(N, K, pattern, dtype, dev, gen)
             density = (w != 0).float().mean().item()
             if pattern.startswith("block"):
-                packs = [pack_bsr(w, (64, 64))]
+                packs = weight_copies(lambda: pack_bsr(w, (64, 64)))
                 sp_bytes = packs[0].nbytes
-                packs += [pack_bsr(w, (64, 64)) for _ in range(n_copies(sp_bytes) - 1)]
                 sp_fn = bsr_linear
                 flops_density = packs[0].nnz_blocks * 64 * 64 / (N * K)
             else:
-                packs = [pack_bitmap(w)]
+                packs = weight_copies(lambda: pack_bitmap(w))
                 sp_bytes = packs[0].nbytes
-                packs += [pack_bitmap(w) for _ in range(n_copies(sp_bytes) - 1)]
                 sp_fn = bitmap_linear
                 flops_density = density
             wd = w.contiguous()
@@ -200,8 +204,7 @@ def bench_tall_blocks(w, block, x, ref, args):
     zero halves stored). At 50% random blocks x's tiles are read 25% less often and the weight's bytes and
     flops grow 1.5x, so the L2 traffic a useful flop stays the same (benchmarks/RESULTS.md, nineteenth
     session): the column checks that model of the many-token kernel's limit."""
-    packs = [pack_bsr(w, block)]
-    packs += [pack_bsr(w, block) for _ in range(n_copies(packs[0].nbytes) - 1)]
+    packs = weight_copies(lambda: pack_bsr(w, block))
     err = rel_err(bsr_linear(x, packs[0]), ref)
     if err > 2e-2:
         return f"wrong({err:.1e})"
@@ -301,8 +304,8 @@ def run_sweep(args):
         plan = [row for row in plan if "x".join(map(str, row[1])) in args.weights.split(",")]
     for pattern, (N, K), M, act in plan:
         w = make_weight(N, K, pattern, dtype, dev, gen)
-        p = pack_bsr(w, (64, 64))
-        packs = Rotor([p] + [pack_bsr(w, (64, 64)) for _ in range(n_copies(p.nbytes) - 1)])
+        packs = Rotor(weight_copies(lambda: pack_bsr(w, (64, 64))))
+        p = packs.items[0]
         x = torch.randn(M, K, device=dev, dtype=dtype)
         ref = x.double() @ w.double().t()
         n_out = N
@@ -462,8 +465,7 @@ def run_sweep_csr(args):
     for pattern in ("unstr90",):
         for (N, K) in [(11008, 4096), (4096, 11008)]:
             w = make_weight(N, K, pattern, dtype, dev, gen)
-            p = pack_csr(w)
-            packs = Rotor([p] + [pack_csr(w) for _ in range(n_copies(p.nbytes) - 1)])
+            packs = Rotor(weight_copies(lambda: pack_csr(w)))
             for M in args.tokens:
                 x = torch.randn(M, K, device=dev, dtype=dtype)
                 xt = x.t().contiguous()
@@ -499,8 +501,7 @@ def run_sweep_bitmap(args):
     for pattern in (args.patterns.split(",") if args.patterns else ["unstr90", "unstr50"]):
         for (N, K) in shapes:
             w = make_weight(N, K, pattern, dtype, dev, gen)
-            p = pack_bitmap(w)
-            packs = Rotor([p] + [pack_bitmap(w) for _ in range(n_copies(p.nbytes) - 1)])
+            packs = Rotor(weight_copies(lambda: pack_bitmap(w)))
             for M in args.tokens:
                 x = torch.randn(M, K, device=dev, dtype=dtype)
                 out = torch.empty(M, N, device=dev, dtype=dtype)
