@@ -20,7 +20,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-  echo "   exit $? after $((SECONDS - start)) s"; grep -E "^\||passed|failed|Error|SWEEP|^##|^  " "$LOGS/$name.log" | tail -40
+  echo "   exit $? after $((SECONDS - start)) s"; grep -E "^\||passed|failed|Error|SWEEP|CSR-CUDA|^##|^  " "$LOGS/$name.log" | tail -40
 }
 
 steps=${*:-"triton resnet ffn csr_sweep csr_table minilm models"}
@@ -47,6 +47,11 @@ for s in $steps; do
     # reduce-overhead mode
     graph_tests) step graph_tests 300 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py \
                    tests/test_select_kernels.py tests/test_semi_structured.py tests/test_conv_epilogue.py -k "graph or mode" -p no:cacheprovider ;;
+    # The CUDA C++ CSR kernel (NVRTC) for unstructured weights at 1-16 tokens: its tests on the GPU, then
+    # against the Triton CSR kernel and cuBLAS with its configs swept (issue 5's unstructured cells)
+    csr_cuda)
+      step csr_cuda_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_cuda_kernels.py -p no:cacheprovider
+      step csr_cuda_sweep 250 python3 benchmarks/kernels.py --csr-cuda --tokens 1 4 16 ;;
     graph_runtime_tests) step graph_runtime_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py -p no:cacheprovider ;;
     # The 64x64-pruned weights also packed in 128x64 and 128x128 blocks at many tokens: checks the L2-bytes-a-flop
     # model of the many-token kernel's limit (prefill (b), issue 5's 50% cells), which predicts no gain at 50%
@@ -240,6 +245,18 @@ for s in $steps; do
                --section WarpStateStats --section Occupancy --section LaunchStats \
                python3 benchmarks/profile_kernel.py --kernel csr --weight 11008x4096 --pattern unstr90 --tokens 1 \
                --config '{"ROWS": 1, "CHUNK": 512, "num_warps": 2}' ;;
+    # What bounds the CUDA C++ CSR kernel (shared-memory conflicts, staging x, the load chain): 1, 4 and 16
+    # tokens with the launcher's choice, 16 tokens in two 8-token tiles
+    ncu_csr_cuda)
+      set -- 1 '{}' 4 '{}' 16 '{}' 16 '{"MT": 8, "UNROLL": 2, "BLOCKS_PER_SM": 2}'
+      while [ $# -gt 0 ]; do
+        step "ncu_csr_cuda_$1_${#2}" 100 ncu --clock-control none -k regex:"csr_small_m" --launch-skip 1 --launch-count 1 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+          --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+          python3 benchmarks/profile_kernel.py --kernel csr_cuda --weight 11008x4096 --pattern unstr90 --tokens $1 \
+          --config "$2"
+        shift 2
+      done ;;
     # Where the ResNet-50-style row's time goes under CUDA graphs, kernel by kernel, both sides
     resnet_profile) step resnet_profile 240 python3 benchmarks/profile_decode.py --model resnet ;;
     # Dense prefill (case e, default mode), kernel by kernel on both sides: where sparsec's graph is slower

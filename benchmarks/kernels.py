@@ -286,7 +286,7 @@ def run_sweep(args):
     choice ("default") timed beside the best, and cuBLAS on a dense weight of the same bytes as
     the speed a streaming kernel can reach."""
     from sparsec.codegen.triton import bsr_large_m, bsr_small_m
-    from sparsec.codegen.triton.epilogue import ACT_CODES
+    from sparsec.codegen.linear_args import ACT_CODES
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(1)
     small = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (11008, 4096)]
@@ -489,6 +489,51 @@ def run_sweep_csr(args):
                       + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
 
 
+def run_sweep_csr_cuda(args):
+    """The CUDA C++ CSR kernel (codegen/cuda/csr.py) against the Triton one and cuBLAS, on unstructured
+    weights at few tokens: the launcher's choice, then its token tile, chunks in flight and blocks a SM
+    swept; every output checked against float64. us, CUDA-graph replays, weights rotated past L2."""
+    from sparsec.codegen.cuda import csr as csr_cuda
+    from sparsec.codegen.triton import csr as csr_triton
+    dev, dtype = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(2)
+    shapes = [(11008, 4096), (4096, 11008)]
+    if args.weights:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.weights.split(",")]
+    bandwidth = cost_model.measure_ceilings(torch.device(dev), dtype).bandwidth
+    shared_mem = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
+    for pattern in (args.patterns.split(",") if args.patterns else ["unstr90", "unstr50"]):
+        for (N, K) in shapes:
+            w = make_weight(N, K, pattern, dtype, dev, gen)
+            packs = Rotor(weight_copies(lambda: pack_csr(w)))
+            csr_bytes = packs.items[0].nbytes
+            for M in args.tokens:
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                xt = x.t().contiguous()
+                out = torch.empty(M, N, device=dev, dtype=dtype)
+                ref = x.double() @ w.double().t()
+
+                def cuda(cfg):
+                    q = packs.next()
+                    csr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+
+                def triton(cfg):
+                    q = packs.next()
+                    csr_triton.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+                tile = csr_cuda.token_tile(M, K, shared_mem)  # the launcher's, and half of it
+                cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b) for mt in sorted({tile, max(1, tile // 2)})
+                        for u in (2, 4, 8) for b in (1, 2)]
+                default = time_configs(cuda, [{}], out, ref)
+                best = time_configs(cuda, cfgs, out, ref)
+                tri = time_configs(triton, [{}], out, ref)
+                cublas, _ = bench(lambda: F.linear(x, w), True, 10)
+                floor = (csr_bytes + 2 * M * (K + N)) / bandwidth
+                us = lambda timed: f"{timed[0][0] * 1e3:.1f}" if timed else "wrong"  # noqa: E731
+                print(f"CSR-CUDA {pattern} {N}x{K} M={M}: cuda {us(default)}us (x{cublas / default[0][0]:.2f} "
+                      f"over cuBLAS) | triton {us(tri)} | cuBLAS {cublas * 1e3:.1f} | floor {floor * 1e6:.1f} | best "
+                      + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:3]), flush=True)
+
+
 def run_sweep_bitmap(args):
     """Config sweep for the bitmap kernel at few tokens (to pick its hand table): rows a program, K
     tiles a loop step, the next step loaded ahead or not; the LLaMA-style weights, unstructured."""
@@ -536,6 +581,8 @@ def main():
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
+    p.add_argument("--csr-cuda", action="store_true",
+                   help="the CUDA C++ CSR kernel against the Triton one and cuBLAS, with its configs swept")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
@@ -554,6 +601,8 @@ def main():
         run_sweep_csr(args)
     elif args.sweep_bitmap:
         run_sweep_bitmap(args)
+    elif args.csr_cuda:
+        run_sweep_csr_cuda(args)
     elif args.sweep_2_4:
         run_sweep_semi_structured(args)
     else:

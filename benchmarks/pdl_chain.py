@@ -22,7 +22,7 @@ import argparse
 import torch
 
 from sparsec.codegen.triton import bsr_small_m
-from sparsec.codegen.triton.epilogue import ACT_CODES, ACT_SWIGLU
+from sparsec.codegen.linear_args import ACT_CODES, ACT_SWIGLU
 from sparsec.runtime.formats import pack_bsr
 
 from kernels import make_weight  # benchmarks/kernels.py

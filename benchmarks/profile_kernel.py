@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.triton import bsr_large_m, bsr_small_m, csr
-from sparsec.codegen.triton.epilogue import ACT_CODES
+from sparsec.codegen.linear_args import ACT_CODES
 from sparsec.runtime import reference
 from sparsec.runtime.formats import pack_bsr, pack_csr
 
@@ -52,8 +52,16 @@ def csr_launch(w, x, out, config, act):
                               ACT_CODES[act], None, out, config=config)
 
 
+def csr_cuda_launch(w, x, out, config, act):
+    from sparsec.codegen.cuda import csr as csr_cuda
+    packed = pack_csr(w)
+    return lambda: csr_cuda.launch(x, packed.values, packed.col_indices, packed.row_offsets, w.shape[0], None,
+                                   ACT_CODES[act], None, out, config=config)
+
+
 # kernel name -> (launch builder, default config)
 KERNELS = {
+    "csr_cuda": (csr_cuda_launch, None),
     "bsr_large_m": (bsr_launch(bsr_large_m), dict(BLOCK_M=128, num_warps=4, num_stages=3)),
     "bsr_small_m": (bsr_launch(bsr_small_m), None),
     "csr": (csr_launch, None),
@@ -75,7 +83,7 @@ def main():
                         help="the launcher's config as JSON (default: bsr_large_m BLOCK_M 128, 4 warps, 3 stages; "
                              "bsr_small_m and csr: their own tables)")
     args = parser.parse_args()
-    if args.act == "swiglu" and args.kernel == "csr":
+    if args.act == "swiglu" and args.kernel.startswith("csr"):
         parser.error("--act swiglu: the BSR kernels only (the CSR kernel has no gated epilogue)")
     n, k = map(int, args.weight.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(0)

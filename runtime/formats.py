@@ -280,15 +280,40 @@ def csr_to_dense(values, col_indices, row_offsets, n: int, k: int) -> torch.Tens
     return out
 
 
+# Shared-memory banks of a GPU: CSR rows interleave their non-zeros by column modulo this (pack_csr).
+CSR_BANKS = 32
+
+
+def bank_interleaved(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The order that interleaves each row's non-zeros by column residue mod CSR_BANKS: first the
+    lowest column of every residue class present, then the second of each, and so on. Given non-zeros
+    sorted by row then column, returns the permutation of them (rows stay contiguous and in order)."""
+    residue = cols % CSR_BANKS
+    by_class = torch.argsort(rows * CSR_BANKS + residue, stable=True)  # each (row, class) by column
+    sorted_class = (rows * CSR_BANKS + residue)[by_class]
+    position = torch.arange(rows.numel(), device=rows.device)
+    starts = torch.ones_like(sorted_class, dtype=torch.bool)
+    starts[1:] = sorted_class[1:] != sorted_class[:-1]
+    first = torch.where(starts, position, torch.zeros_like(position)).cummax(0).values
+    rank = torch.empty_like(position)
+    rank[by_class] = position - first                                  # i-th of its (row, class)
+    return torch.argsort((rows * (int(rank.max()) + 1 if rank.numel() else 1) + rank) * CSR_BANKS + residue)
+
+
 def pack_csr(weight: torch.Tensor, index_dtype=None) -> CSRWeight:
-    """Pack dense W[N, K]; stores every non-zero. index_dtype: None (int16 when K <= 65536)."""
+    """Pack dense W[N, K]; stores every non-zero. index_dtype: None (int16 when K <= 65536).
+    Within a row the non-zeros are interleaved by column mod 32 (bank_interleaved), not sorted: so the
+    32 lanes of a warp that take 32 consecutive ones gather x from 32 different shared-memory banks in
+    the CUDA kernel (codegen/cuda/csr_small_m.cu). Only the order of a row's sum changes."""
     if weight.dim() != 2:
         raise ValueError("pack_csr expects a 2-D weight [N, K]")
     w = weight.detach()
     n, k = w.shape
     mask = w != 0
     nz = mask.nonzero()                        # row-major: rows ascending, columns ascending
-    values = w[mask].contiguous()
+    order = bank_interleaved(nz[:, 0], nz[:, 1])
+    nz = nz[order]
+    values = w[mask][order].contiguous()
     if values.numel() >= 2**31:
         raise ValueError("CSR weight too large for int32 offsets")
     if index_dtype is None:

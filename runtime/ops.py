@@ -33,8 +33,9 @@ output has out_features / 2 features (a SwiGLU FFN's stacked gate/up linear and 
 Kernel registry: `register_kernel(op_name, device_type, fn)`; fn takes the op's arguments
 (positionally, same order) and returns the output tensor, or NotImplemented to fall back
 to the next candidate (finally the pure-torch reference in runtime/reference.py).
-The built-in kernels register themselves lazily, on the first look-up for their device: Triton
-for "cuda" (triton is optional), the C++ kernels for "cpu" (they need a C++ compiler).
+The built-in kernels register themselves lazily, on the first look-up for their device: for "cuda"
+the CUDA C++ kernels (NVRTC; CSR at 1-16 tokens) ahead of Triton's (triton is optional), for "cpu"
+the C++ kernels (they need a C++ compiler).
 A kernel registered with `gated=True` implements "swiglu" itself; any other one is called without
 it (activation "none", no residual) and the product and residual follow in torch (`_ungated`).
 `kernels_ready(op_name, device_type)` says whether a real kernel will run (for the C++ kernels
@@ -61,8 +62,12 @@ _GATED: set = set()
 _ACTIVATION_ARG = {"bsr_linear": 7, "bitmap_linear": 8, "csr_linear": 7}
 # Kernels that are registered but may not be usable yet: fn -> ready() (True once it can run).
 _READY_CHECKS: Dict[Callable, Callable[[], bool]] = {}
+# Opaque kernels that say from shapes and dtypes alone whether they take a call: fn -> accepts(*args).
+# Under torch.compile a call they decline goes on to the traceable kernels after them.
+_ACCEPTS: Dict[Callable, Callable[..., bool]] = {}
 # The built-in kernels of each device type: modules with `register_all()`, imported on first use.
-_BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.triton.register", "sparsec.codegen.cusparselt", "sparsec.codegen.cudnn"),
+_BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.cuda.register", "sparsec.codegen.triton.register",
+                             "sparsec.codegen.cusparselt", "sparsec.codegen.cudnn"),
                     "cpu": ("sparsec.codegen.cpp.register",)}
 _LAZY_TRIED = set()
 
@@ -75,12 +80,14 @@ def _norm(op_name: str) -> str:
 
 def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool = False,
                     traceable: bool = False, ready: Optional[Callable[[], bool]] = None,
-                    gated: bool = False) -> None:
+                    gated: bool = False, accepts: Optional[Callable[..., bool]] = None) -> None:
     """Register `fn` for (op, device). Later registrations are tried first, unless
     `last=True` (used by the built-in kernels so user kernels take precedence).
     `traceable=True` only for functions made of PyTorch ops and `wrap_triton` launches.
     `ready()`, if given, says whether `fn` can run here (e.g. its library built).
-    `gated=True`: `fn` implements activation "swiglu" itself."""
+    `gated=True`: `fn` implements activation "swiglu" itself.
+    `accepts(*args)`, for an opaque `fn`: whether it takes these arguments, from their shapes and dtypes
+    only (it is called on fake tensors); without it an opaque kernel is taken to accept every call."""
     lst = _KERNELS.setdefault((_norm(op_name), device_type), [])
     if fn in lst:
         lst.remove(fn)
@@ -94,6 +101,8 @@ def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool 
         _GATED.add(fn)
     if ready is not None:
         _READY_CHECKS[fn] = ready
+    if accepts is not None:
+        _ACCEPTS[fn] = accepts
 
 
 def unregister_kernel(op_name: str, device_type: str, fn: Optional[Callable] = None) -> None:
@@ -152,7 +161,8 @@ def symbolic_tokens(x: torch.Tensor) -> bool:
 
 
 def _run_traceable(op_name, args):
-    """The first traceable kernel that takes these arguments, as long as none opaque comes first.
+    """The first traceable kernel that takes these arguments, as long as no opaque one that would take
+    them comes first.
     NotImplemented for a symbolic token count: the launchers pick their tiles by the count, and
     traced that choice becomes a guard on it (a recompile whenever the batch crosses into another
     tile); the opaque op runs the same kernels with the real count instead (_run_host)."""
@@ -160,6 +170,8 @@ def _run_traceable(op_name, args):
         return NotImplemented
     for fn in get_kernels(op_name, args[0].device.type):
         if fn not in _TRACEABLE:
+            if fn in _ACCEPTS and not _ACCEPTS[fn](*args):
+                continue  # an opaque kernel that would decline this call: on to the next one
             return NotImplemented
         out = _call(fn, op_name, args)
         if out is not NotImplemented:

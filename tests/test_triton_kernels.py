@@ -21,7 +21,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from sparsec.codegen.triton import bitmap, bsr_large_m, bsr_small_m, csr  # noqa: E402
-from sparsec.codegen.triton.epilogue import ACT_CODES  # noqa: E402
+from sparsec.codegen.linear_args import ACT_CODES  # noqa: E402
 from sparsec.runtime import ops  # noqa: E402
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr  # noqa: E402
 from float64_reference import linear64  # noqa: E402
@@ -484,7 +484,7 @@ def test_pdl_chain_equals_serial_launches(M):
     before reading x), chained so that every kernel reads the one before (including a residual from
     two kernels back), equal the same chain launched serially bit for bit, in a CUDA graph as under
     torch.compile(mode="reduce-overhead"), on fresh inputs replayed after capture."""
-    from sparsec.codegen.triton.epilogue import ACT_SWIGLU
+    from sparsec.codegen.linear_args import ACT_SWIGLU
 
     gen = torch.Generator().manual_seed(15)
     K = 512

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
-from .epilogue import ACT_SWIGLU, fused_epilogue
+from ..linear_args import ACT_SWIGLU
+from .epilogue import fused_epilogue
 from .mma import interpreting, mma, traceable
 from .token_tiles import pow2_tile
 

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat  # noqa: F401  (interpreter-only fix)
-from .epilogue import ACT_SWIGLU, fused_epilogue
+from ..linear_args import ACT_SWIGLU
+from .epilogue import fused_epilogue
 from .mma import interpreting, mma, traceable
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .token_tiles import pow2_tile

@@ -11,12 +11,7 @@ activations ignore `up` (callers pass acc).
 import triton
 import triton.language as tl
 
-# activation codes (constexpr): keep in sync with ACT_CODES below
-ACT_NONE, ACT_RELU, ACT_GELU, ACT_SILU, ACT_SWIGLU = 0, 1, 2, 3, 4
-ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "silu": ACT_SILU,
-             "swiglu": ACT_SWIGLU}
-
-INV_SQRT2 = 0.7071067811865476
+# ACT: the activation codes of codegen/linear_args.py, tested below by number (constexpr)
 
 
 @triton.jit

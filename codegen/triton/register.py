@@ -10,39 +10,15 @@ from sparsec.runtime import ops as _ops
 
 from sparsec.runtime import formats, reference
 
+from ..linear_args import ACT_CODES, prepare_linear
 from . import bitmap, bitmap_decode, bsr_large_m, bsr_small_m, csr
-from .epilogue import ACT_CODES
 from .pdl import pdl_supported
 
 BITMAP_DECODE_MIN_M = 64   # above this many tokens: decode to dense + cuBLAS
-_OK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _pow2(v):
     return v >= 1 and (v & (v - 1)) == 0
-
-
-def _prep(x, N, K, bias, residual, row_perm, col_perm, values):
-    """Flatten to 2-D, check what the kernels support; None means: fall back."""
-    if x.dtype not in _OK_DTYPES or values.dtype != x.dtype or x.shape[-1] != K:
-        return None
-    x2d = x.reshape(-1, K)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    M = x2d.shape[0]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    res2d = None
-    if residual is not None:
-        res2d = residual.expand(*x.shape[:-1], N).reshape(M, N)
-        if res2d.stride(-1) != 1:
-            res2d = res2d.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    if row_perm is not None:
-        row_perm = row_perm.contiguous()
-    if col_perm is not None:
-        col_perm = col_perm.contiguous()
-    return x2d, out, res2d, bias, row_perm, col_perm
 
 
 def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_features, bias,
@@ -53,7 +29,7 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
     n_out = reference.output_features(out_features, activation)
     if activation == reference.GATED and (n_out % BH or row_perm is not None):
         return NotImplemented  # the gate and up halves must be whole block rows, unpermuted
-    p = _prep(x, n_out, in_features, bias, residual, row_perm, col_perm, values)
+    p = prepare_linear(x, n_out, in_features, bias, residual, row_perm, col_perm, values)
     if p is None:
         return NotImplemented
     x2d, out, res2d, bias, row_perm, col_perm = p
@@ -83,7 +59,7 @@ def bitmap_linear_triton(x, values, bm, tile_offsets, out_features, in_features,
                          bias, activation, residual, row_perm, col_perm):
     if not _pow2(int(tile_rows)) or tile_rows > 64:
         return NotImplemented
-    p = _prep(x, out_features, in_features, bias, residual, row_perm, col_perm, values)
+    p = prepare_linear(x, out_features, in_features, bias, residual, row_perm, col_perm, values)
     if p is None:
         return NotImplemented
     x2d, out, res2d, bias, row_perm, col_perm = p
@@ -101,7 +77,7 @@ def bitmap_linear_triton(x, values, bm, tile_offsets, out_features, in_features,
 
 def csr_linear_triton(x, values, col_indices, row_offsets, out_features, in_features, bias,
                       activation, residual):
-    p = _prep(x, out_features, in_features, bias, residual, None, None, values)
+    p = prepare_linear(x, out_features, in_features, bias, residual, None, None, values)
     if p is None or values.numel() >= 2**31:
         return NotImplemented
     x2d, out, res2d, bias, _, _ = p

@@ -1,0 +1,84 @@
+"""Launcher of csr_small_m.cu: CSR linear at 1-16 tokens on CUDA cores (the file's header says how).
+
+Choices, all from shapes and the device's properties (no host syncs, so a call can be captured in a
+CUDA graph):
+- the token tile MT: the power of two >= M up to 16, halved until x^T's [K, MT] tile fits the shared
+  memory a block may have (16 tokens at K=4096 take 128 KB; at K=11008, 8 tokens take 172 KB);
+- the grid: (blocks, token tiles) with about one wave of blocks in all, so each block stages its x
+  tile once and its warps then walk many rows;
+- one-token tiles run two blocks a SM (64 warps) with registers capped at 32, since they wait on
+  loads and nothing else; wider tiles hold MT fp32 sums a lane and run one block a SM.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..triton.token_tiles import pow2_tile
+from . import nvrtc
+
+SOURCE = Path(__file__).with_name("csr_small_m.cu")
+MAX_M = 16
+THREADS = 1024
+WARPS = THREADS // 32
+UNROLL = 4  # 32-non-zero chunks a warp loads at once
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+ELEMENT_BYTES = 2
+HAS_BIAS, HAS_RES = 1, 2  # flags, as the .cu file defines them
+RESERVED_SHARED_MEM = 1024  # what the GPU keeps of each block's shared memory (sm80+)
+
+
+def serves(tokens: int, dtype: torch.dtype, values: torch.Tensor, col_indices: torch.Tensor) -> bool:
+    """Whether this kernel takes the call (shapes and dtypes only: safe on fake tensors)."""
+    return (0 < tokens <= MAX_M and dtype in DTYPE_CODES and values.dtype == dtype
+            and col_indices.dtype == torch.int16 and values.numel() < 2**31)
+
+
+def blocks_per_sm_wanted(mt: int) -> int:
+    """Two blocks a SM (registers capped at 32) for the load-bound tiles of 1-2 tokens, else one."""
+    return 2 if mt <= 2 else 1
+
+
+def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int = 0) -> str:
+    """The template instance of csr_small_m for a dtype, a token tile, chunks in flight and the
+    blocks a SM its registers are capped for (0: blocks_per_sm_wanted)."""
+    return f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm or blocks_per_sm_wanted(mt)}>"
+
+
+def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
+    """MT: the most tokens (a power of two, at least M's if it fits) whose x^T tile fits a block; 0 if
+    not even one token's does."""
+    mt = pow2_tile(M, 1, MAX_M)
+    while mt > 1 and K * mt * ELEMENT_BYTES > shared_mem_limit:
+        mt //= 2
+    return mt if K * mt * ELEMENT_BYTES <= shared_mem_limit else 0
+
+
+def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
+    """out[M, N] = epilogue(x2d @ W^T) for a CSR weight W [N, K]; NotImplemented where the kernel
+    cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT,
+    UNROLL, BLOCKS_PER_SM instead of the choices above."""
+    config = config or {}
+    M, K = x2d.shape
+    device = x2d.device
+    props = torch.cuda.get_device_properties(device)
+    mt = config.get("MT") or token_tile(M, K, props.shared_memory_per_block_optin)
+    if mt == 0 or M * max(x2d.stride(0), N) >= 2**31:
+        return NotImplemented
+    shared_mem = K * mt * ELEMENT_BYTES
+    wanted = config.get("BLOCKS_PER_SM") or blocks_per_sm_wanted(mt)
+    kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted),
+                          device, shared_mem)
+    if kernel is None:
+        return NotImplemented
+    blocks_per_sm = max(1, min(wanted, props.shared_memory_per_multiprocessor // (shared_mem + RESERVED_SHARED_MEM)))
+    token_tiles = math.ceil(M / mt)
+    blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * props.multi_processor_count // token_tiles))
+    flags = (HAS_BIAS if bias is not None else 0) | (HAS_RES if res2d is not None else 0)
+    kernel(grid=(blocks, token_tiles, 1), block=(THREADS, 1, 1), shared_mem=shared_mem,
+           args=[x2d, x2d.stride(0), values, col_indices, row_offsets,
+                 out if bias is None else bias, out if res2d is None else res2d,
+                 0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, K, act_code, flags])
+    return out

@@ -1,0 +1,206 @@
+// CSR linear for unstructured sparsity at 1-16 tokens, on CUDA cores: out[M, N] = epilogue(x @ W^T).
+//
+// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py): device code only, no headers. Storage
+// types are raw 16-bit words; DT says how to read them (0: bfloat16, 1: float16).
+//
+// Why CUDA C++ rather than Triton: a Triton program cannot place x in shared memory nor reduce across
+// a warp's lanes with shuffles, so the Triton CSR kernel reads x^T from L1/L2 behind a chain of dependent
+// loads (benchmarks/RESULTS.md: 33-40 us at 16 tokens on a 90% 11008x4096 weight, cuBLAS 24 us). Here:
+//   1. each block copies its MT tokens of x into shared memory once, transposed: xs[k][t], so the MT
+//      inputs that meet one non-zero are one 2-32 byte vector load (column_at says where, and why the
+//      lanes' loads do not collide in the banks);
+//   2. the grid is persistent (about one wave), so x is staged once per block, not once per row;
+//   3. one warp owns one weight row at a time: its lanes take consecutive non-zeros (coalesced value and
+//      column loads), UNROLL chunks of 32 in flight at once, and accumulate MT fp32 partial sums each
+//      (a lane past the row's end stops: only its last chunk is ragged);
+//   4. the warp's partial sums meet in a transposing butterfly: log2(MT) exchanges halve the values a lane
+//      holds, so after them lane l holds token l >> (5 - LOG2_MT); 5 - log2(MT) more finish the sum
+//      (MT + 4 shuffles a row at 16 tokens, against 5 * MT for reducing each token on its own).
+//   5. the epilogue (bias, activation, residual) runs on the lanes that hold a finished token.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define WARP 32
+#define FULL_MASK 0xffffffffu
+
+// activation codes: the same numbers as codegen/triton/epilogue.py's ACT_CODES
+#define ACT_RELU 1
+#define ACT_GELU 2
+#define ACT_SILU 3
+// flags
+#define HAS_BIAS 1
+#define HAS_RES 2
+
+template <int DT> __device__ __forceinline__ float lo_f32(u32 pair);
+template <int DT> __device__ __forceinline__ float hi_f32(u32 pair);
+
+// bfloat16 is the top half of a float32: a shift or a mask widens it exactly
+template <> __device__ __forceinline__ float lo_f32<0>(u32 pair) { return __uint_as_float(pair << 16); }
+template <> __device__ __forceinline__ float hi_f32<0>(u32 pair) { return __uint_as_float(pair & 0xffff0000u); }
+
+template <> __device__ __forceinline__ float lo_f32<1>(u32 pair) {
+    float f;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l;}" : "=f"(f) : "r"(pair));
+    return f;
+}
+template <> __device__ __forceinline__ float hi_f32<1>(u32 pair) {
+    float f;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "r"(pair));
+    return f;
+}
+
+template <int DT> __device__ __forceinline__ float to_f32(u16 v) { return lo_f32<DT>((u32)v); }
+
+template <int DT> __device__ __forceinline__ u16 from_f32(float f);
+template <> __device__ __forceinline__ u16 from_f32<0>(float f) {
+    u16 v;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+template <> __device__ __forceinline__ u16 from_f32<1>(float f) {
+    u16 v;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+
+// MT 16-bit inputs of one non-zero's column, loaded as one vector (two at MT 16)
+template <int MT> struct alignas(MT * 2 < 16 ? MT * 2 : 16) Tokens { u16 v[MT]; };
+
+// Where column k of x^T sits in shared memory, in u16 from xs. A 16-token column is two 16-byte halves,
+// swapped where bit 2 of k is set: a 16-byte access takes one of 8 bank quads, (2k + half) % 8 unswizzled,
+// so the first halves of all columns would share 4 quads; swizzled, columns k % 8 = 0..7 take all 8. With
+// pack_csr's rows interleaved by column mod 32, a warp's 32 lanes then hit every quad 4 times: no conflict.
+template <int MT> __device__ __forceinline__ int column_at(int k, int half) {
+    return MT == 16 ? k * 16 + ((half ^ ((k >> 2) & 1)) << 3) : k * MT;
+}
+
+template <int MT> __device__ __forceinline__ void store_column(u16* xs, int k, const Tokens<MT>& col) {
+    if (MT == 16) {
+        const Tokens<8>* halves = reinterpret_cast<const Tokens<8>*>(&col);
+        *reinterpret_cast<Tokens<8>*>(xs + column_at<MT>(k, 0)) = halves[0];
+        *reinterpret_cast<Tokens<8>*>(xs + column_at<MT>(k, 1)) = halves[1];
+    } else {
+        *reinterpret_cast<Tokens<MT>*>(xs + column_at<MT>(k, 0)) = col;
+    }
+}
+
+template <int MT> __device__ __forceinline__ Tokens<MT> load_column(const u16* xs, int k) {
+    Tokens<MT> col;
+    if (MT == 16) {
+        Tokens<8>* halves = reinterpret_cast<Tokens<8>*>(&col);
+        halves[0] = *reinterpret_cast<const Tokens<8>*>(xs + column_at<MT>(k, 0));
+        halves[1] = *reinterpret_cast<const Tokens<8>*>(xs + column_at<MT>(k, 1));
+    } else {
+        col = *reinterpret_cast<const Tokens<MT>*>(xs + column_at<MT>(k, 0));
+    }
+    return col;
+}
+
+__device__ __forceinline__ float activate(float v, int act) {
+    if (act == ACT_RELU) return fmaxf(v, 0.0f);
+    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));  // exact (erf) gelu
+    if (act == ACT_SILU) return v / (1.0f + expf(-v));
+    return v;
+}
+
+template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS>
+__global__ void __launch_bounds__(1024, MIN_BLOCKS)
+csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], rows ldx apart
+            const u16* __restrict__ values, const u16* __restrict__ cols,  // non-zeros, 16-bit columns
+            const int* __restrict__ row_offsets,                 // [N + 1]
+            const u16* __restrict__ bias, const u16* __restrict__ res, int ldr,
+            u16* __restrict__ out, int ldo, int M, int N, int K, int act, int flags) {
+    constexpr int MT = 1 << LOG2_MT;
+    extern __shared__ __align__(16) u16 xs[];  // [K][MT]: x^T of this block's tokens
+
+    const int m0 = blockIdx.y * MT;
+    // 1. stage x^T; tokens past M are zeros. Two columns a thread where x's rows allow 4-byte loads.
+    if (K % 2 == 0 && ldx % 2 == 0 && reinterpret_cast<unsigned long long>(x) % 4 == 0) {
+#pragma unroll 2
+        for (int k = 2 * threadIdx.x; k < K; k += 2 * blockDim.x) {
+            u32 pairs[MT];
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+                pairs[t] = m0 + t < M ? *reinterpret_cast<const u32*>(x + (long long)(m0 + t) * ldx + k) : 0u;
+            Tokens<MT> even, odd;
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                even.v[t] = (u16)(pairs[t] & 0xffffu);
+                odd.v[t] = (u16)(pairs[t] >> 16);
+            }
+            store_column<MT>(xs, k, even);
+            store_column<MT>(xs, k + 1, odd);
+        }
+    } else {
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            Tokens<MT> col;
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+                col.v[t] = m0 + t < M ? x[(long long)(m0 + t) * ldx + k] : (u16)0;
+            store_column<MT>(xs, k, col);
+        }
+    }
+    __syncthreads();
+
+    const int lane = threadIdx.x % WARP;
+    const int warps = blockDim.x / WARP;
+    // 2./3. a block's warps take consecutive rows, so the block's output stores share sectors
+    for (int row = blockIdx.x * warps + threadIdx.x / WARP; row < N; row += gridDim.x * warps) {
+        const int start = row_offsets[row], end = row_offsets[row + 1];
+        float acc[MT];
+#pragma unroll
+        for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
+        for (int j0 = start; j0 < end; j0 += UNROLL * WARP) {
+            float w[UNROLL];
+            int c[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {  // every load of the step first, so they are in flight together
+                const int j = j0 + u * WARP + lane;
+                const bool ok = j < end;
+                w[u] = ok ? to_f32<DT>(values[j]) : 0.0f;
+                c[u] = ok ? cols[j] : 0;
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                // lanes past the row's end read nothing: an inf in x's column 0 must not become 0 * inf
+                if (j0 + u * WARP + lane >= end) break;
+                if (MT == 1) {
+                    acc[0] += w[u] * to_f32<DT>(xs[c[u]]);
+                } else {  // the tokens as 32-bit pairs, each widened by a shift or a mask (bfloat16)
+                    const Tokens<MT> in = load_column<MT>(xs, c[u]);
+                    const u32* pairs = reinterpret_cast<const u32*>(in.v);
+#pragma unroll
+                    for (int p = 0; p < MT / 2; ++p) {
+                        acc[2 * p] += w[u] * lo_f32<DT>(pairs[p]);
+                        acc[2 * p + 1] += w[u] * hi_f32<DT>(pairs[p]);
+                    }
+                }
+            }
+        }
+        // 4. transposing butterfly: each exchange halves the tokens a lane holds
+#pragma unroll
+        for (int step = 0; step < LOG2_MT; ++step) {
+            const int half = MT >> (step + 1), offset = (WARP / 2) >> step;
+            const bool upper = lane & offset;
+#pragma unroll
+            for (int i = 0; i < half; ++i) {
+                const float send = upper ? acc[i] : acc[i + half];
+                const float keep = upper ? acc[i + half] : acc[i];
+                acc[i] = keep + __shfl_xor_sync(FULL_MASK, send, offset);
+            }
+        }
+#pragma unroll
+        for (int offset = WARP >> (LOG2_MT + 1); offset >= 1; offset /= 2)
+            acc[0] += __shfl_xor_sync(FULL_MASK, acc[0], offset);
+        // 5. one lane per token writes it
+        const int m = m0 + (lane >> (5 - LOG2_MT));
+        if ((lane & ((WARP >> LOG2_MT) - 1)) == 0 && m < M) {
+            float v = acc[0];
+            if (flags & HAS_BIAS) v += to_f32<DT>(bias[row]);
+            v = activate(v, act);
+            if (flags & HAS_RES) v += to_f32<DT>(res[(long long)m * ldr + row]);
+            out[(long long)m * ldo + row] = from_f32<DT>(v);
+        }
+    }
+}

@@ -1,0 +1,209 @@
+"""CUDA C++ kernels (codegen/cuda) against a float64 reference.
+
+GPU tests: SPARSEC_TEST_GPU=1 on a CUDA machine (through the device tool); the kernels are compiled by
+NVRTC there. On the CPU: the launcher's choices, the registry rule that lets a declined call reach the
+traceable kernels, and, where a CUDA toolkit is installed, every template instance the launcher can pick
+compiled for sm_90 by nvcc with no register spills.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from sparsec.codegen.cuda import csr, nvrtc
+from sparsec.codegen.cuda.register import csr_accepts
+from sparsec.codegen.linear_args import ACT_CODES
+from sparsec.runtime import ops
+from sparsec.runtime.formats import pack_csr
+from float64_reference import linear64
+
+ON_GPU = os.environ.get("SPARSEC_TEST_GPU", "0") == "1" and torch.cuda.is_available()
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs SPARSEC_TEST_GPU=1 and a CUDA GPU")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+H100_SHARED_MEM = 227 * 1024
+
+
+# ------------------------------------------------------------------ CPU: the launcher's choices
+@pytest.mark.parametrize("M, K, expected", [
+    (1, 4096, 1), (2, 4096, 2), (3, 4096, 4), (9, 4096, 16), (16, 4096, 16),
+    (16, 11008, 8),   # 16 tokens of x^T would take 344 KB
+    (5, 11008, 8), (16, 65535, 1), (1, 200000, 0),
+])
+def test_token_tile_fits_shared_memory(M, K, expected):
+    mt = csr.token_tile(M, K, H100_SHARED_MEM)
+    assert mt == expected
+    if mt:
+        assert K * mt * csr.ELEMENT_BYTES <= H100_SHARED_MEM
+
+
+def test_serves_few_tokens_in_half_precision_only():
+    values = torch.zeros(10, dtype=torch.bfloat16)
+    cols16, cols32 = torch.zeros(10, dtype=torch.int16), torch.zeros(10, dtype=torch.int32)
+    assert csr.serves(16, torch.bfloat16, values, cols16)
+    assert not csr.serves(17, torch.bfloat16, values, cols16)
+    assert not csr.serves(0, torch.bfloat16, values, cols16)
+    assert not csr.serves(4, torch.bfloat16, values, cols32)  # K > 65536: 32-bit columns
+    assert not csr.serves(4, torch.float32, values.float(), cols16)
+    assert not csr.serves(4, torch.float16, values, cols16)   # values of another dtype
+
+
+def test_cuda_kernel_declines_cpu_tensors():
+    w = pack_csr(torch.eye(8))
+    x = torch.randn(2, 8)
+    assert not csr_accepts(x, w.values, w.col_indices, w.row_offsets, 8, 8, None, "none", None)
+
+
+def test_declined_opaque_kernel_lets_the_traceable_one_run():
+    """_run_traceable: an opaque kernel ahead of a traceable one sends the call to the host op only
+    when it would take the call (its `accepts`); one without `accepts` always does."""
+    calls = []
+    traced = lambda *args: calls.append("traced") or args[0]  # noqa: E731
+    opaque = lambda *args: calls.append("opaque") or args[0]  # noqa: E731
+    x = torch.empty(3, 4, device="meta")
+    args = (x, None, None, None, 4, 4, None, "none", None)
+    ops.register_kernel("csr_linear", "meta", traced, traceable=True)
+    try:
+        ops.register_kernel("csr_linear", "meta", opaque, accepts=lambda x, *rest: x.shape[0] < 2)
+        assert ops._run_traceable("csr_linear", args) is x and calls == ["traced"]
+        ops.register_kernel("csr_linear", "meta", opaque, accepts=lambda x, *rest: x.shape[0] < 8)
+        assert ops._run_traceable("csr_linear", args) is NotImplemented and calls == ["traced"]
+    finally:
+        ops.unregister_kernel("csr_linear", "meta")
+        ops._ACCEPTS.pop(opaque, None)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")
+def test_every_instance_compiles_for_sm90_without_spills(tmp_path):
+    instances = sorted({csr.instance(code, mt) for code in csr.DTYPE_CODES.values() for mt in (1, 2, 4, 8, 16)})
+    unit = tmp_path / "instances.cu"
+    unit.write_text(f'#include "{csr.SOURCE}"\n'
+                    + "void* kernels[] = {" + ", ".join(f"(void*)&{i}" for i in instances) + "};\n")
+    result = subprocess.run(["nvcc", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-cubin", "-Xptxas", "-v",
+                             str(unit), "-o", str(tmp_path / "instances.cubin")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)'", result.stderr)
+    assert len(entries) == len(instances), result.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    assert len(spills) == len(instances) and all(s == ("0", "0") for s in spills), result.stderr
+
+
+# ------------------------------------------------------------------ GPU: against float64
+def unstructured(N, K, density, gen, dtype):
+    w = torch.randn(N, K, generator=gen) * (torch.rand(N, K, generator=gen) < density)
+    if N > 2:
+        w[N // 2] = 0                     # an empty row
+        w[1] = torch.where(w[1] == 0, 1.0, w[1])  # a full row: the longest
+        w[2] = 0
+        w[2, K - 1] = 1.0                 # one non-zero, in the last column
+    return w.to(dtype)
+
+
+def run(x, w, bias=None, act="none", res=None, x_row_stride=None):
+    """csr.launch on the GPU into a NaN-poisoned output (every element must be written)."""
+    p = pack_csr(w)
+    M, K = x.shape
+    xd = x.cuda()
+    if x_row_stride:  # x as a view with rows further apart than K
+        xd = torch.zeros(M, x_row_stride, dtype=x.dtype, device="cuda")[:, :K].copy_(xd)
+    out = torch.full((M, w.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
+    d = lambda t: None if t is None else t.cuda()  # noqa: E731
+    got = csr.launch(xd, p.values.cuda(), p.col_indices.cuda(), p.row_offsets.cuda(), w.shape[0], d(bias),
+                     ACT_CODES[act], d(res), out)
+    assert got is out, "the kernel declined the call"
+    return out
+
+
+def check(out, ref, dtype):
+    out = out.double().cpu()
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
+    err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+    assert err < TOL[dtype], err
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("N, K, density", [(70, 100, 0.3), (300, 4096, 0.1), (33, 11008, 0.5), (5, 64, 1.0),
+                                           (40, 1000, 0.0)])
+def test_csr_small_m_shapes(dtype, M, N, K, density):
+    gen = torch.Generator().manual_seed(N * 31 + K + M)
+    w = unstructured(N, K, density, gen, dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    check(run(x, w), linear64(x, w), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_csr_small_m_epilogue(dtype, act, M):
+    gen = torch.Generator().manual_seed(7 + M)
+    N, K = 130, 512
+    w = unstructured(N, K, 0.2, gen, dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    res = torch.randn(M, N, generator=gen).to(dtype)
+    check(run(x, w, bias, act, res), linear64(x, w, bias, act, res), dtype)
+    check(run(x, w, None, act, None, x_row_stride=K + 40), linear64(x, w, None, act, None), dtype)
+
+
+@gpu
+def test_csr_small_m_many_rows_a_warp_and_wide_columns():
+    """More rows than warps in the one-wave grid (each warp walks several), and 16-bit columns whose
+    top bit is set (K > 32767)."""
+    gen = torch.Generator().manual_seed(3)
+    w = unstructured(20000, 40000, 0.002, gen, torch.bfloat16)
+    for M in (1, 16):
+        x = torch.randn(M, 40000, generator=gen).to(torch.bfloat16)
+        check(run(x, w), linear64(x, w), torch.bfloat16)
+
+
+@gpu
+def test_csr_small_m_ignores_x_past_row_ends():
+    """inf in x where no non-zero reads it, column 0 included (where a lane past the row's end points)."""
+    w = torch.zeros(40, 64, dtype=torch.bfloat16)
+    w[:, 1:9] = 1.0
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    x[:, 0] = x[:, 9:] = float("inf")
+    check(run(x, w), linear64(x[:, 1:9], w[:, 1:9]), torch.bfloat16)
+
+
+@gpu
+def test_op_runs_the_cuda_kernel_and_compiles(monkeypatch):
+    """sparsec::csr_linear at 1-16 tokens runs the NVRTC kernel, eagerly, under torch.compile and in a
+    CUDA graph; at 17 tokens the Triton kernel."""
+    gen = torch.Generator().manual_seed(11)
+    w = unstructured(256, 1024, 0.1, gen, torch.bfloat16)
+    p = pack_csr(w)
+    vals, cols, offs = (t.cuda() for t in (p.values, p.col_indices, p.row_offsets))
+    bias = torch.randn(256, generator=gen).to(torch.bfloat16)
+    bias_gpu = bias.cuda()
+    launches = []
+    launch = csr.launch
+    monkeypatch.setattr(csr, "launch", lambda *a: launches.append(a[0].shape[0]) or launch(*a))
+
+    def f(x):
+        return torch.ops.sparsec.csr_linear(x, vals, cols, offs, 256, 1024, bias_gpu, "gelu", None)
+
+    for M in (4, 17):
+        x = torch.randn(2, M, 1024, generator=gen).to(torch.bfloat16)
+        ref = linear64(x.reshape(-1, 1024), w, bias, "gelu")
+        check(f(x.cuda()).reshape(-1, 256), ref, torch.bfloat16)
+        torch._dynamo.reset()
+        check(torch.compile(f, fullgraph=True)(x.cuda()).reshape(-1, 256), ref, torch.bfloat16)
+    assert launches == [8, 8], launches  # 2 x 4 tokens, eager and compiled; never the 34 tokens
+    assert nvrtc.stats["failures"] == 0
+
+    static_x = torch.zeros(8, 1024, dtype=torch.bfloat16, device="cuda")
+    f(static_x)  # compiled and warm before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = f(static_x)
+    for _ in range(2):
+        fresh = torch.randn(8, 1024, generator=gen).to(torch.bfloat16)
+        static_x.copy_(fresh.cuda())
+        graph.replay()
+        check(static_out, linear64(fresh, w, bias, "gelu"), torch.bfloat16)
