@@ -492,7 +492,8 @@ def run_sweep_csr(args):
 def run_sweep_csr_cuda(args):
     """The CUDA C++ CSR kernel (codegen/cuda/csr.py) against the Triton one and cuBLAS, on unstructured
     weights at few tokens: the launcher's choice, then its token tile, chunks in flight and blocks a SM
-    swept; every output checked against float64. us, CUDA-graph replays, weights rotated past L2."""
+    swept (MT, UNROLL, BLOCKS_PER_SM, NZ: codegen/cuda/csr.py); every output checked against float64. us,
+    CUDA-graph replays, weights rotated past L2."""
     from sparsec.codegen.cuda import csr as csr_cuda
     from sparsec.codegen.triton import csr as csr_triton
     dev, dtype = "cuda", torch.bfloat16
@@ -521,8 +522,8 @@ def run_sweep_csr_cuda(args):
                     q = packs.next()
                     csr_triton.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
                 tile = csr_cuda.token_tile(M, K, shared_mem)  # the launcher's, and half of it
-                cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b) for mt in sorted({tile, max(1, tile // 2)})
-                        for u in (2, 4, 8) for b in (1, 2)]
+                cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz) for mt in sorted({tile, max(1, tile // 2)})
+                        for u in (4, 8) for b in (1, 2) for nz in (1, 2)]
                 default = time_configs(cuda, [{}], out, ref)
                 best = time_configs(cuda, cfgs, out, ref)
                 tri = time_configs(triton, [{}], out, ref)

@@ -77,7 +77,8 @@ def test_declined_opaque_kernel_lets_the_traceable_one_run():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")
 def test_every_instance_compiles_for_sm90_without_spills(tmp_path):
-    instances = sorted({csr.instance(code, mt) for code in csr.DTYPE_CODES.values() for mt in (1, 2, 4, 8, 16)})
+    instances = sorted({csr.instance(code, mt, nonzeros=nz) for code in csr.DTYPE_CODES.values()
+                        for mt in (1, 2, 4, 8, 16) for nz in (0, 1)})  # the rule's, and one at a time
     unit = tmp_path / "instances.cu"
     unit.write_text(f'#include "{csr.SOURCE}"\n'
                     + "void* kernels[] = {" + ", ".join(f"(void*)&{i}" for i in instances) + "};\n")
@@ -159,6 +160,22 @@ def test_csr_small_m_many_rows_a_warp_and_wide_columns():
     for M in (1, 16):
         x = torch.randn(M, 40000, generator=gen).to(torch.bfloat16)
         check(run(x, w), linear64(x, w), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 4])
+def test_csr_small_m_values_not_word_aligned(M):
+    """Values and columns as views that start mid-word: the two-a-lane word loads cannot be used, and
+    the launcher falls back to one non-zero a lane."""
+    gen = torch.Generator().manual_seed(5)
+    w = unstructured(90, 300, 0.3, gen, torch.bfloat16)
+    p = pack_csr(w)
+    shifted = [torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].copy_(t) for t in (p.values, p.col_indices)]
+    assert shifted[0].data_ptr() % 4 == 2
+    x = torch.randn(M, 300, generator=gen).to(torch.bfloat16)
+    out = torch.full((M, 90), float("nan"), dtype=torch.bfloat16, device="cuda")
+    csr.launch(x.cuda(), *shifted, p.row_offsets.cuda(), 90, None, 0, None, out)
+    check(out, linear64(x, w), torch.bfloat16)
 
 
 @gpu

@@ -41,10 +41,18 @@ def blocks_per_sm_wanted(mt: int) -> int:
     return 2 if mt <= 2 else 1
 
 
-def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int = 0) -> str:
-    """The template instance of csr_small_m for a dtype, a token tile, chunks in flight and the
-    blocks a SM its registers are capped for (0: blocks_per_sm_wanted)."""
-    return f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm or blocks_per_sm_wanted(mt)}>"
+def nonzeros_per_lane(mt: int) -> int:
+    """Two non-zeros a lane (4-byte value and column loads: twice the bytes in flight for the same
+    registers) for the tiles of up to 4 tokens, which wait on those loads; one for wider tiles, which
+    wait on shared memory and need a warp's 32 lanes on 32 different columns mod 32 (pack_csr's order)."""
+    return 2 if mt <= 4 else 1
+
+
+def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int = 0, nonzeros: int = 0) -> str:
+    """The template instance of csr_small_m for a dtype, a token tile, chunks in flight, the blocks a
+    SM its registers are capped for and the non-zeros a lane loads at once (0: the rules above)."""
+    return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm or blocks_per_sm_wanted(mt)}, "
+            f"{nonzeros or nonzeros_per_lane(mt)}>")
 
 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
@@ -59,7 +67,7 @@ def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
 def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
     """out[M, N] = epilogue(x2d @ W^T) for a CSR weight W [N, K]; NotImplemented where the kernel
     cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT,
-    UNROLL, BLOCKS_PER_SM instead of the choices above."""
+    UNROLL, BLOCKS_PER_SM, NZ instead of the choices above."""
     config = config or {}
     M, K = x2d.shape
     device = x2d.device
@@ -69,7 +77,10 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
         return NotImplemented
     shared_mem = K * mt * ELEMENT_BYTES
     wanted = config.get("BLOCKS_PER_SM") or blocks_per_sm_wanted(mt)
-    kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted),
+    nonzeros = config.get("NZ") or nonzeros_per_lane(mt)
+    if values.data_ptr() % 4 or col_indices.data_ptr() % 4:  # views that start mid-word: one at a time
+        nonzeros = 1
+    kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros),
                           device, shared_mem)
     if kernel is None:
         return NotImplemented

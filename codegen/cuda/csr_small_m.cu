@@ -11,8 +11,8 @@
 //      lanes' loads do not collide in the banks);
 //   2. the grid is persistent (about one wave), so x is staged once per block, not once per row;
 //   3. one warp owns one weight row at a time: its lanes take consecutive non-zeros (coalesced value and
-//      column loads), UNROLL chunks of 32 in flight at once, and accumulate MT fp32 partial sums each
-//      (a lane past the row's end stops: only its last chunk is ragged);
+//      column loads, NZ a lane: two as one 4-byte word each where the tile waits on loads rather than on
+//      shared memory), UNROLL chunks in flight at once, and accumulate MT fp32 partial sums each;
 //   4. the warp's partial sums meet in a transposing butterfly: log2(MT) exchanges halve the values a lane
 //      holds, so after them lane l holds token l >> (5 - LOG2_MT); 5 - log2(MT) more finish the sum
 //      (MT + 4 shuffles a row at 16 tokens, against 5 * MT for reducing each token on its own).
@@ -104,7 +104,7 @@ __device__ __forceinline__ float activate(float v, int act) {
     return v;
 }
 
-template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS>
+template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ>
 __global__ void __launch_bounds__(1024, MIN_BLOCKS)
 csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], rows ldx apart
             const u16* __restrict__ values, const u16* __restrict__ cols,  // non-zeros, 16-bit columns
@@ -151,29 +151,39 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         float acc[MT];
 #pragma unroll
         for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
-        for (int j0 = start; j0 < end; j0 += UNROLL * WARP) {
-            float w[UNROLL];
-            int c[UNROLL];
+        // NZ == 2: chunks start on an even non-zero, so a lane loads two values and two columns as one word each
+        for (int j0 = start & ~(NZ - 1); j0 < end; j0 += UNROLL * WARP * NZ) {
+            u32 w[UNROLL], c[UNROLL];  // the lane's NZ values and NZ columns, 16 bits each
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {  // every load of the step first, so they are in flight together
-                const int j = j0 + u * WARP + lane;
-                const bool ok = j < end;
-                w[u] = ok ? to_f32<DT>(values[j]) : 0.0f;
-                c[u] = ok ? cols[j] : 0;
+                const int j = j0 + (u * WARP + lane) * NZ;
+                if (NZ == 2 && j + 1 < end) {
+                    w[u] = *reinterpret_cast<const u32*>(values + j);
+                    c[u] = *reinterpret_cast<const u32*>(cols + j);
+                } else {
+                    w[u] = j < end ? values[j] : 0u;
+                    c[u] = j < end ? cols[j] : 0u;
+                }
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
-                // lanes past the row's end read nothing: an inf in x's column 0 must not become 0 * inf
-                if (j0 + u * WARP + lane >= end) break;
-                if (MT == 1) {
-                    acc[0] += w[u] * to_f32<DT>(xs[c[u]]);
-                } else {  // the tokens as 32-bit pairs, each widened by a shift or a mask (bfloat16)
-                    const Tokens<MT> in = load_column<MT>(xs, c[u]);
-                    const u32* pairs = reinterpret_cast<const u32*>(in.v);
 #pragma unroll
-                    for (int p = 0; p < MT / 2; ++p) {
-                        acc[2 * p] += w[u] * lo_f32<DT>(pairs[p]);
-                        acc[2 * p + 1] += w[u] * hi_f32<DT>(pairs[p]);
+                for (int e = 0; e < NZ; ++e) {
+                    const int j = j0 + (u * WARP + lane) * NZ + e;
+                    // lanes outside the row read nothing: an inf in x's column 0 must not become 0 * inf
+                    if (j < start || j >= end) continue;
+                    const float weight = e ? hi_f32<DT>(w[u]) : lo_f32<DT>(w[u]);
+                    const int col = (c[u] >> (16 * e)) & 0xffff;
+                    if (MT == 1) {
+                        acc[0] += weight * to_f32<DT>(xs[col]);
+                    } else {  // the tokens as 32-bit pairs, each widened by a shift or a mask (bfloat16)
+                        const Tokens<MT> in = load_column<MT>(xs, col);
+                        const u32* pairs = reinterpret_cast<const u32*>(in.v);
+#pragma unroll
+                        for (int p = 0; p < MT / 2; ++p) {
+                            acc[2 * p] += weight * lo_f32<DT>(pairs[p]);
+                            acc[2 * p + 1] += weight * hi_f32<DT>(pairs[p]);
+                        }
                     }
                 }
             }
