@@ -60,12 +60,13 @@ KERNEL_MODELS = {
     ("dense", "cuda"): KernelModel(0.95, 0.95),
     ("bsr_linear", "cuda"): KernelModel(0.75, 0.34, latency_s=1.3e-6),
     ("bitmap_linear", "cuda"): KernelModel(0.05, 0.30, latency_s=1e-6),
-    # Triton CSR (codegen/triton/csr.py), fit to benchmarks/kernels.py on the H200: at M=1 the
-    # non-zeros stream at ~0.45 of the copy bandwidth with one warp a row (11.0 / 9.8 us for
-    # 11008x4096 / 4096x11008 at 90%, 2026-12-03; 0.35 with the earlier four warps); its "flops" are
-    # gathers of x^T rows per (token, non-zero), ~0.6% of the Tensor Core peak (32 us at M=16,
-    # 80-92 us at M=64, 90%, 2026-12-01), so it wins at M=1 only.
-    ("csr_linear", "cuda"): KernelModel(0.45, 0.006, latency_s=1.5e-6),
+    # CSR at 1-16 tokens: the CUDA C++ kernel (codegen/cuda/csr.py), fit to `benchmarks/kernels.py
+    # --csr-cuda` on the H200 (2026-12-04, 90% unstructured 11008x4096 / 4096x11008): the non-zeros stream
+    # at ~0.5 of the copy bandwidth (9.7 / 10.5 us at one token, 11.4-12.8 at four); its "flops" are
+    # CUDA-core multiply-adds over x gathered from shared memory, ~0.75% of the Tensor Core peak (24.4 /
+    # 25.1 us at 16 tokens, cuBLAS's time). Beyond 16 tokens the Triton CSR kernel runs, slower still
+    # (80-92 us at 64), so CSR wins up to about 8 tokens and never from 16.
+    ("csr_linear", "cuda"): KernelModel(0.5, 0.0075, latency_s=1.5e-6),
     # cuSPARSELt 2:4 (codegen/cusparselt.py), fit to benchmarks/kernels.py --sweep-2-4 on the H200
     # (2026-12-02): its half of the flops at ~0.6 of the dense peak on weights 4096 and more on each
     # side (1.4-1.5x over cuBLAS from 2048 tokens), less on narrower ones (semi_structured_efficiency);
@@ -79,6 +80,18 @@ KERNEL_MODELS = {
     # decode (the flop term) bounds it, and CSR wins there.
     ("bitmap_linear", "cpu"): KernelModel(0.55, 0.20),
     ("csr_linear", "cpu"): KernelModel(0.50, 0.15),
+}
+
+
+# Where a graph runs without CUDA graphs (default mode), the ops trace their Triton kernels into
+# Inductor's code instead of launching an opaque kernel from Python (runtime.ops.traced_launches_preferred):
+# there the CSR op runs the Triton kernel at every token count. Fit to benchmarks/kernels.py on the H200
+# (90% 11008x4096 / 4096x11008): at M=1 the non-zeros stream at ~0.45 of the copy bandwidth (11.0 / 9.8 us,
+# 2026-12-03); its "flops" are gathers of x^T rows, ~0.14% of the Tensor Core peak at M=4 (33-34 us,
+# 2026-12-04, slower than cuBLAS). It takes about as long at 16 tokens, which this model overestimates, but
+# from 4 tokens on dense wins either way: the Triton CSR kernel wins at one token only.
+TRACED_KERNEL_MODELS = {
+    ("csr_linear", "cuda"): KernelModel(0.45, 0.0014, latency_s=1.5e-6),
 }
 
 
@@ -100,6 +113,7 @@ class Candidate:
     efficiency: float = 1.0  # multiplies the kernel's KernelModel efficiencies (block shape)
     permuted: bool = False  # packed with block-reorder's row/column permutations
     relayout_bytes: float = 0.0  # a separate pass after the kernel (2:4: its product turned tokens first)
+    traced: bool = False  # its kernel traced into Inductor's code (no CUDA graphs): TRACED_KERNEL_MODELS
     # Host time a call costs when the kernel is launched from Python on every call (the opaque op of a
     # graph compiled for a dynamic batch, without CUDA graphs): the device time hides no more than its
     # own length of it, so the call takes at least this long.
@@ -128,7 +142,8 @@ class Candidate:
 
 
 def predict(candidate: Candidate, ceilings: Ceilings, device_type: str) -> float:
-    model = KERNEL_MODELS[(candidate.kernel, device_type)]
+    key = (candidate.kernel, device_type)
+    model = TRACED_KERNEL_MODELS.get(key, KERNEL_MODELS[key]) if candidate.traced else KERNEL_MODELS[key]
     memory_s = candidate.bytes / (ceilings.bandwidth * model.bw_efficiency * candidate.efficiency)
     compute_s = candidate.flops / (ceilings.peak_flops * model.flop_efficiency * candidate.efficiency)
     relayout_s = candidate.relayout_bytes / (ceilings.bandwidth * RELAYOUT_EFFICIENCY)

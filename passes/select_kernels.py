@@ -251,7 +251,8 @@ def _measure(candidate, weight, bias, m: int, row_perm=None, col_perm=None) -> f
     else:
         packed = formats.pack_bitmap(weight, **perms)
         fn = lambda: ops.bitmap_linear(x, packed, bias)  # noqa: E731
-    return cost_model._time(fn, weight.device, repeats=10)
+    with ops.traced_launches_preferred(candidate.traced):  # the kernel the compiled graph will run
+        return cost_model._time(fn, weight.device, repeats=10)
 
 
 def _predicted_at(candidate, m: int, m_other: int, weight, ceilings, device_type: str) -> float:
@@ -285,12 +286,13 @@ def probes_for(token_range) -> tuple:
 
 
 def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=None, col_perm=None,
-           token_probes=(), two_four: bool = True, host_s: float = 0.0):
+           token_probes=(), two_four: bool = True, host_s: float = 0.0, traced: bool = False):
     """(chosen candidate, all candidates, measured times or {}) for one layer.
 
     `token_probes`: other token counts the layer will run at (a dynamic graph); a sparse choice must
     also be predicted no slower than dense at each of them. `two_four`: as in candidates_for.
-    `host_s`: host time each call of a sparse kernel costs (`opaque_host_seconds`)."""
+    `host_s`: host time each call of a sparse kernel costs (`opaque_host_seconds`). `traced`: the
+    sparse kernels will be traced into Inductor's code (`kernels_traced`), priced as such."""
     ceilings = cost_model.ceilings_for(device, weight.dtype, measure=autotune)
     found = candidates_for(weight, m, device.type, row_perm, col_perm, two_four)
     # A format whose kernel cannot run here (a C++ library that failed to build) is no candidate;
@@ -298,7 +300,7 @@ def choose(weight, bias, m: int, device: torch.device, autotune: bool, row_perm=
     ready = {c.kernel for c in found[1:] if kernels_ready(c.kernel, device.type)} if len(found) > 1 else set()
     found = [found[0]] + [c for c in found[1:] if c.kernel in ready]
     for c in found[1:]:
-        c.host_s = host_s
+        c.host_s, c.traced = host_s, traced
     for c in found:
         cost_model.predict(c, ceilings, device.type)
     dense = found[0]
@@ -338,6 +340,13 @@ OPAQUE_HOST_S = 75e-6
 def opaque_host_seconds(ctx, device: torch.device) -> float:
     """Host time each sparse kernel call will cost on top of Inductor's own launches (see OPAQUE_HOST_S)."""
     return OPAQUE_HOST_S if ctx.token_range is not None and not ctx.cuda_graphs and device.type == "cuda" else 0.0
+
+
+def kernels_traced(ctx, device: torch.device) -> bool:
+    """Whether the sparse ops will run Triton kernels traced into Inductor's code rather than an opaque
+    kernel: on CUDA without CUDA graphs, in a graph of fixed token counts (runtime.ops
+    .traced_launches_preferred; a dynamic graph's ops launch from the host, opaque_host_seconds)."""
+    return device.type == "cuda" and not ctx.cuda_graphs and ctx.token_range is None
 
 
 def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice, weight: torch.Tensor) -> bool:
@@ -518,7 +527,8 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
         host_s = opaque_host_seconds(ctx, layer_device)
         choice, found, measured = choose(weight, ir.get_constant(gm, bias_node) if bias_node else None, m,
                                          layer_device, ctx.options.autotune, row_perm, col_perm, token_probes=probes,
-                                         two_four=form.to_rows is None, host_s=host_s)
+                                         two_four=form.to_rows is None, host_s=host_s,
+                                         traced=kernels_traced(ctx, layer_device))
         facts = {"tokens": m, "predicted_ms": {c.label: round(c.predicted_s * 1e3, 5) for c in found}}
         if host_s:
             facts["host_ms_per_call"] = f"{host_s * 1e3:g} (sparse kernels launched from Python on every call)"

@@ -239,7 +239,7 @@ def pack_bitmap(weight: torch.Tensor, tile_rows: int = 16, row_perm=None, col_pe
 
 # ------------------------------------------------------------------ CSR
 # CSRWeight of a dense W[N, K] (out x in), for unstructured weights on the CPU:
-#   values       [nnz], weight dtype, row by row, ascending column inside a row
+#   values       [nnz], weight dtype, row by row; inside a row interleaved by column mod 32 (pack_csr)
 #   col_indices  int16 [nnz] when K <= 65536 (read as *unsigned* 16-bit by the kernels: 2 bytes
 #                per non-zero instead of 4), else int32
 #   row_offsets  int32 [N + 1]

@@ -44,6 +44,8 @@ this builds the library, or loads it from the disk cache): the reference never c
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -63,8 +65,24 @@ _ACTIVATION_ARG = {"bsr_linear": 7, "bitmap_linear": 8, "csr_linear": 7}
 # Kernels that are registered but may not be usable yet: fn -> ready() (True once it can run).
 _READY_CHECKS: Dict[Callable, Callable[[], bool]] = {}
 # Opaque kernels that say from shapes and dtypes alone whether they take a call: fn -> accepts(*args).
-# Under torch.compile a call they decline goes on to the traceable kernels after them.
+# Under torch.compile a call they decline goes on to the traceable kernels after them; so does every
+# call while traced launches are preferred (traced_launches_preferred).
 _ACCEPTS: Dict[Callable, Callable[..., bool]] = {}
+# Set while Inductor compiles code that will launch its kernels from the host on every call (no CUDA
+# graphs): an opaque kernel's call costs the host op's dispatch and its launcher's Python (~75 us on the
+# H200 machine's host, passes/select_kernels.py OPAQUE_HOST_S), a traced Triton launch a few, so the
+# opaque kernels that have a traceable alternative (those registered with `accepts`) step aside.
+_TRACED_PREFERRED: ContextVar[bool] = ContextVar("sparsec_traced_launches_preferred", default=False)
+
+
+@contextmanager
+def traced_launches_preferred(preferred: bool = True):
+    """Within: opaque kernels registered with `accepts` are passed by while torch.compile traces the ops."""
+    token = _TRACED_PREFERRED.set(preferred)
+    try:
+        yield
+    finally:
+        _TRACED_PREFERRED.reset(token)
 # The built-in kernels of each device type: modules with `register_all()`, imported on first use.
 _BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.cuda.register", "sparsec.codegen.triton.register",
                              "sparsec.codegen.cusparselt", "sparsec.codegen.cudnn"),
@@ -86,8 +104,9 @@ def register_kernel(op_name: str, device_type: str, fn: Callable, *, last: bool 
     `traceable=True` only for functions made of PyTorch ops and `wrap_triton` launches.
     `ready()`, if given, says whether `fn` can run here (e.g. its library built).
     `gated=True`: `fn` implements activation "swiglu" itself.
-    `accepts(*args)`, for an opaque `fn`: whether it takes these arguments, from their shapes and dtypes
-    only (it is called on fake tensors); without it an opaque kernel is taken to accept every call."""
+    `accepts(*args)`, for an opaque `fn` with a traceable kernel behind it: whether it takes these
+    arguments, from their shapes and dtypes only (it is called on fake tensors); without it an opaque
+    kernel is taken to accept every call, and never steps aside (traced_launches_preferred)."""
     lst = _KERNELS.setdefault((_norm(op_name), device_type), [])
     if fn in lst:
         lst.remove(fn)
@@ -170,8 +189,8 @@ def _run_traceable(op_name, args):
         return NotImplemented
     for fn in get_kernels(op_name, args[0].device.type):
         if fn not in _TRACEABLE:
-            if fn in _ACCEPTS and not _ACCEPTS[fn](*args):
-                continue  # an opaque kernel that would decline this call: on to the next one
+            if fn in _ACCEPTS and (_TRACED_PREFERRED.get() or not _ACCEPTS[fn](*args)):
+                continue  # an opaque kernel that would decline this call, or steps aside: on to the next
             return NotImplemented
         out = _call(fn, op_name, args)
         if out is not NotImplemented:

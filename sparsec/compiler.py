@@ -46,6 +46,7 @@ from .capture import Captured, concrete
 from .options import Options
 from .pass_manager import PassContext, VerificationError, run_pipeline
 from .report import Report
+from sparsec.runtime import ops
 
 log = logging.getLogger("sparsec")
 
@@ -182,7 +183,9 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None,
     inputs = scalar_readable(example_inputs)
     if inputs is not example_inputs:
         ir.drop_unbacked_bindings(gm)
-    compiled = compile_fx(gm, inputs, config_patches=patches)
+    # without CUDA graphs every call launches from the host: traced kernels there, not opaque ones
+    with ops.traced_launches_preferred(not uses_cuda_graphs(mode)):
+        compiled = compile_fx(gm, inputs, config_patches=patches)
     if own_graphs:
         from sparsec.runtime.cuda_graphs import CudaGraphReplay
 

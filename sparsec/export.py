@@ -32,6 +32,7 @@ from . import ir
 from .capture import Captured
 from .options import parse_options
 from .report import Report
+from sparsec.runtime import ops
 from sparsec.runtime.package import PackageError, PackageNotFoundError  # noqa: F401  (re-exported)
 
 EXPORT_ONLY_OPTIONS = ("verify", "aot_inductor")
@@ -313,7 +314,8 @@ def export_aot_inductor(gm: fx.GraphModule, args: tuple, input_specs: list[dict]
     from torch._inductor import aoti_compile_and_package
 
     module = _Unflatten(gm, out_spec) if out_spec is not None else gm
-    with torch.no_grad():
+    # the package launches every kernel from its runner, call by call: traced kernels, not opaque ones
+    with torch.no_grad(), ops.traced_launches_preferred():
         ep = torch.export.export(module, tuple(args), dynamic_shapes=_dims_from_specs(input_specs), strict=False)
         return aoti_compile_and_package(ep, package_path=path)
 

@@ -58,7 +58,7 @@ def test_cuda_kernel_declines_cpu_tensors():
 
 def test_declined_opaque_kernel_lets_the_traceable_one_run():
     """_run_traceable: an opaque kernel ahead of a traceable one sends the call to the host op only
-    when it would take the call (its `accepts`); one without `accepts` always does."""
+    when it would take the call (its `accepts`), and not while traced launches are preferred."""
     calls = []
     traced = lambda *args: calls.append("traced") or args[0]  # noqa: E731
     opaque = lambda *args: calls.append("opaque") or args[0]  # noqa: E731
@@ -70,6 +70,9 @@ def test_declined_opaque_kernel_lets_the_traceable_one_run():
         assert ops._run_traceable("csr_linear", args) is x and calls == ["traced"]
         ops.register_kernel("csr_linear", "meta", opaque, accepts=lambda x, *rest: x.shape[0] < 8)
         assert ops._run_traceable("csr_linear", args) is NotImplemented and calls == ["traced"]
+        with ops.traced_launches_preferred():  # code without CUDA graphs: the opaque kernel steps aside
+            assert ops._run_traceable("csr_linear", args) is x and calls == ["traced", "traced"]
+        assert ops._run_traceable("csr_linear", args) is NotImplemented
     finally:
         ops.unregister_kernel("csr_linear", "meta")
         ops._ACCEPTS.pop(opaque, None)
@@ -224,3 +227,33 @@ def test_op_runs_the_cuda_kernel_and_compiles(monkeypatch):
         static_x.copy_(fresh.cuda())
         graph.replay()
         check(static_out, linear64(fresh, w, bias, "gelu"), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("mode, tokens, cuda_kernel", [("reduce-overhead", 4, True), (None, 1, False)])
+def test_unstructured_mlp_under_torch_compile(fresh_dynamo, monkeypatch, mode, tokens, cuda_kernel):
+    """A 90%-unstructured MLP compiled by sparsec picks CSR for both linears and equals eager on fresh
+    inputs. Under CUDA graphs the CUDA C++ kernel runs (replayed); in the default mode the Triton one,
+    traced into Inductor's code (the opaque kernel steps aside: its host time a call would cost more)."""
+    import sparsec
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 5632), torch.nn.SiLU(), torch.nn.Linear(5632, 2048))
+    model = model.to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    launches = []
+    launch = csr.launch
+    monkeypatch.setattr(csr, "launch", lambda *a, **kw: launches.append(a[0].shape[0]) or launch(*a, **kw))
+    compiled = torch.compile(model, backend="sparsec", mode=mode)
+    before = len(sparsec.backend.compiled_graphs())
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+            ref = linear64(torch.nn.functional.silu(linear64(x.cpu(), model[0].weight.cpu(), model[0].bias.cpu())
+                                                    .to(torch.bfloat16)), model[2].weight.cpu(), model[2].bias.cpu())
+            check(compiled(x), ref, torch.bfloat16)
+    graphs = sparsec.backend.compiled_graphs()[before:]
+    assert [r["kernel"] for r in graphs[0].report.layers] == ["csr_linear", "csr_linear"], graphs[0].report.layers
+    assert bool(launches) == cuda_kernel, launches

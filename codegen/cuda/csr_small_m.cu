@@ -104,6 +104,47 @@ __device__ __forceinline__ float activate(float v, int act) {
     return v;
 }
 
+// One step of a warp over a row: UNROLL chunks of WARP * NZ non-zeros from j0, every load issued before
+// any is used so they are in flight together. CHECKED: the step may reach outside [start, end), and a lane
+// reads nothing there (an inf in x's column 0 must not become 0 * inf).
+template <int DT, int MT, int UNROLL, int NZ, bool CHECKED>
+__device__ __forceinline__ void accumulate_step(float (&acc)[MT], const u16* xs, const u16* __restrict__ values,
+                                                const u16* __restrict__ cols, int j0, int start, int end, int lane) {
+    u32 w[UNROLL], c[UNROLL];  // the lane's NZ values and NZ columns, 16 bits each
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int j = j0 + (u * WARP + lane) * NZ;
+        if (NZ == 2 && (!CHECKED || j + 1 < end)) {
+            w[u] = *reinterpret_cast<const u32*>(values + j);
+            c[u] = *reinterpret_cast<const u32*>(cols + j);
+        } else {
+            w[u] = !CHECKED || j < end ? values[j] : 0u;
+            c[u] = !CHECKED || j < end ? cols[j] : 0u;
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+        for (int e = 0; e < NZ; ++e) {
+            const int j = j0 + (u * WARP + lane) * NZ + e;
+            if (CHECKED && (j < start || j >= end)) continue;
+            const float weight = e ? hi_f32<DT>(w[u]) : lo_f32<DT>(w[u]);
+            const int col = (c[u] >> (16 * e)) & 0xffff;
+            if (MT == 1) {
+                acc[0] += weight * to_f32<DT>(xs[col]);
+            } else {  // the tokens as 32-bit pairs, each widened by a shift or a mask (bfloat16)
+                const Tokens<MT> in = load_column<MT>(xs, col);
+                const u32* pairs = reinterpret_cast<const u32*>(in.v);
+#pragma unroll
+                for (int p = 0; p < MT / 2; ++p) {
+                    acc[2 * p] += weight * lo_f32<DT>(pairs[p]);
+                    acc[2 * p + 1] += weight * hi_f32<DT>(pairs[p]);
+                }
+            }
+        }
+    }
+}
+
 template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ>
 __global__ void __launch_bounds__(1024, MIN_BLOCKS)
 csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], rows ldx apart
@@ -151,43 +192,19 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         float acc[MT];
 #pragma unroll
         for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
-        // NZ == 2: chunks start on an even non-zero, so a lane loads two values and two columns as one word each
-        for (int j0 = start & ~(NZ - 1); j0 < end; j0 += UNROLL * WARP * NZ) {
-            u32 w[UNROLL], c[UNROLL];  // the lane's NZ values and NZ columns, 16 bits each
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {  // every load of the step first, so they are in flight together
-                const int j = j0 + (u * WARP + lane) * NZ;
-                if (NZ == 2 && j + 1 < end) {
-                    w[u] = *reinterpret_cast<const u32*>(values + j);
-                    c[u] = *reinterpret_cast<const u32*>(cols + j);
-                } else {
-                    w[u] = j < end ? values[j] : 0u;
-                    c[u] = j < end ? cols[j] : 0u;
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-#pragma unroll
-                for (int e = 0; e < NZ; ++e) {
-                    const int j = j0 + (u * WARP + lane) * NZ + e;
-                    // lanes outside the row read nothing: an inf in x's column 0 must not become 0 * inf
-                    if (j < start || j >= end) continue;
-                    const float weight = e ? hi_f32<DT>(w[u]) : lo_f32<DT>(w[u]);
-                    const int col = (c[u] >> (16 * e)) & 0xffff;
-                    if (MT == 1) {
-                        acc[0] += weight * to_f32<DT>(xs[col]);
-                    } else {  // the tokens as 32-bit pairs, each widened by a shift or a mask (bfloat16)
-                        const Tokens<MT> in = load_column<MT>(xs, col);
-                        const u32* pairs = reinterpret_cast<const u32*>(in.v);
-#pragma unroll
-                        for (int p = 0; p < MT / 2; ++p) {
-                            acc[2 * p] += weight * lo_f32<DT>(pairs[p]);
-                            acc[2 * p + 1] += weight * hi_f32<DT>(pairs[p]);
-                        }
-                    }
-                }
-            }
+        // NZ == 2: steps start on an even non-zero, so a lane loads two values and two columns as one word
+        // each. Steps wholly inside the row run without a check a lane; the first (NZ == 2) and the last may
+        // reach past the row's ends and check each non-zero.
+        constexpr int STEP = UNROLL * WARP * NZ;
+        int j0 = start & ~(NZ - 1);
+        if (j0 < start && j0 < end) {
+            accumulate_step<DT, MT, UNROLL, NZ, true>(acc, xs, values, cols, j0, start, end, lane);
+            j0 += STEP;
         }
+        for (; j0 + STEP <= end; j0 += STEP)
+            accumulate_step<DT, MT, UNROLL, NZ, false>(acc, xs, values, cols, j0, start, end, lane);
+        if (j0 < end)
+            accumulate_step<DT, MT, UNROLL, NZ, true>(acc, xs, values, cols, j0, start, end, lane);
         // 4. transposing butterfly: each exchange halves the tokens a lane holds
 #pragma unroll
         for (int step = 0; step < LOG2_MT; ++step) {
