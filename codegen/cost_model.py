@@ -62,11 +62,11 @@ KERNEL_MODELS = {
     ("bitmap_linear", "cuda"): KernelModel(0.05, 0.30, latency_s=1e-6),
     # CSR at 1-16 tokens: the CUDA C++ kernel (codegen/cuda/csr.py), fit to `benchmarks/kernels.py
     # --csr-cuda` on the H200 (2026-12-04, 90% unstructured 11008x4096 / 4096x11008): the non-zeros stream
-    # at ~0.5 of the copy bandwidth (9.7 / 10.5 us at one token, 11.4-12.8 at four); its "flops" are
-    # CUDA-core multiply-adds over x gathered from shared memory, ~0.75% of the Tensor Core peak (24.4 /
-    # 25.1 us at 16 tokens, cuBLAS's time). Beyond 16 tokens the Triton CSR kernel runs, slower still
-    # (80-92 us at 64), so CSR wins up to about 8 tokens and never from 16.
-    ("csr_linear", "cuda"): KernelModel(0.5, 0.0075, latency_s=1.5e-6),
+    # at ~0.5 of the copy bandwidth (9.7 / 9.3 us at one token, 11.2 / 11.1 at four); its "flops" are
+    # CUDA-core multiply-adds over x gathered from shared memory, ~0.85% of the Tensor Core peak (14 us
+    # at 8 tokens, 20-22 at 16: 1.1-1.45x cuBLAS). Beyond 16 tokens the Triton CSR kernel runs, slower
+    # (80-92 us at 64), so CSR wins up to 16 tokens at 90% and never beyond.
+    ("csr_linear", "cuda"): KernelModel(0.5, 0.0085, latency_s=1.5e-6),
     # cuSPARSELt 2:4 (codegen/cusparselt.py), fit to benchmarks/kernels.py --sweep-2-4 on the H200
     # (2026-12-02): its half of the flops at ~0.6 of the dense peak on weights 4096 and more on each
     # side (1.4-1.5x over cuBLAS from 2048 tokens), less on narrower ones (semi_structured_efficiency);

@@ -2,12 +2,14 @@
 
 Choices, all from shapes and the device's properties (no host syncs, so a call can be captured in a
 CUDA graph):
-- the token tile MT: the power of two >= M up to 16, halved until x^T's [K, MT] tile fits the shared
-  memory a block may have (16 tokens at K=4096 take 128 KB; at K=11008, 8 tokens take 172 KB);
+- the token tile MT: the power of two >= M up to 8, halved until x^T's [K, MT] tile fits the shared
+  memory a block may have (8 tokens at K=11008 take 172 KB); 16 tokens run as two 8-token tiles, which
+  was faster than one 16-token tile on the H200 (22.2-22.6 against 23.0 us, 90% 11008x4096);
 - the grid: (blocks, token tiles) with about one wave of blocks in all, so each block stages its x
   tile once and its warps then walk many rows;
-- one-token tiles run two blocks a SM (64 warps) with registers capped at 32, since they wait on
-  loads and nothing else; wider tiles hold MT fp32 sums a lane and run one block a SM.
+- tiles of up to 4 tokens run two blocks a SM (64 warps) with registers capped at 32, since they wait
+  on loads; 8-token tiles hold 8 fp32 sums a lane and run one block a SM.
+The H200 sweep behind these rules: benchmarks/kernels.py --csr-cuda (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from . import nvrtc
 
 SOURCE = Path(__file__).with_name("csr_small_m.cu")
 MAX_M = 16
+MAX_TILE = 8
 THREADS = 1024
 WARPS = THREADS // 32
 UNROLL = 4  # 32-non-zero chunks a warp loads at once
@@ -37,8 +40,8 @@ def serves(tokens: int, dtype: torch.dtype, values: torch.Tensor, col_indices: t
 
 
 def blocks_per_sm_wanted(mt: int) -> int:
-    """Two blocks a SM (registers capped at 32) for the load-bound tiles of 1-2 tokens, else one."""
-    return 2 if mt <= 2 else 1
+    """Two blocks a SM (registers capped at 32) for the load-bound tiles of 1-4 tokens, else one."""
+    return 2 if mt <= 4 else 1
 
 
 def nonzeros_per_lane(mt: int) -> int:
@@ -58,7 +61,7 @@ def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
     """MT: the most tokens (a power of two, at least M's if it fits) whose x^T tile fits a block; 0 if
     not even one token's does."""
-    mt = pow2_tile(M, 1, MAX_M)
+    mt = pow2_tile(M, 1, MAX_TILE)
     while mt > 1 and K * mt * ELEMENT_BYTES > shared_mem_limit:
         mt //= 2
     return mt if K * mt * ELEMENT_BYTES <= shared_mem_limit else 0

@@ -1,4 +1,5 @@
 // CSR linear for unstructured sparsity at 1-16 tokens, on CUDA cores: out[M, N] = epilogue(x @ W^T).
+// A block takes MT = 1, 2, 4 or 8 tokens (blockIdx.y picks which); 16 tokens run as two 8-token tiles.
 //
 // Compiled at run time by NVRTC (codegen/cuda/nvrtc.py): device code only, no headers. Storage
 // types are raw 16-bit words; DT says how to read them (0: bfloat16, 1: float16).
@@ -7,15 +8,15 @@
 // a warp's lanes with shuffles, so the Triton CSR kernel reads x^T from L1/L2 behind a chain of dependent
 // loads (benchmarks/RESULTS.md: 33-40 us at 16 tokens on a 90% 11008x4096 weight, cuBLAS 24 us). Here:
 //   1. each block copies its MT tokens of x into shared memory once, transposed: xs[k][t], so the MT
-//      inputs that meet one non-zero are one 2-32 byte vector load (column_at says where, and why the
-//      lanes' loads do not collide in the banks);
+//      inputs that meet one non-zero are one 2-16 byte vector load; pack_csr interleaves each row's
+//      non-zeros by column mod 32, so a warp's 32 lanes load from every bank alike (no conflicts);
 //   2. the grid is persistent (about one wave), so x is staged once per block, not once per row;
 //   3. one warp owns one weight row at a time: its lanes take consecutive non-zeros (coalesced value and
 //      column loads, NZ a lane: two as one 4-byte word each where the tile waits on loads rather than on
 //      shared memory), UNROLL chunks in flight at once, and accumulate MT fp32 partial sums each;
 //   4. the warp's partial sums meet in a transposing butterfly: log2(MT) exchanges halve the values a lane
 //      holds, so after them lane l holds token l >> (5 - LOG2_MT); 5 - log2(MT) more finish the sum
-//      (MT + 4 shuffles a row at 16 tokens, against 5 * MT for reducing each token on its own).
+//      (MT + 3 shuffles a row at 8 tokens, against 5 * MT for reducing each token on its own).
 //   5. the epilogue (bias, activation, residual) runs on the lanes that hold a finished token.
 
 typedef unsigned short u16;
@@ -64,38 +65,8 @@ template <> __device__ __forceinline__ u16 from_f32<1>(float f) {
     return v;
 }
 
-// MT 16-bit inputs of one non-zero's column, loaded as one vector (two at MT 16)
-template <int MT> struct alignas(MT * 2 < 16 ? MT * 2 : 16) Tokens { u16 v[MT]; };
-
-// Where column k of x^T sits in shared memory, in u16 from xs. A 16-token column is two 16-byte halves,
-// swapped where bit 2 of k is set: a 16-byte access takes one of 8 bank quads, (2k + half) % 8 unswizzled,
-// so the first halves of all columns would share 4 quads; swizzled, columns k % 8 = 0..7 take all 8. With
-// pack_csr's rows interleaved by column mod 32, a warp's 32 lanes then hit every quad 4 times: no conflict.
-template <int MT> __device__ __forceinline__ int column_at(int k, int half) {
-    return MT == 16 ? k * 16 + ((half ^ ((k >> 2) & 1)) << 3) : k * MT;
-}
-
-template <int MT> __device__ __forceinline__ void store_column(u16* xs, int k, const Tokens<MT>& col) {
-    if (MT == 16) {
-        const Tokens<8>* halves = reinterpret_cast<const Tokens<8>*>(&col);
-        *reinterpret_cast<Tokens<8>*>(xs + column_at<MT>(k, 0)) = halves[0];
-        *reinterpret_cast<Tokens<8>*>(xs + column_at<MT>(k, 1)) = halves[1];
-    } else {
-        *reinterpret_cast<Tokens<MT>*>(xs + column_at<MT>(k, 0)) = col;
-    }
-}
-
-template <int MT> __device__ __forceinline__ Tokens<MT> load_column(const u16* xs, int k) {
-    Tokens<MT> col;
-    if (MT == 16) {
-        Tokens<8>* halves = reinterpret_cast<Tokens<8>*>(&col);
-        halves[0] = *reinterpret_cast<const Tokens<8>*>(xs + column_at<MT>(k, 0));
-        halves[1] = *reinterpret_cast<const Tokens<8>*>(xs + column_at<MT>(k, 1));
-    } else {
-        col = *reinterpret_cast<const Tokens<MT>*>(xs + column_at<MT>(k, 0));
-    }
-    return col;
-}
+// MT 16-bit inputs of one non-zero's column, loaded as one 2-16 byte vector
+template <int MT> struct alignas(MT * 2) Tokens { u16 v[MT]; };
 
 __device__ __forceinline__ float activate(float v, int act) {
     if (act == ACT_RELU) return fmaxf(v, 0.0f);
@@ -133,7 +104,7 @@ __device__ __forceinline__ void accumulate_step(float (&acc)[MT], const u16* xs,
             if (MT == 1) {
                 acc[0] += weight * to_f32<DT>(xs[col]);
             } else {  // the tokens as 32-bit pairs, each widened by a shift or a mask (bfloat16)
-                const Tokens<MT> in = load_column<MT>(xs, col);
+                const Tokens<MT> in = *reinterpret_cast<const Tokens<MT>*>(xs + col * MT);
                 const u32* pairs = reinterpret_cast<const u32*>(in.v);
 #pragma unroll
                 for (int p = 0; p < MT / 2; ++p) {
@@ -170,8 +141,8 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
                 even.v[t] = (u16)(pairs[t] & 0xffffu);
                 odd.v[t] = (u16)(pairs[t] >> 16);
             }
-            store_column<MT>(xs, k, even);
-            store_column<MT>(xs, k + 1, odd);
+            *reinterpret_cast<Tokens<MT>*>(xs + k * MT) = even;
+            *reinterpret_cast<Tokens<MT>*>(xs + (k + 1) * MT) = odd;
         }
     } else {
         for (int k = threadIdx.x; k < K; k += blockDim.x) {
@@ -179,7 +150,7 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
 #pragma unroll
             for (int t = 0; t < MT; ++t)
                 col.v[t] = m0 + t < M ? x[(long long)(m0 + t) * ldx + k] : (u16)0;
-            store_column<MT>(xs, k, col);
+            *reinterpret_cast<Tokens<MT>*>(xs + k * MT) = col;
         }
     }
     __syncthreads();
