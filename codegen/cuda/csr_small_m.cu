@@ -158,15 +158,8 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
     const int lane = threadIdx.x % WARP;
     const int warps = blockDim.x / WARP;
     // 2./3. a block's warps take consecutive rows, so the block's output stores share sectors
-    const int rows_apart = gridDim.x * warps;
-    int row = blockIdx.x * warps + threadIdx.x / WARP;
-    int next_start = row < N ? row_offsets[row] : 0, next_end = row < N ? row_offsets[row + 1] : 0;
-    for (; row < N; row += rows_apart) {
-        const int start = next_start, end = next_end;
-        if (row + rows_apart < N) {  // the next row's bounds load while this row runs: one wait less a row
-            next_start = row_offsets[row + rows_apart];
-            next_end = row_offsets[row + rows_apart + 1];
-        }
+    for (int row = blockIdx.x * warps + threadIdx.x / WARP; row < N; row += gridDim.x * warps) {
+        const int start = row_offsets[row], end = row_offsets[row + 1];
         float acc[MT];
 #pragma unroll
         for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
