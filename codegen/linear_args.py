@@ -11,11 +11,11 @@ ACT_CODES = {"none": ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "silu": ACT_S
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def prepare_linear(x, N, K, bias, residual, row_perm, col_perm, values, dtypes=KERNEL_DTYPES):
+def prepare_linear(x, N, K, bias, residual, row_perm, col_perm, values):
     """x flattened to [M, K] with unit column stride, the output [M, N] allocated, the residual as
     [M, N], the vectors contiguous: (x2d, out, res2d, bias, row_perm, col_perm). None when a kernel
     cannot take these operands (dtype, a mismatched K): the caller falls back."""
-    if x.dtype not in dtypes or values.dtype != x.dtype or x.shape[-1] != K:
+    if x.dtype not in KERNEL_DTYPES or values.dtype != x.dtype or x.shape[-1] != K:
         return None
     x2d = x.reshape(-1, K)
     if x2d.stride(-1) != 1:

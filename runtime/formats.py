@@ -238,7 +238,7 @@ def pack_bitmap(weight: torch.Tensor, tile_rows: int = 16, row_perm=None, col_pe
 
 
 # ------------------------------------------------------------------ CSR
-# CSRWeight of a dense W[N, K] (out x in), for unstructured weights on the CPU:
+# CSRWeight of a dense W[N, K] (out x in), for unstructured weights (the CPU, and CUDA at few tokens):
 #   values       [nnz], weight dtype, row by row; inside a row interleaved by column mod 32 (pack_csr)
 #   col_indices  int16 [nnz] when K <= 65536 (read as *unsigned* 16-bit by the kernels: 2 bytes
 #                per non-zero instead of 4), else int32

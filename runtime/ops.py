@@ -73,6 +73,13 @@ _ACCEPTS: Dict[Callable, Callable[..., bool]] = {}
 # H200 machine's host, passes/select_kernels.py OPAQUE_HOST_S), a traced Triton launch a few, so the
 # opaque kernels that have a traceable alternative (those registered with `accepts`) step aside.
 _TRACED_PREFERRED: ContextVar[bool] = ContextVar("sparsec_traced_launches_preferred", default=False)
+# The built-in kernels of each device type: modules with `register_all()`, imported on first use.
+_BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.cuda.register", "sparsec.codegen.triton.register",
+                             "sparsec.codegen.cusparselt", "sparsec.codegen.cudnn"),
+                    "cpu": ("sparsec.codegen.cpp.register",)}
+_LAZY_TRIED = set()
+
+ACTIVATIONS = reference.ACTIVATIONS
 
 
 @contextmanager
@@ -83,13 +90,6 @@ def traced_launches_preferred(preferred: bool = True):
         yield
     finally:
         _TRACED_PREFERRED.reset(token)
-# The built-in kernels of each device type: modules with `register_all()`, imported on first use.
-_BUILTIN_KERNELS = {"cuda": ("sparsec.codegen.cuda.register", "sparsec.codegen.triton.register",
-                             "sparsec.codegen.cusparselt", "sparsec.codegen.cudnn"),
-                    "cpu": ("sparsec.codegen.cpp.register",)}
-_LAZY_TRIED = set()
-
-ACTIVATIONS = reference.ACTIVATIONS
 
 
 def _norm(op_name: str) -> str:

@@ -321,8 +321,7 @@ def export_aot_inductor(gm: fx.GraphModule, args: tuple, input_specs: list[dict]
 
 
 def load_aot_inductor(path: str, device_index: int = -1):
-    """Load a `.pt2` written with `aot_inductor=True`, registering sparsec's custom ops first."""
-    import sparsec.runtime.ops  # noqa: F401
+    """Load a `.pt2` written with `aot_inductor=True` (this module's import registered sparsec's custom ops)."""
     from torch._inductor import aoti_load_package
 
     return aoti_load_package(str(path), device_index=device_index)

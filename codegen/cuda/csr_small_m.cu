@@ -40,28 +40,22 @@ template <int DT> __device__ __forceinline__ float hi_f32(u32 pair);
 template <> __device__ __forceinline__ float lo_f32<0>(u32 pair) { return __uint_as_float(pair << 16); }
 template <> __device__ __forceinline__ float hi_f32<0>(u32 pair) { return __uint_as_float(pair & 0xffff0000u); }
 
-template <> __device__ __forceinline__ float lo_f32<1>(u32 pair) {
+// float16 needs a conversion; its halves are split out first
+__device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
-    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l;}" : "=f"(f) : "r"(pair));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
-template <> __device__ __forceinline__ float hi_f32<1>(u32 pair) {
-    float f;
-    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "r"(pair));
-    return f;
-}
+template <> __device__ __forceinline__ float lo_f32<1>(u32 pair) { return f16_to_f32((u16)(pair & 0xffffu)); }
+template <> __device__ __forceinline__ float hi_f32<1>(u32 pair) { return f16_to_f32((u16)(pair >> 16)); }
 
 template <int DT> __device__ __forceinline__ float to_f32(u16 v) { return lo_f32<DT>((u32)v); }
 
-template <int DT> __device__ __forceinline__ u16 from_f32(float f);
-template <> __device__ __forceinline__ u16 from_f32<0>(float f) {
+// float32 to the storage type, rounded to nearest even
+template <int DT> __device__ __forceinline__ u16 from_f32(float f) {
     u16 v;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-    return v;
-}
-template <> __device__ __forceinline__ u16 from_f32<1>(float f) {
-    u16 v;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    if (DT == 0) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
     return v;
 }
 

@@ -29,7 +29,7 @@ def available() -> bool:
 
 
 def kernel(source: Path, instance: str, device: torch.device, shared_mem: int):
-    """The kernel `instance` (e.g. "csr_small_m<0, 4, 4, 1>") of `source`, compiled for `device`, with
+    """The kernel `instance` (e.g. "csr_small_m<0, 3, 4, 1, 1>") of `source`, compiled for `device`, with
     its dynamic shared memory raised to at least `shared_mem` bytes; None if it cannot be had here."""
     if not available():
         return None
