@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from sparsec.codegen import cost_model
 from sparsec.runtime.formats import pack_bitmap, pack_bsr, pack_csr
-from sparsec.runtime import ops, reference
+from sparsec.runtime import reference
 from sparsec.runtime.ops import bitmap_linear, bsr_linear, csr_linear
 
 HBM_BPS = 3.0e12     # replaced by the measured ceilings in run_gpu
@@ -166,7 +166,7 @@ def run_gpu(args):
                         DENSE_CACHE[key]["inductor"], _ = bench(lambda: compiled_linear(x, wd), True,
                                                                 args.rep)
                     except Exception as e:  # noqa: BLE001
-                        DENSE_CACHE[key]["inductor"] = f"fails"
+                        DENSE_CACHE[key]["inductor"] = "fails"
                         print("inductor fails:", repr(e)[:200])
                 res.update(DENSE_CACHE[key])
                 res["torch_bsr"] = res["torch_2:4"] = res["cusparse_csr"] = res["sparsec_csr"] = res["floor_csr"] = "-"
@@ -221,7 +221,7 @@ def try_torch(make, x, ref, args):
             return f"wrong({e:.1e})"
         t, _ = bench(lambda: F.linear(x, ws), True, args.rep)
         return t
-    except Exception as e:  # noqa: BLE001
+    except Exception:  # noqa: BLE001
         return "fails"
 
 
