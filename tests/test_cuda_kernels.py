@@ -5,6 +5,7 @@ NVRTC there. On the CPU: the launcher's choices, the registry rule that lets a d
 traceable kernels, and, where a CUDA toolkit is installed, every template instance the launcher can pick
 compiled for sm_90 by nvcc with no register spills.
 """
+import contextlib
 import os
 import re
 import shutil
@@ -75,6 +76,43 @@ def test_declined_opaque_kernel_lets_the_traceable_one_run():
     finally:
         ops.unregister_kernel("csr_linear", "meta")
         ops._ACCEPTS.pop(opaque, None)
+
+
+def test_nvrtc_compiles_once_a_device_and_falls_back_on_failure(monkeypatch, caplog):
+    """nvrtc.kernel on a faked CUDA torch: one compile per (instance, device), since a loaded module
+    belongs to one device; shared memory raised only when a launch needs more; a failed compile is said
+    once in the log and gives None (the caller then runs Triton), and is not retried."""
+    compiles, raised = [], []
+
+    class Kernel:
+        def set_shared_memory_config(self, nbytes):
+            raised.append(nbytes)
+
+    def compile_kernel(source, instance, compute_capability, nvcc_options):
+        compiles.append((instance, compute_capability))
+        if instance == "broken":
+            raise RuntimeError("Kernel compilation failed")
+        return Kernel()
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", compile_kernel, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(nvrtc, "_KERNELS", {})
+    monkeypatch.setattr(nvrtc, "_SHARED_MEM", {})
+    monkeypatch.setitem(nvrtc.stats, "failures", 0)
+    first = nvrtc.kernel(csr.SOURCE, "good", torch.device("cuda"), 64 * 1024)
+    assert nvrtc.kernel(csr.SOURCE, "good", torch.device("cuda:0"), 1024) is first  # the current device: 0
+    assert nvrtc.kernel(csr.SOURCE, "good", torch.device("cuda:0"), 100 * 1024) is first
+    assert nvrtc.kernel(csr.SOURCE, "good", torch.device("cuda:1"), 1024) is not first
+    assert compiles == [("good", "90"), ("good", "90")] and raised == [64 * 1024, 100 * 1024, 1024]
+    with caplog.at_level("WARNING", logger="sparsec.codegen.cuda"):
+        assert nvrtc.kernel(csr.SOURCE, "broken", torch.device("cuda"), 0) is None
+        assert nvrtc.kernel(csr.SOURCE, "broken", torch.device("cuda"), 0) is None
+    assert compiles.count(("broken", "90")) == 1 and nvrtc.stats["failures"] == 1
+    assert [r.getMessage() for r in caplog.records if "broken" in r.getMessage()][0].endswith("the Triton kernels run instead")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")

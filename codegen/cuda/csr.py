@@ -91,8 +91,9 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     token_tiles = math.ceil(M / mt)
     blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * props.multi_processor_count // token_tiles))
     flags = (HAS_BIAS if bias is not None else 0) | (HAS_RES if res2d is not None else 0)
-    kernel(grid=(blocks, token_tiles, 1), block=(THREADS, 1, 1), shared_mem=shared_mem,
-           args=[x2d, x2d.stride(0), values, col_indices, row_offsets,
-                 out if bias is None else bias, out if res2d is None else res2d,
-                 0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, K, act_code, flags])
+    with torch.cuda.device(device):  # the kernel's module lives in this device's context
+        kernel(grid=(blocks, token_tiles, 1), block=(THREADS, 1, 1), shared_mem=shared_mem,
+               args=[x2d, x2d.stride(0), values, col_indices, row_offsets,
+                     out if bias is None else bias, out if res2d is None else res2d,
+                     0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, K, act_code, flags])
     return out

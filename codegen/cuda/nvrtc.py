@@ -15,10 +15,11 @@ import torch
 
 log = logging.getLogger("sparsec.codegen.cuda")
 
-# (source file, template instance, compute capability) -> the kernel, or None where it failed
-_KERNELS: Dict[Tuple[str, str, Tuple[int, int]], Optional[object]] = {}
+# (source file, template instance, device index) -> the kernel, or None where it failed. Per device, not
+# per architecture: a loaded module belongs to one device's context.
+_KERNELS: Dict[Tuple[str, str, int], Optional[object]] = {}
 # the dynamic shared memory each kernel was allowed so far (bytes); raised when a launch needs more
-_SHARED_MEM: Dict[Tuple[str, str, Tuple[int, int]], int] = {}
+_SHARED_MEM: Dict[Tuple[str, str, int], int] = {}
 # process-wide counters (tests read them)
 stats: Dict[str, int] = {"compiles": 0, "failures": 0}
 
@@ -30,13 +31,15 @@ def available() -> bool:
 
 def kernel(source: Path, instance: str, device: torch.device, shared_mem: int):
     """The kernel `instance` (e.g. "csr_small_m<0, 3, 4, 1, 1>") of `source`, compiled for `device`, with
-    its dynamic shared memory raised to at least `shared_mem` bytes; None if it cannot be had here."""
+    its dynamic shared memory raised to at least `shared_mem` bytes; None if it cannot be had here.
+    Launch it with `device` current (torch.cuda.device), on that device's stream."""
     if not available():
         return None
-    capability = torch.cuda.get_device_capability(device)
-    key = (str(source), instance, capability)
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    key = (str(source), instance, index)
     if key not in _KERNELS:
-        _KERNELS[key] = _compile(source, instance, device, capability)
+        _KERNELS[key] = _compile(source, instance, index, torch.cuda.get_device_capability(index))
     compiled = _KERNELS[key]
     if compiled is not None and shared_mem > _SHARED_MEM.get(key, 0):
         with torch.cuda.device(device):
@@ -45,7 +48,7 @@ def kernel(source: Path, instance: str, device: torch.device, shared_mem: int):
     return compiled
 
 
-def _compile(source: Path, instance: str, device: torch.device, capability: Tuple[int, int]):
+def _compile(source: Path, instance: str, device: int, capability: Tuple[int, int]):
     try:
         with torch.cuda.device(device):
             compiled = torch.cuda._compile_kernel(source.read_text(), instance,
