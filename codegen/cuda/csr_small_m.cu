@@ -9,7 +9,7 @@
 // loads (benchmarks/RESULTS.md: 33-40 us at 16 tokens on a 90% 11008x4096 weight, cuBLAS 24 us). Here:
 //   1. each block copies its MT tokens of x into shared memory once, transposed: xs[k][t], so the MT
 //      inputs that meet one non-zero are one 2-16 byte vector load; pack_csr interleaves each row's
-//      non-zeros by column mod 32, so a warp's 32 lanes load from every bank alike (no conflicts);
+//      non-zeros by column mod 32, so a warp's 32 lanes load from every bank alike (few conflicts);
 //   2. the grid is persistent (about one wave), so x is staged once per block, not once per row;
 //   3. one warp owns one weight row at a time: its lanes take consecutive non-zeros (coalesced value and
 //      column loads, NZ a lane: two as one 4-byte word each where the tile waits on loads rather than on
@@ -25,7 +25,7 @@ typedef unsigned int u32;
 #define WARP 32
 #define FULL_MASK 0xffffffffu
 
-// activation codes: the same numbers as codegen/triton/epilogue.py's ACT_CODES
+// activation codes: the same numbers as codegen/linear_args.py's ACT_CODES
 #define ACT_RELU 1
 #define ACT_GELU 2
 #define ACT_SILU 3
