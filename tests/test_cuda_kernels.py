@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sparsec.codegen.cuda import csr, nvrtc
 from sparsec.codegen.cuda.register import csr_accepts
@@ -50,10 +51,19 @@ def test_serves_few_tokens_in_half_precision_only():
     assert not csr.serves(4, torch.float16, values, cols16)   # values of another dtype
 
 
-def test_cuda_kernel_declines_cpu_tensors():
-    w = pack_csr(torch.eye(8))
-    x = torch.randn(2, 8)
+def test_cuda_kernel_declines_cpu_tensors_and_epilogue_operands_of_another_dtype(monkeypatch):
+    w = pack_csr(torch.eye(8, dtype=torch.bfloat16))
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
     assert not csr_accepts(x, w.values, w.col_indices, w.row_offsets, 8, 8, None, "none", None)
+    monkeypatch.setattr(nvrtc, "available", lambda: True)
+    with FakeTensorMode():  # CUDA tensors without a GPU, as torch.compile traces them
+        x, bias16, res16 = (torch.empty(*s, dtype=torch.bfloat16, device="cuda") for s in ((2, 8), (8,), (2, 8)))
+        bias32, res32 = torch.empty(8, device="cuda"), torch.empty(2, 8, device="cuda")
+    args = (w.values, w.col_indices, w.row_offsets, 8, 8)
+    assert csr_accepts(x, *args, bias16, "none", res16)
+    # a float32 residual stream or bias: the kernel reads x's 16-bit type, so the Triton kernel takes it
+    assert not csr_accepts(x, *args, None, "none", res32)
+    assert not csr_accepts(x, *args, bias32, "none", None)
 
 
 def test_declined_opaque_kernel_lets_the_traceable_one_run():

@@ -13,7 +13,10 @@ from . import csr, nvrtc
 
 
 def csr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
+    """The kernel reads the bias and the residual as x's 16-bit type: a float32 residual stream (kept by
+    some models beside bfloat16 linears) goes to the Triton kernel, whose epilogue converts any type."""
     return (x.device.type == "cuda" and nvrtc.available()
+            and all(t is None or t.dtype == x.dtype for t in (bias, residual))
             and csr.serves(math.prod(x.shape[:-1]), x.dtype, values, col_indices))
 
 
