@@ -136,14 +136,13 @@ def run_gpu(args):
             density = (w != 0).float().mean().item()
             if pattern.startswith("block"):
                 packs = weight_copies(lambda: pack_bsr(w, (64, 64)))
-                sp_bytes = packs[0].nbytes
                 sp_fn = bsr_linear
                 flops_density = packs[0].nnz_blocks * 64 * 64 / (N * K)
             else:
                 packs = weight_copies(lambda: pack_bitmap(w))
-                sp_bytes = packs[0].nbytes
                 sp_fn = bitmap_linear
                 flops_density = density
+            sp_bytes = packs[0].nbytes
             wd = w.contiguous()
             for M in Ms:
                 x = torch.randn(M, K, generator=gen, device=dev, dtype=torch.float32).to(dtype)

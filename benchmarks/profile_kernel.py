@@ -19,6 +19,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from sparsec.codegen.cuda import csr as csr_cuda
 from sparsec.codegen.triton import bsr_large_m, bsr_small_m, csr
 from sparsec.codegen.linear_args import ACT_CODES
 from sparsec.runtime import reference
@@ -45,26 +46,22 @@ def bsr_launch(kernel):
     return build
 
 
-def csr_launch(w, x, out, config, act):
-    packed = pack_csr(w)
-    xt = x.t().contiguous()
-    return lambda: csr.launch(xt, packed.values, packed.col_indices, packed.row_offsets, w.shape[0], None,
-                              ACT_CODES[act], None, out, config=config)
-
-
-def csr_cuda_launch(w, x, out, config, act):
-    from sparsec.codegen.cuda import csr as csr_cuda
-    packed = pack_csr(w)
-    return lambda: csr_cuda.launch(x, packed.values, packed.col_indices, packed.row_offsets, w.shape[0], None,
-                                   ACT_CODES[act], None, out, config=config)
+def csr_launch(kernel, x_transposed: bool):
+    """The CSR kernels: Triton's reads x^T, the CUDA C++ one x itself."""
+    def build(w, x, out, config, act):
+        packed = pack_csr(w)
+        xk = x.t().contiguous() if x_transposed else x
+        return lambda: kernel.launch(xk, packed.values, packed.col_indices, packed.row_offsets, w.shape[0], None,
+                                     ACT_CODES[act], None, out, config=config)
+    return build
 
 
 # kernel name -> (launch builder, default config)
 KERNELS = {
-    "csr_cuda": (csr_cuda_launch, None),
     "bsr_large_m": (bsr_launch(bsr_large_m), dict(BLOCK_M=128, num_warps=4, num_stages=3)),
     "bsr_small_m": (bsr_launch(bsr_small_m), None),
-    "csr": (csr_launch, None),
+    "csr": (csr_launch(csr, x_transposed=True), None),
+    "csr_cuda": (csr_launch(csr_cuda, x_transposed=False), None),
 }
 
 

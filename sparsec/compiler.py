@@ -167,8 +167,9 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None,
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
+    cuda_graphs = uses_cuda_graphs(mode)
     wanted = INDUCTOR_PDL == "always" or (INDUCTOR_PDL == "auto" and _short_kernels(gm))
-    if (wanted and uses_cuda_graphs(mode) and _pdl_device(example_inputs)
+    if (wanted and cuda_graphs and _pdl_device(example_inputs)
             and hasattr(torch._inductor.config.triton, "enable_pdl")):
         patches["triton.enable_pdl"] = True
     own_graphs = graph_note is not None and replays_own_cuda_graphs(mode, example_inputs)
@@ -184,7 +185,7 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str | None,
     if inputs is not example_inputs:
         ir.drop_unbacked_bindings(gm)
     # without CUDA graphs every call launches from the host: traced kernels there, not opaque ones
-    with ops.traced_launches_preferred(not uses_cuda_graphs(mode)):
+    with ops.traced_launches_preferred(not cuda_graphs):
         compiled = compile_fx(gm, inputs, config_patches=patches)
     if own_graphs:
         from sparsec.runtime.cuda_graphs import CudaGraphReplay
