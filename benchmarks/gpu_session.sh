@@ -20,7 +20,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-  echo "   exit $? after $((SECONDS - start)) s"; grep -E "^\||passed|failed|Error|SWEEP|CSR-CUDA|^##|^  " "$LOGS/$name.log" | tail -40
+  echo "   exit $? after $((SECONDS - start)) s"; grep -E "^\||passed|failed|Error|SWEEP|CSR-CUDA|BSR-CUDA|^##|^  " "$LOGS/$name.log" | tail -40
 }
 
 steps=${*:-"triton resnet ffn csr_sweep csr_table minilm models"}
@@ -52,6 +52,11 @@ for s in $steps; do
     csr_cuda)
       step csr_cuda_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_cuda_kernels.py -p no:cacheprovider
       step csr_cuda_sweep 250 python3 benchmarks/kernels.py --csr-cuda --tokens 1 4 16 ;;
+    # The CUDA C++ block-sparse kernel for 1-16 tokens: its tests on the GPU, then against the Triton decode
+    # kernel and cuBLAS with WARPS and UNROLL swept (issue 5's block cells at 1 and 16 tokens)
+    bsr_cuda)
+      step bsr_cuda_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_cuda_kernels.py -k bsr_small_m -p no:cacheprovider
+      step bsr_cuda_sweep 250 python3 benchmarks/kernels.py --bsr-cuda --tokens 1 4 16 ;;
     graph_runtime_tests) step graph_runtime_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py -p no:cacheprovider ;;
     # The 64x64-pruned weights also packed in 128x64 and 128x128 blocks at many tokens: checks the L2-bytes-a-flop
     # model of the many-token kernel's limit (prefill (b), issue 5's 50% cells), which predicts no gain at 50%

@@ -534,6 +534,40 @@ def run_sweep_csr_cuda(args):
                       + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:3]), flush=True)
 
 
+def run_sweep_bsr_cuda(args):
+    """The CUDA C++ block-sparse kernel for 1-16 tokens (codegen/cuda/bsr.py) against the Triton decode kernel
+    and cuBLAS on 64x64-block weights, its WARPS and UNROLL swept; every output checked against float64. us,
+    CUDA-graph replays, weights rotated past L2; "floor": the BSR bytes over the copy bandwidth."""
+    from sparsec.codegen.cuda import bsr as bsr_cuda
+    from sparsec.codegen.triton import bsr_small_m
+    dev, dtype = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(3)
+    bandwidth = cost_model.measure_ceilings(torch.device(dev), dtype).bandwidth
+    for pattern in (args.patterns.split(",") if args.patterns else ["block90", "block50"]):
+        for (N, K) in [(11008, 4096), (4096, 11008)]:
+            w = make_weight(N, K, pattern, dtype, dev, gen)
+            packs = Rotor(weight_copies(lambda: pack_bsr(w, (64, 64))))
+            for M in args.tokens:
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                out = torch.empty(M, N, device=dev, dtype=dtype)
+                ref = x.double() @ w.double().t()
+
+                def cuda(cfg):
+                    q = packs.next()
+                    bsr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+
+                def triton(cfg):
+                    q = packs.next()
+                    bsr_small_m.launch(x, q.values, q.col_indices, q.row_offsets, N, K, None, 0, None, None, None, out)
+                timed = time_configs(cuda, [dict(WARPS=wp, UNROLL=u) for wp in (2, 4, 8) for u in (1, 2, 4)], out, ref)
+                tri = time_configs(triton, [{}], out, ref)
+                cublas, _ = bench(lambda: F.linear(x, w), True, 10)
+                floor = (packs.items[0].nbytes + 2 * M * (K + N)) / bandwidth
+                print(f"BSR-CUDA {pattern} {N}x{K} M={M}: " + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in timed[:4])
+                      + f" | triton {tri[0][0] * 1e3:.1f} | cuBLAS {cublas * 1e3:.1f} | best x{cublas / timed[0][0]:.2f}"
+                      + f" | floor {floor * 1e6:.1f}", flush=True)
+
+
 def run_sweep_bitmap(args):
     """Config sweep for the bitmap kernel at few tokens (to pick its hand table): rows a program, K
     tiles a loop step, the next step loaded ahead or not; the LLaMA-style weights, unstructured."""
@@ -581,6 +615,8 @@ def main():
     p.add_argument("--csr-whole-rows", action="store_true",
                    help="--sweep-csr over 1-4 warps and chunks up to 2048 (a whole row in one pass)")
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
+    p.add_argument("--bsr-cuda", action="store_true",
+                   help="the CUDA C++ block-sparse kernel for few tokens against the Triton one and cuBLAS")
     p.add_argument("--csr-cuda", action="store_true",
                    help="the CUDA C++ CSR kernel against the Triton one and cuBLAS, with its configs swept")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
@@ -603,6 +639,8 @@ def main():
         run_sweep_bitmap(args)
     elif args.csr_cuda:
         run_sweep_csr_cuda(args)
+    elif args.bsr_cuda:
+        run_sweep_bsr_cuda(args)
     elif args.sweep_2_4:
         run_sweep_semi_structured(args)
     else:

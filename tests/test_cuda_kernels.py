@@ -304,3 +304,101 @@ def test_unstructured_mlp_under_torch_compile(fresh_dynamo, monkeypatch, mode, t
     graphs = sparsec.backend.compiled_graphs()[before:]
     assert [r["kernel"] for r in graphs[0].report.layers] == ["csr_linear", "csr_linear"], graphs[0].report.layers
     assert bool(launches) == cuda_kernel, launches
+
+
+# ------------------------------------------------------------------ the Tensor Core block-sparse kernel (bsr_small_m.cu)
+def block_sparse(N, K, block, density, gen, dtype):
+    """Blocks kept with probability `density`; block row 1 empty, block row 0 full (where they exist)."""
+    bh, bw = block
+    keep = torch.rand(-(-N // bh), -(-K // bw), generator=gen) < density
+    keep[0] = True
+    if keep.shape[0] > 1:
+        keep[1] = False
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:N, :K]
+    return (torch.randn(N, K, generator=gen) * mask).to(dtype)
+
+
+def run_bsr_cuda(x, w, block, bias=None, act="none", res=None, config=None, x_row_stride=None):
+    from sparsec.codegen.cuda import bsr
+    from sparsec.runtime.formats import pack_bsr
+
+    p = pack_bsr(w.cuda(), block)
+    M, K = x.shape
+    xs = x.cuda()
+    if x_row_stride is not None:  # x as a view with rows further apart (a slice of a wider tensor)
+        xs = torch.zeros(M, x_row_stride, dtype=x.dtype, device="cuda")[:, :K].copy_(xs)
+    out = torch.full((M, w.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
+    d = lambda t: None if t is None else t.cuda()  # noqa: E731
+    got = bsr.launch(xs, p.values, p.col_indices, p.row_offsets, w.shape[0], d(bias), ACT_CODES[act], d(res), out,
+                     config=config)
+    assert got is out, "the kernel declined the call"
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("block", [(64, 64), (16, 64), (32, 32), (16, 16)])
+@pytest.mark.parametrize("N, K, density", [(200, 512, 0.3), (4096, 1024, 0.1), (70, 11008, 0.5), (64, 64, 1.0)])
+def test_bsr_small_m_shapes(dtype, M, block, N, K, density):
+    gen = torch.Generator().manual_seed(N + K + M + block[0])
+    w = block_sparse(N, K, block, density, gen, dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    check(run_bsr_cuda(x, w, block), linear64(x, w), dtype)
+    check(run_bsr_cuda(x, w, block, config=dict(WARPS=2, UNROLL=4)), linear64(x, w), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
+@pytest.mark.parametrize("M", [3, 16])
+def test_bsr_small_m_epilogue(dtype, act, M):
+    gen = torch.Generator().manual_seed(11 + M)
+    N, K = 192, 256
+    w = block_sparse(N, K, (64, 64), 0.5, gen, dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    res = torch.randn(M, N, generator=gen).to(dtype)
+    check(run_bsr_cuda(x, w, (64, 64), bias, act, res), linear64(x, w, bias, act, res), dtype)
+
+
+@gpu
+def test_bsr_small_m_strided_x_and_declines_misaligned():
+    from sparsec.codegen.cuda import bsr
+    from sparsec.runtime.formats import pack_bsr
+
+    gen = torch.Generator().manual_seed(12)
+    w = block_sparse(128, 256, (64, 64), 0.5, gen, torch.bfloat16)
+    x = torch.randn(4, 256, generator=gen).to(torch.bfloat16)
+    check(run_bsr_cuda(x, w, (64, 64), x_row_stride=320), linear64(x, w), torch.bfloat16)
+    p = pack_bsr(w.cuda(), (64, 64))
+    shifted = torch.randn(4, 264, dtype=torch.bfloat16, device="cuda")[:, 1:257]   # rows 2 bytes off 16
+    out = torch.empty(4, 128, dtype=torch.bfloat16, device="cuda")
+    assert bsr.launch(shifted, p.values, p.col_indices, p.row_offsets, 128, None, 0, None, out) is NotImplemented
+
+
+def test_bsr_small_m_serves_few_tokens_and_its_block_shapes():
+    from sparsec.codegen.cuda import bsr
+
+    values = torch.zeros(3, 64, 64, dtype=torch.bfloat16)
+    assert bsr.serves(16, torch.bfloat16, values, 4096)
+    assert not bsr.serves(17, torch.bfloat16, values, 4096)
+    assert not bsr.serves(4, torch.bfloat16, values, 4000)                          # K not a multiple of BW
+    assert not bsr.serves(4, torch.float16, values, 4096)                           # values of another dtype
+    assert not bsr.serves(4, torch.bfloat16, torch.zeros(3, 8, 64, dtype=torch.bfloat16), 4096)   # BH 8
+    assert not bsr.serves(4, torch.bfloat16, torch.zeros(3, 64, 128, dtype=torch.bfloat16), 4096)  # BW 128
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")
+def test_bsr_small_m_compiles_for_sm90_without_spills(tmp_path):
+    from sparsec.codegen.cuda import bsr
+
+    instances = [f"bsr_small_m<{code}, {bw}, {warps}, {tiles}, {unroll}>" for code in csr.DTYPE_CODES.values()
+                 for bw in bsr.BLOCK_WIDTHS for warps in (2, 8) for tiles in (1, 2) for unroll in (1, 4)]
+    unit = tmp_path / "instances.cu"
+    unit.write_text(f'#include "{bsr.SOURCE}"\n' + "void* kernels[] = {" + ", ".join(f"(void*)&{i}" for i in instances) + "};\n")
+    result = subprocess.run(["nvcc", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-cubin", "-Xptxas", "-v",
+                             str(unit), "-o", str(tmp_path / "instances.cubin")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    assert len(spills) == len(instances) and all(s == ("0", "0") for s in spills), result.stderr

@@ -1,0 +1,166 @@
+// Block-sparse linear at 1-16 tokens on Tensor Cores: out[M, N] = epilogue(x @ W^T), W in BSR blocks of
+// BH x BW (BH a multiple of 16; BW 16, 32 or 64).
+//
+// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py): device code only, no headers.
+//
+// The weight's blocks are dense, so this is a stream of small dense products; what matters is to keep
+// DRAM busy. The mma computes out^T = W x^T: A = 16 rows x 16 columns of a block, B = x^T (16 columns x 8
+// tokens), C = 16 rows x 8 tokens. Why this shape:
+//   1. no shared memory: lane 4g + q loads its A values straight into registers as rows g and g + 8 of the
+//      block's 16-row slice, columns [q * BW / 4, (q + 1) * BW / 4): BW / 2 contiguous bytes a row (16-byte
+//      loads, each 128-byte block row read whole by 4 lanes). The mma's column order inside the block is
+//      ours to choose as long as x uses the same: step s takes each lane's columns 4s .. 4s + 3 of its run,
+//      as the operand's columns (2q, 2q + 1) and (2q + 8, 2q + 9); lane 4g + q loads token g's x over the
+//      same run, so each B word is the x pair of the A word beside it;
+//   2. one thread block owns one 16-row slice of a block row; its WARPS warps take the block row's
+//      non-zero blocks in turn (block start + warp, + WARPS, ...) and UNROLL blocks at a time, every load
+//      issued before the first mma, so UNROLL blocks of each warp are in flight at once;
+//   3. the warps' fp32 tiles meet in shared memory and the first warp runs the epilogue (bias,
+//      activation, residual) and writes the 16 x M outputs.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define WARP 32
+#define SLICE_ROWS 16   // rows of a thread block: the mma's M
+#define MMA_K 16        // columns of one mma step
+
+// activation codes: the same numbers as codegen/linear_args.py's ACT_CODES
+#define ACT_RELU 1
+#define ACT_GELU 2
+#define ACT_SILU 3
+// flags
+#define HAS_BIAS 1
+#define HAS_RES 2
+
+template <int DT> __device__ __forceinline__ float to_f32(u16 v);
+template <> __device__ __forceinline__ float to_f32<0>(u16 v) { return __uint_as_float((u32)v << 16); }
+template <> __device__ __forceinline__ float to_f32<1>(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+
+template <int DT> __device__ __forceinline__ u16 from_f32(float f) {
+    u16 v;
+    if (DT == 0) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+
+__device__ __forceinline__ float activate(float v, int act) {
+    if (act == ACT_RELU) return fmaxf(v, 0.0f);
+    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));  // exact (erf) gelu
+    if (act == ACT_SILU) return v / (1.0f + expf(-v));
+    return v;
+}
+
+// d += a (16 x 16, row-major) x b (16 x 8, column-major), fp32 accumulators
+template <int DT> __device__ __forceinline__ void mma_16x8x16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    if (DT == 0)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A lane's run of BW / 4 columns of one row: BW / 8 words (two 16-bit values each)
+template <int BW> struct Run { u32 w[BW / 8]; };
+
+template <int BW> __device__ __forceinline__ Run<BW> load_run(const u16* p) {
+    Run<BW> r;
+    if (BW >= 32) {
+#pragma unroll
+        for (int i = 0; i < BW / 32; ++i) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+            r.w[4 * i] = v.x, r.w[4 * i + 1] = v.y, r.w[4 * i + 2] = v.z, r.w[4 * i + 3] = v.w;
+        }
+    } else {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        r.w[0] = v.x, r.w[1] = v.y;
+    }
+    return r;
+}
+
+template <int BW> __device__ __forceinline__ Run<BW> zero_run() {
+    Run<BW> r;
+#pragma unroll
+    for (int i = 0; i < BW / 8; ++i) r.w[i] = 0u;
+    return r;
+}
+
+// NT: token tiles of 8 (1 for 1-8 tokens, 2 for 9-16)
+template <int DT, int BW, int WARPS, int NT, int UNROLL>
+__global__ void __launch_bounds__(WARPS * WARP)
+bsr_small_m(const u16* __restrict__ x, int ldx,                                   // x [M, K], rows ldx apart
+            const u16* __restrict__ values, const int* __restrict__ col_indices,  // BSR: [nnz_blocks, BH, BW]
+            const int* __restrict__ row_offsets, int BH,
+            const u16* __restrict__ bias, const u16* __restrict__ res, int ldr,
+            u16* __restrict__ out, int ldo, int M, int N, int act, int flags) {
+    __shared__ float partial[WARPS][NT * 4][WARP];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int g = lane / 4, q = lane % 4;
+    const int slice = blockIdx.x, slices_per_block_row = BH / SLICE_ROWS;
+    const int block_row = slice / slices_per_block_row;
+    const int row_in_block = slice % slices_per_block_row * SLICE_ROWS;
+    const int start = row_offsets[block_row], end = row_offsets[block_row + 1];
+    // this lane's A rows g and g + 8 inside a block, and its x rows (tokens g and g + 8) at column 0
+    const int lane_col = q * (BW / 4);
+    const long long row_lo = (long long)(row_in_block + g) * BW + lane_col, row_hi = row_lo + 8 * BW;
+    const u16* x_token[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) x_token[nt] = 8 * nt + g < M ? x + (long long)(8 * nt + g) * ldx + lane_col : nullptr;
+
+    float acc[NT][4] = {};
+    for (int b0 = start + warp; b0 < end; b0 += UNROLL * WARPS) {
+        Run<BW> lo[UNROLL], hi[UNROLL], xs[UNROLL][NT];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int b = b0 + u * WARPS;
+            if (b < end) {
+                const u16* block = values + (long long)b * BH * BW;
+                lo[u] = load_run<BW>(block + row_lo);
+                hi[u] = load_run<BW>(block + row_hi);
+                const int col = col_indices[b] * BW;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) xs[u][nt] = x_token[nt] ? load_run<BW>(x_token[nt] + col) : zero_run<BW>();
+            } else {
+                lo[u] = hi[u] = zero_run<BW>();
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) xs[u][nt] = zero_run<BW>();
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int s = 0; s < BW / MMA_K; ++s)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    mma_16x8x16<DT>(acc[nt], lo[u].w[2 * s], hi[u].w[2 * s], lo[u].w[2 * s + 1], hi[u].w[2 * s + 1],
+                                    xs[u][nt].w[2 * s], xs[u][nt].w[2 * s + 1]);
+    }
+    // the warps' tiles meet. acc[nt][0..1]: row g, tokens 8nt + 2q, + 1; acc[nt][2..3]: row g + 8
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) partial[warp][4 * nt + i][lane] = acc[nt][i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < NT * 4; ++i) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) v += partial[w][i][lane];
+        const int m = 8 * (i / 4) + 2 * q + (i % 2), n = slice * SLICE_ROWS + g + 8 * ((i % 4) / 2);
+        if (m >= M || n >= N) continue;
+        if (flags & HAS_BIAS) v += to_f32<DT>(bias[n]);
+        v = activate(v, act);
+        if (flags & HAS_RES) v += to_f32<DT>(res[(long long)m * ldr + n]);
+        out[(long long)m * ldo + n] = from_f32<DT>(v);
+    }
+}
