@@ -16,7 +16,9 @@
 //      non-zero blocks in turn (block start + warp, + WARPS, ...) and UNROLL blocks at a time, every load
 //      issued before the first mma, so UNROLL blocks of each warp are in flight at once;
 //   3. the warps' fp32 tiles meet in shared memory and the first warp runs the epilogue (bias,
-//      activation, residual) and writes the 16 x M outputs.
+//      activation, residual) and writes the 16 x M outputs;
+//   4. GATED (a SwiGLU FFN's stacked [gate; up] weight): the thread block takes the same 16 rows of the
+//      gate's block row and of the up's (N / BH block rows further) and writes silu(gate) * up.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -25,7 +27,7 @@ typedef unsigned int u32;
 #define SLICE_ROWS 16   // rows of a thread block: the mma's M
 #define MMA_K 16        // columns of one mma step
 
-// activation codes: the same numbers as codegen/linear_args.py's ACT_CODES
+// activation codes: the same numbers as codegen/linear_args.py's ACT_CODES (swiglu: the GATED instances)
 #define ACT_RELU 1
 #define ACT_GELU 2
 #define ACT_SILU 3
@@ -94,29 +96,16 @@ template <int BW> __device__ __forceinline__ Run<BW> zero_run() {
     return r;
 }
 
-// NT: token tiles of 8 (1 for 1-8 tokens, 2 for 9-16)
-template <int DT, int BW, int WARPS, int NT, int UNROLL>
-__global__ void __launch_bounds__(WARPS * WARP)
-bsr_small_m(const u16* __restrict__ x, int ldx,                                   // x [M, K], rows ldx apart
-            const u16* __restrict__ values, const int* __restrict__ col_indices,  // BSR: [nnz_blocks, BH, BW]
-            const int* __restrict__ row_offsets, int BH,
-            const u16* __restrict__ bias, const u16* __restrict__ res, int ldr,
-            u16* __restrict__ out, int ldo, int M, int N, int act, int flags) {
-    __shared__ float partial[WARPS][NT * 4][WARP];
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int g = lane / 4, q = lane % 4;
-    const int slice = blockIdx.x, slices_per_block_row = BH / SLICE_ROWS;
-    const int block_row = slice / slices_per_block_row;
-    const int row_in_block = slice % slices_per_block_row * SLICE_ROWS;
-    const int start = row_offsets[block_row], end = row_offsets[block_row + 1];
-    // this lane's A rows g and g + 8 inside a block, and its x rows (tokens g and g + 8) at column 0
-    const int lane_col = q * (BW / 4);
-    const long long row_lo = (long long)(row_in_block + g) * BW + lane_col, row_hi = row_lo + 8 * BW;
-    const u16* x_token[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) x_token[nt] = 8 * nt + g < M ? x + (long long)(8 * nt + g) * ldx + lane_col : nullptr;
+// x's rows of this lane's tokens (g and g + 8) at its first column; nullptr past M
+template <int NT> struct TokenRows { const u16* row[NT]; };
 
-    float acc[NT][4] = {};
+// acc += this lane's part of a 16-row slice (rows row_lo / BW and + 8 of each block) times x^T over the
+// non-zero blocks [start, end) that fall to this warp: start + warp, + WARPS, ..., UNROLL at a time
+template <int DT, int BW, int WARPS, int NT, int UNROLL>
+__device__ __forceinline__ void accumulate_slice(float (&acc)[NT][4], const u16* __restrict__ values,
+                                                 const int* __restrict__ col_indices, int start, int end, int BH,
+                                                 long long row_lo, TokenRows<NT> x_token, int warp) {
+    const long long row_hi = row_lo + 8 * BW;
     for (int b0 = start + warp; b0 < end; b0 += UNROLL * WARPS) {
         Run<BW> lo[UNROLL], hi[UNROLL], xs[UNROLL][NT];
 #pragma unroll
@@ -128,7 +117,8 @@ bsr_small_m(const u16* __restrict__ x, int ldx,                                 
                 hi[u] = load_run<BW>(block + row_hi);
                 const int col = col_indices[b] * BW;
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) xs[u][nt] = x_token[nt] ? load_run<BW>(x_token[nt] + col) : zero_run<BW>();
+                for (int nt = 0; nt < NT; ++nt)
+                    xs[u][nt] = x_token.row[nt] ? load_run<BW>(x_token.row[nt] + col) : zero_run<BW>();
             } else {
                 lo[u] = hi[u] = zero_run<BW>();
 #pragma unroll
@@ -144,23 +134,64 @@ bsr_small_m(const u16* __restrict__ x, int ldx,                                 
                     mma_16x8x16<DT>(acc[nt], lo[u].w[2 * s], hi[u].w[2 * s], lo[u].w[2 * s + 1], hi[u].w[2 * s + 1],
                                     xs[u][nt].w[2 * s], xs[u][nt].w[2 * s + 1]);
     }
-    // the warps' tiles meet. acc[nt][0..1]: row g, tokens 8nt + 2q, + 1; acc[nt][2..3]: row g + 8
+}
+
+// NT: token tiles of 8 (1 for 1-8 tokens, 2 for 9-16). N: output features (half the weight's rows when
+// GATED).
+template <int DT, int BW, int WARPS, int NT, int UNROLL, bool GATED>
+__global__ void __launch_bounds__(WARPS * WARP)
+bsr_small_m(const u16* __restrict__ x, int ldx,                                   // x [M, K], rows ldx apart
+            const u16* __restrict__ values, const int* __restrict__ col_indices,  // BSR: [nnz_blocks, BH, BW]
+            const int* __restrict__ row_offsets, int BH,
+            const u16* __restrict__ bias, const u16* __restrict__ res, int ldr,
+            u16* __restrict__ out, int ldo, int M, int N, int act, int flags) {
+    constexpr int HALVES = GATED ? 2 : 1;  // gate and up
+    __shared__ float partial[WARPS][HALVES * NT * 4][WARP];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int g = lane / 4, q = lane % 4;
+    const int slice = blockIdx.x, slices_per_block_row = BH / SLICE_ROWS;
+    const int block_row = slice / slices_per_block_row;
+    // this lane's A row g inside a block, and its x rows (tokens g and g + 8) at column 0
+    const int lane_col = q * (BW / 4);
+    const long long row_lo = (long long)(slice % slices_per_block_row * SLICE_ROWS + g) * BW + lane_col;
+    TokenRows<NT> x_token;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
+        x_token.row[nt] = 8 * nt + g < M ? x + (long long)(8 * nt + g) * ldx + lane_col : nullptr;
+
+    float acc[HALVES][NT][4] = {};
+    int bounds[HALVES][2];  // each half's non-zero blocks, read before either is walked
 #pragma unroll
-        for (int i = 0; i < 4; ++i) partial[warp][4 * nt + i][lane] = acc[nt][i];
+    for (int h = 0; h < HALVES; ++h) {
+        const int br = block_row + h * (N / BH);
+        bounds[h][0] = row_offsets[br], bounds[h][1] = row_offsets[br + 1];
+    }
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h)
+        accumulate_slice<DT, BW, WARPS, NT, UNROLL>(acc[h], values, col_indices, bounds[h][0], bounds[h][1], BH, row_lo,
+                                                    x_token, warp);
+    // the warps' tiles meet. acc[h][nt][0..1]: row g, tokens 8nt + 2q, + 1; acc[h][nt][2..3]: row g + 8
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) partial[warp][(h * NT + nt) * 4 + i][lane] = acc[h][nt][i];
     __syncthreads();
     if (warp != 0) return;
 #pragma unroll
     for (int i = 0; i < NT * 4; ++i) {
-        float v = 0.0f;
+        float v[HALVES] = {};
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) v += partial[w][i][lane];
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) v[h] += partial[w][h * NT * 4 + i][lane];
         const int m = 8 * (i / 4) + 2 * q + (i % 2), n = slice * SLICE_ROWS + g + 8 * ((i % 4) / 2);
         if (m >= M || n >= N) continue;
-        if (flags & HAS_BIAS) v += to_f32<DT>(bias[n]);
-        v = activate(v, act);
-        if (flags & HAS_RES) v += to_f32<DT>(res[(long long)m * ldr + n]);
-        out[(long long)m * ldo + n] = from_f32<DT>(v);
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+            if (flags & HAS_BIAS) v[h] += to_f32<DT>(bias[h * N + n]);
+        const float y = GATED ? v[0] / (1.0f + expf(-v[0])) * v[HALVES - 1] : activate(v[0], act);
+        out[(long long)m * ldo + n] = from_f32<DT>(flags & HAS_RES ? y + to_f32<DT>(res[(long long)m * ldr + n]) : y);
     }
 }

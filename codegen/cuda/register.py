@@ -7,16 +7,20 @@ torch.compile every other call still reaches a traceable Triton kernel.
 import math
 
 from sparsec.runtime import ops as _ops
+from sparsec.runtime.reference import output_features
 
 from ..linear_args import ACT_CODES, prepare_linear
-from . import csr, nvrtc
+from . import bsr, csr, nvrtc
+
+
+def _epilogue_in_x_dtype(x, bias, residual) -> bool:
+    """The kernels read the bias and the residual as x's 16-bit type: a float32 residual stream (kept by
+    some models beside bfloat16 linears) goes to the Triton kernel, whose epilogue converts any type."""
+    return all(t is None or t.dtype == x.dtype for t in (bias, residual))
 
 
 def csr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
-    """The kernel reads the bias and the residual as x's 16-bit type: a float32 residual stream (kept by
-    some models beside bfloat16 linears) goes to the Triton kernel, whose epilogue converts any type."""
-    return (x.device.type == "cuda" and nvrtc.available()
-            and all(t is None or t.dtype == x.dtype for t in (bias, residual))
+    return (x.device.type == "cuda" and nvrtc.available() and _epilogue_in_x_dtype(x, bias, residual)
             and csr.serves(math.prod(x.shape[:-1]), x.dtype, values, col_indices))
 
 
@@ -33,6 +37,33 @@ def csr_linear_cuda(x, values, col_indices, row_offsets, out_features, in_featur
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def bsr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
+                row_perm, col_perm):
+    """1-16 tokens, unpermuted blocks (block-reorder's permuted packs go to the Triton kernel)."""
+    return (x.device.type == "cuda" and nvrtc.available() and row_perm is None and col_perm is None
+            and _epilogue_in_x_dtype(x, bias, residual)
+            and bsr.serves(math.prod(x.shape[:-1]), x.dtype, values, out_features, in_features, activation == "swiglu"))
+
+
+def bsr_linear_cuda(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
+                    row_perm, col_perm):
+    args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual, row_perm,
+            col_perm)
+    if not bsr_accepts(*args):
+        return NotImplemented
+    n_out = output_features(out_features, activation)
+    p = prepare_linear(x, n_out, in_features, bias, residual, None, None, values)
+    if p is None:
+        return NotImplemented
+    x2d, out, res2d, bias, _, _ = p
+    if bsr.launch(x2d, values, col_indices, row_offsets, n_out, bias, ACT_CODES[activation], res2d,
+                  out) is NotImplemented:
+        return NotImplemented
+    return out.reshape(*x.shape[:-1], n_out)
+
+
 def register_all(device_type: str = "cuda"):
     _ops.register_kernel("csr_linear", device_type, csr_linear_cuda, last=True, ready=nvrtc.available,
                          accepts=csr_accepts)
+    _ops.register_kernel("bsr_linear", device_type, bsr_linear_cuda, last=True, ready=nvrtc.available,
+                         accepts=bsr_accepts, gated=True)
