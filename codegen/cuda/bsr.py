@@ -7,7 +7,8 @@ Grid: one block per 16-row slice of the output; its WARPS warps take the block r
 turn, UNROLL at a time. Choices, from shapes only (no host syncs, so a call can be captured in a CUDA graph):
 - WARPS: about TARGET_WARPS warps in the grid (two thousand: 8-16 a SM, each with its loads in flight),
   so 8 warps a block for 4096 output rows, 4 for 11008;
-- UNROLL: two blocks a warp in flight where a warp has four or more to take, else one.
+- UNROLL: two blocks a warp in flight where a warp has four or more to take at up to 8 tokens, else one
+  (at 9-16 tokens each block also loads two token tiles of x: one at a time was faster there).
 The H200 sweep behind these rules: benchmarks/kernels.py --bsr-cuda (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
@@ -46,8 +47,8 @@ def warps_for(slices: int) -> int:
     return min(MAX_WARPS, max(MIN_WARPS, 1 << max(0, round(math.log2(max(wanted, 1.0))))))
 
 
-def unroll_for(blocks_per_row: float, warps: int) -> int:
-    return 2 if blocks_per_row / warps >= UNROLL_FROM_BLOCKS else 1
+def unroll_for(blocks_per_row: float, warps: int, token_tiles: int) -> int:
+    return 2 if token_tiles == 1 and blocks_per_row / warps >= UNROLL_FROM_BLOCKS else 1
 
 
 def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
@@ -64,8 +65,8 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     slices = N // SLICE_ROWS if gated else block_rows * (bh // SLICE_ROWS)
     config = config or {}
     warps = config.get("WARPS") or warps_for(slices)
-    unroll = config.get("UNROLL") or unroll_for(nnz_blocks / max(1, block_rows), warps)
     token_tiles = -(-M // TOKEN_TILE)
+    unroll = config.get("UNROLL") or unroll_for(nnz_blocks / max(1, block_rows), warps, token_tiles)
     instance = (f"bsr_small_m<{DTYPE_CODES[x2d.dtype]}, {bw}, {warps}, {token_tiles}, {unroll}, "
                 f"{'true' if gated else 'false'}>")
     kernel = nvrtc.kernel(SOURCE, instance, x2d.device, 0)
