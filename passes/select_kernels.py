@@ -350,13 +350,14 @@ def kernels_traced(ctx, device: torch.device) -> bool:
 
 
 def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice, weight: torch.Tensor) -> bool:
-    """Whether this block-sparse layer runs through its opaque op, which launches the streaming kernel
-    (bsr_small_m) with programmatic dependent launch: under CUDA graphs (where the opaque op's host
-    work is not paid per call), on a GPU that has it, at a token count that kernel serves (the
-    many-token kernel has no PDL and stays a traced launch). Measured on the H200 with case (a)'s
-    decode kernels and norms in one CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6 us at 16
-    tokens, 140.5 -> 139.0 at one; with Inductor's kernels launched the same way too
-    (compiler.inductor_compile) 134.7 and 131.0."""
+    """Whether this block-sparse layer runs through its opaque op: under CUDA graphs (where the opaque op's
+    host work is not paid per call), on a GPU that has programmatic dependent launch, at a token count the
+    Triton streaming kernel (bsr_small_m) serves (the many-token kernel has no PDL and stays a traced
+    launch). The op runs the CUDA C++ kernel at 1-16 tokens (codegen/cuda/bsr.py: no PDL, but case (a)'s
+    decode at one token went 0.173 -> 0.158 ms with it, benchmarks/RESULTS.md) and bsr_small_m with PDL
+    where that kernel declines. PDL measured on the H200 with case (a)'s decode kernels and norms in one
+    CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6 us at 16 tokens, 140.5 -> 139.0 at one; with
+    Inductor's kernels launched the same way too (compiler.inductor_compile) 134.7 and 131.0."""
     if not (ctx.cuda_graphs and device.type == "cuda" and choice.kernel == "bsr_linear"):
         return False
     from sparsec.codegen.triton import bsr_small_m  # triton comes with torch's CUDA builds

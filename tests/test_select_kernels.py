@@ -512,10 +512,12 @@ def test_pdl_launch_only_for_the_streaming_kernel_under_cuda_graphs(monkeypatch)
                     reason="programmatic dependent launch: Hopper or later")
 def test_cuda_graphs_launch_decode_kernels_with_pdl(fresh_dynamo, monkeypatch):
     """Under mode="reduce-overhead" the block-sparse layers run through their opaque op, which launches
-    the decode kernel with programmatic dependent launch (a traced launch cannot); the replayed graph
-    equals eager on fresh inputs."""
+    the Triton decode kernel with programmatic dependent launch (a traced launch cannot) where the CUDA C++
+    kernel does not take the call (here: no NVRTC); the replayed graph equals eager on fresh inputs."""
+    from sparsec.codegen.cuda import nvrtc
     from sparsec.codegen.triton import bsr_small_m
 
+    monkeypatch.setattr(nvrtc, "available", lambda: False)
     launches = []
     launch = bsr_small_m.launch
     monkeypatch.setattr(bsr_small_m, "launch", lambda *a, pdl=False, **k: launches.append(pdl) or launch(*a, pdl=pdl, **k))
