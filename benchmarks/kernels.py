@@ -488,6 +488,24 @@ def run_sweep_csr(args):
                       + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:4]), flush=True)
 
 
+def few_token_cases(args, default_patterns, pack, seed):
+    """The cases of a few-token kernel sweep: (pattern, N, K, packed copies to rotate, M, x, out, float64
+    reference) over --patterns (else `default_patterns`), --weights (else the LLaMA-style FFN pair) and
+    --tokens, in bf16 on the GPU."""
+    dev, dtype = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    shapes = [(11008, 4096), (4096, 11008)]
+    if args.weights:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.weights.split(",")]
+    for pattern in (args.patterns.split(",") if args.patterns else default_patterns):
+        for (N, K) in shapes:
+            w = make_weight(N, K, pattern, dtype, dev, gen)
+            packs = Rotor(weight_copies(lambda: pack(w)))
+            for M in args.tokens:
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                yield pattern, N, K, w, packs, M, x, torch.empty(M, N, device=dev, dtype=dtype), x.double() @ w.double().t()
+
+
 def run_sweep_csr_cuda(args):
     """The CUDA C++ CSR kernel (codegen/cuda/csr.py) against the Triton one and cuBLAS, on unstructured
     weights at few tokens: the launcher's choice, then its token tile, chunks in flight and blocks a SM
@@ -496,42 +514,31 @@ def run_sweep_csr_cuda(args):
     from sparsec.codegen.cuda import csr as csr_cuda
     from sparsec.codegen.triton import csr as csr_triton
     dev, dtype = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(2)
-    shapes = [(11008, 4096), (4096, 11008)]
-    if args.weights:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.weights.split(",")]
     bandwidth = cost_model.measure_ceilings(torch.device(dev), dtype).bandwidth
     shared_mem = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
-    for pattern in (args.patterns.split(",") if args.patterns else ["unstr90", "unstr50"]):
-        for (N, K) in shapes:
-            w = make_weight(N, K, pattern, dtype, dev, gen)
-            packs = Rotor(weight_copies(lambda: pack_csr(w)))
-            csr_bytes = packs.items[0].nbytes
-            for M in args.tokens:
-                x = torch.randn(M, K, device=dev, dtype=dtype)
-                xt = x.t().contiguous()
-                out = torch.empty(M, N, device=dev, dtype=dtype)
-                ref = x.double() @ w.double().t()
+    for pattern, N, K, w, packs, M, x, out, ref in few_token_cases(args, ["unstr90", "unstr50"], pack_csr, 2):
+        csr_bytes = packs.items[0].nbytes
+        xt = x.t().contiguous()
 
-                def cuda(cfg):
-                    q = packs.next()
-                    csr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+        def cuda(cfg):
+            q = packs.next()
+            csr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
 
-                def triton(cfg):
-                    q = packs.next()
-                    csr_triton.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
-                tile = csr_cuda.token_tile(M, K, shared_mem)  # the launcher's, and half of it
-                cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz) for mt in sorted({tile, max(1, tile // 2)})
-                        for u in (4, 8) for b in (1, 2) for nz in (1, 2)]
-                default = time_configs(cuda, [{}], out, ref)
-                best = time_configs(cuda, cfgs, out, ref)
-                tri = time_configs(triton, [{}], out, ref)
-                cublas, _ = bench(lambda: F.linear(x, w), True, 10)
-                floor = (csr_bytes + 2 * M * (K + N)) / bandwidth
-                us = lambda timed: f"{timed[0][0] * 1e3:.1f}" if timed else "wrong"  # noqa: E731
-                print(f"CSR-CUDA {pattern} {N}x{K} M={M}: cuda {us(default)}us (x{cublas / default[0][0]:.2f} "
-                      f"over cuBLAS) | triton {us(tri)} | cuBLAS {cublas * 1e3:.1f} | floor {floor * 1e6:.1f} | best "
-                      + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:3]), flush=True)
+        def triton(cfg):
+            q = packs.next()
+            csr_triton.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+        tile = csr_cuda.token_tile(M, K, shared_mem)  # the launcher's, and half of it
+        cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz) for mt in sorted({tile, max(1, tile // 2)})
+                for u in (4, 8) for b in (1, 2) for nz in (1, 2)]
+        default = time_configs(cuda, [{}], out, ref)
+        best = time_configs(cuda, cfgs, out, ref)
+        tri = time_configs(triton, [{}], out, ref)
+        cublas, _ = bench(lambda: F.linear(x, w), True, 10)
+        floor = (csr_bytes + 2 * M * (K + N)) / bandwidth
+        us = lambda timed: f"{timed[0][0] * 1e3:.1f}" if timed else "wrong"  # noqa: E731
+        print(f"CSR-CUDA {pattern} {N}x{K} M={M}: cuda {us(default)}us (x{cublas / default[0][0]:.2f} "
+              f"over cuBLAS) | triton {us(tri)} | cuBLAS {cublas * 1e3:.1f} | floor {floor * 1e6:.1f} | best "
+              + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:3]), flush=True)
 
 
 def run_sweep_bsr_cuda(args):
@@ -540,32 +547,23 @@ def run_sweep_bsr_cuda(args):
     CUDA-graph replays, weights rotated past L2; "floor": the BSR bytes over the copy bandwidth."""
     from sparsec.codegen.cuda import bsr as bsr_cuda
     from sparsec.codegen.triton import bsr_small_m
-    dev, dtype = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(3)
-    bandwidth = cost_model.measure_ceilings(torch.device(dev), dtype).bandwidth
-    for pattern in (args.patterns.split(",") if args.patterns else ["block90", "block50"]):
-        for (N, K) in [(11008, 4096), (4096, 11008)]:
-            w = make_weight(N, K, pattern, dtype, dev, gen)
-            packs = Rotor(weight_copies(lambda: pack_bsr(w, (64, 64))))
-            for M in args.tokens:
-                x = torch.randn(M, K, device=dev, dtype=dtype)
-                out = torch.empty(M, N, device=dev, dtype=dtype)
-                ref = x.double() @ w.double().t()
+    bandwidth = cost_model.measure_ceilings(torch.device("cuda"), torch.bfloat16).bandwidth
+    pack = lambda w: pack_bsr(w, (64, 64))  # noqa: E731
+    for pattern, N, K, w, packs, M, x, out, ref in few_token_cases(args, ["block90", "block50"], pack, 3):
+        def cuda(cfg):
+            q = packs.next()
+            bsr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
 
-                def cuda(cfg):
-                    q = packs.next()
-                    bsr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
-
-                def triton(cfg):
-                    q = packs.next()
-                    bsr_small_m.launch(x, q.values, q.col_indices, q.row_offsets, N, K, None, 0, None, None, None, out)
-                timed = time_configs(cuda, [dict(WARPS=wp, UNROLL=u) for wp in (2, 4, 8) for u in (1, 2, 4)], out, ref)
-                tri = time_configs(triton, [{}], out, ref)
-                cublas, _ = bench(lambda: F.linear(x, w), True, 10)
-                floor = (packs.items[0].nbytes + 2 * M * (K + N)) / bandwidth
-                print(f"BSR-CUDA {pattern} {N}x{K} M={M}: " + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in timed[:4])
-                      + f" | triton {tri[0][0] * 1e3:.1f} | cuBLAS {cublas * 1e3:.1f} | best x{cublas / timed[0][0]:.2f}"
-                      + f" | floor {floor * 1e6:.1f}", flush=True)
+        def triton(cfg):
+            q = packs.next()
+            bsr_small_m.launch(x, q.values, q.col_indices, q.row_offsets, N, K, None, 0, None, None, None, out)
+        timed = time_configs(cuda, [dict(WARPS=wp, UNROLL=u) for wp in (2, 4, 8) for u in (1, 2, 4)], out, ref)
+        tri = time_configs(triton, [{}], out, ref)
+        cublas, _ = bench(lambda: F.linear(x, w), True, 10)
+        floor = (packs.items[0].nbytes + 2 * M * (K + N)) / bandwidth
+        print(f"BSR-CUDA {pattern} {N}x{K} M={M}: " + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in timed[:4])
+              + f" | triton {tri[0][0] * 1e3:.1f} | cuBLAS {cublas * 1e3:.1f} | best x{cublas / timed[0][0]:.2f}"
+              + f" | floor {floor * 1e6:.1f}", flush=True)
 
 
 def run_sweep_bitmap(args):

@@ -276,33 +276,46 @@ def test_op_runs_the_cuda_kernel_and_compiles(monkeypatch):
         check(static_out, linear64(fresh, w, bias, "gelu"), torch.bfloat16)
 
 
+def compiled_mlp_kernels(model, kernel_module, mode, tokens):
+    """model (2048 -> hidden -> 2048, SiLU) compiled by sparsec: checked against float64 on three fresh inputs;
+    the kernels its report names, and the token counts `kernel_module.launch` was called with."""
+    import sparsec
+
+    launches = []
+    launch = kernel_module.launch
+    patched = lambda *a, **kw: launches.append(a[0].shape[0]) or launch(*a, **kw)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel_module, "launch", patched)
+        compiled = torch.compile(model, backend="sparsec", mode=mode)
+        before = len(sparsec.backend.compiled_graphs())
+        with torch.no_grad():
+            for _ in range(3):
+                x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+                hidden = linear64(x.cpu(), model[0].weight.cpu(), model[0].bias.cpu()).to(torch.bfloat16)
+                ref = linear64(torch.nn.functional.silu(hidden), model[2].weight.cpu(), model[2].bias.cpu())
+                check(compiled(x), ref, torch.bfloat16)
+    graphs = sparsec.backend.compiled_graphs()[before:]
+    return [r["kernel"] for r in graphs[0].report.layers], launches
+
+
+def mlp(hidden=5632):
+    return torch.nn.Sequential(torch.nn.Linear(2048, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 2048)).to(
+        "cuda", torch.bfloat16).eval()
+
+
 @gpu
 @pytest.mark.parametrize("mode, tokens, cuda_kernel", [("reduce-overhead", 4, True), (None, 1, False)])
-def test_unstructured_mlp_under_torch_compile(fresh_dynamo, monkeypatch, mode, tokens, cuda_kernel):
+def test_unstructured_mlp_under_torch_compile(fresh_dynamo, mode, tokens, cuda_kernel):
     """A 90%-unstructured MLP compiled by sparsec picks CSR for both linears and equals eager on fresh
     inputs. Under CUDA graphs the CUDA C++ kernel runs (replayed); in the default mode the Triton one,
     traced into Inductor's code (the opaque kernel steps aside: its host time a call would cost more)."""
-    import sparsec
-
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(2048, 5632), torch.nn.SiLU(), torch.nn.Linear(5632, 2048))
-    model = model.to("cuda", torch.bfloat16).eval()
+    model = mlp()
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
-    launches = []
-    launch = csr.launch
-    monkeypatch.setattr(csr, "launch", lambda *a, **kw: launches.append(a[0].shape[0]) or launch(*a, **kw))
-    compiled = torch.compile(model, backend="sparsec", mode=mode)
-    before = len(sparsec.backend.compiled_graphs())
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
-            ref = linear64(torch.nn.functional.silu(linear64(x.cpu(), model[0].weight.cpu(), model[0].bias.cpu())
-                                                    .to(torch.bfloat16)), model[2].weight.cpu(), model[2].bias.cpu())
-            check(compiled(x), ref, torch.bfloat16)
-    graphs = sparsec.backend.compiled_graphs()[before:]
-    assert [r["kernel"] for r in graphs[0].report.layers] == ["csr_linear", "csr_linear"], graphs[0].report.layers
+    kernels, launches = compiled_mlp_kernels(model, csr, mode, tokens)
+    assert kernels == ["csr_linear", "csr_linear"], kernels
     assert bool(launches) == cuda_kernel, launches
 
 
@@ -500,34 +513,20 @@ def test_bsr_op_runs_the_cuda_kernel_and_compiles(monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("mode, tokens, cuda_kernel", [("reduce-overhead", 4, True), (None, 1, False)])
-def test_block_sparse_mlp_under_torch_compile(fresh_dynamo, monkeypatch, mode, tokens, cuda_kernel):
+def test_block_sparse_mlp_under_torch_compile(fresh_dynamo, mode, tokens, cuda_kernel):
     """A 64x64-block-pruned (90%) MLP compiled by sparsec picks BSR for both linears (channel-slice first
     drops the hidden channels whose blocks were all pruned) and equals eager on fresh inputs. Under CUDA
     graphs the CUDA C++ kernel runs; in the default mode the traced Triton one."""
-    import sparsec
     from sparsec.codegen.cuda import bsr
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(2048, 5632), torch.nn.SiLU(), torch.nn.Linear(5632, 2048))
-    model = model.to("cuda", torch.bfloat16).eval()
+    model = mlp()
     gen = torch.Generator().manual_seed(15)
     with torch.no_grad():
         for layer in (model[0], model[2]):
             n, k = layer.weight.shape
             keep = (torch.rand(n // 64, k // 64, generator=gen) < 0.1).repeat_interleave(64, 0).repeat_interleave(64, 1)
             layer.weight.mul_(keep.to("cuda"))
-    launches = []
-    launch = bsr.launch
-    monkeypatch.setattr(bsr, "launch", lambda *a, **kw: launches.append(a[0].shape[0]) or launch(*a, **kw))
-    compiled = torch.compile(model, backend="sparsec", mode=mode)
-    before = len(sparsec.backend.compiled_graphs())
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
-            ref = linear64(torch.nn.functional.silu(linear64(x.cpu(), model[0].weight.cpu(), model[0].bias.cpu())
-                                                    .to(torch.bfloat16)), model[2].weight.cpu(), model[2].bias.cpu())
-            check(compiled(x), ref, torch.bfloat16)
-    graphs = sparsec.backend.compiled_graphs()[before:]
-    kernels = [r["kernel"] for r in graphs[0].report.layers]
+    kernels, launches = compiled_mlp_kernels(model, bsr, mode, tokens)
     assert len(kernels) == 2 and all(k.startswith("bsr_linear") for k in kernels), kernels
     assert bool(launches) == cuda_kernel, launches

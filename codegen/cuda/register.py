@@ -24,17 +24,24 @@ def csr_accepts(x, values, col_indices, row_offsets, out_features, in_features, 
             and csr.serves(math.prod(x.shape[:-1]), x.dtype, values, col_indices))
 
 
-def csr_linear_cuda(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
-    if not csr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
-        return NotImplemented
-    p = prepare_linear(x, out_features, in_features, bias, residual, None, None, values)
+def _launch_linear(kernel, x, format_args, out_features, in_features, bias, activation, residual):
+    """The op's arguments flattened for `kernel.launch(x2d, *format_args, n_out, bias, act, res2d, out)`; the
+    output shaped like x, or NotImplemented where the kernel cannot take them."""
+    n_out = output_features(out_features, activation)
+    p = prepare_linear(x, n_out, in_features, bias, residual, None, None, format_args[0])
     if p is None:
         return NotImplemented
     x2d, out, res2d, bias, _, _ = p
-    if csr.launch(x2d, values, col_indices, row_offsets, out_features, bias, ACT_CODES[activation], res2d,
-                  out) is NotImplemented:
+    if kernel.launch(x2d, *format_args, n_out, bias, ACT_CODES[activation], res2d, out) is NotImplemented:
         return NotImplemented
-    return out.reshape(*x.shape[:-1], out_features)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+def csr_linear_cuda(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
+    if not csr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual):
+        return NotImplemented
+    return _launch_linear(csr, x, (values, col_indices, row_offsets), out_features, in_features, bias, activation,
+                          residual)
 
 
 def bsr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
@@ -47,19 +54,11 @@ def bsr_accepts(x, values, col_indices, row_offsets, out_features, in_features, 
 
 def bsr_linear_cuda(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
                     row_perm, col_perm):
-    args = (x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual, row_perm,
-            col_perm)
-    if not bsr_accepts(*args):
+    if not bsr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
+                       row_perm, col_perm):
         return NotImplemented
-    n_out = output_features(out_features, activation)
-    p = prepare_linear(x, n_out, in_features, bias, residual, None, None, values)
-    if p is None:
-        return NotImplemented
-    x2d, out, res2d, bias, _, _ = p
-    if bsr.launch(x2d, values, col_indices, row_offsets, n_out, bias, ACT_CODES[activation], res2d,
-                  out) is NotImplemented:
-        return NotImplemented
-    return out.reshape(*x.shape[:-1], n_out)
+    return _launch_linear(bsr, x, (values, col_indices, row_offsets), out_features, in_features, bias, activation,
+                          residual)
 
 
 def register_all(device_type: str = "cuda"):
