@@ -1,7 +1,8 @@
 // Block-sparse linear at 1-16 tokens on Tensor Cores: out[M, N] = epilogue(x @ W^T), W in BSR blocks of
 // BH x BW (BH a multiple of 16; BW 16, 32 or 64).
 //
-// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py): device code only, no headers.
+// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py) after linear_epilogue.cuh (types, conversions,
+// activations; swiglu is the GATED instances).
 //
 // The weight's blocks are dense, so this is a stream of small dense products; what matters is to keep
 // DRAM busy. The mma computes out^T = W x^T: A = 16 rows x 16 columns of a block, B = x^T (16 columns x 8
@@ -20,42 +21,8 @@
 //   4. GATED (a SwiGLU FFN's stacked [gate; up] weight): the thread block takes the same 16 rows of the
 //      gate's block row and of the up's (N / BH block rows further) and writes silu(gate) * up.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-#define WARP 32
 #define SLICE_ROWS 16   // rows of a thread block: the mma's M
 #define MMA_K 16        // columns of one mma step
-
-// activation codes: the same numbers as codegen/linear_args.py's ACT_CODES (swiglu: the GATED instances)
-#define ACT_RELU 1
-#define ACT_GELU 2
-#define ACT_SILU 3
-// flags
-#define HAS_BIAS 1
-#define HAS_RES 2
-
-template <int DT> __device__ __forceinline__ float to_f32(u16 v);
-template <> __device__ __forceinline__ float to_f32<0>(u16 v) { return __uint_as_float((u32)v << 16); }
-template <> __device__ __forceinline__ float to_f32<1>(u16 v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
-
-template <int DT> __device__ __forceinline__ u16 from_f32(float f) {
-    u16 v;
-    if (DT == 0) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-    return v;
-}
-
-__device__ __forceinline__ float activate(float v, int act) {
-    if (act == ACT_RELU) return fmaxf(v, 0.0f);
-    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));  // exact (erf) gelu
-    if (act == ACT_SILU) return v / (1.0f + expf(-v));
-    return v;
-}
 
 // d += a (16 x 16, row-major) x b (16 x 8, column-major), fp32 accumulators
 template <int DT> __device__ __forceinline__ void mma_16x8x16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -191,7 +158,7 @@ bsr_small_m(const u16* __restrict__ x, int ldx,                                 
 #pragma unroll
         for (int h = 0; h < HALVES; ++h)
             if (flags & HAS_BIAS) v[h] += to_f32<DT>(bias[h * N + n]);
-        const float y = GATED ? v[0] / (1.0f + expf(-v[0])) * v[HALVES - 1] : activate(v[0], act);
+        const float y = GATED ? activate(v[0], ACT_SILU) * v[HALVES - 1] : activate(v[0], act);
         out[(long long)m * ldo + n] = from_f32<DT>(flags & HAS_RES ? y + to_f32<DT>(res[(long long)m * ldr + n]) : y);
     }
 }

@@ -1,8 +1,8 @@
 // CSR linear for unstructured sparsity at 1-16 tokens, on CUDA cores: out[M, N] = epilogue(x @ W^T).
 // A block takes MT = 1, 2, 4 or 8 tokens (blockIdx.y picks which); 16 tokens run as two 8-token tiles.
 //
-// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py): device code only, no headers. Storage
-// types are raw 16-bit words; DT says how to read them (0: bfloat16, 1: float16).
+// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py) after linear_epilogue.cuh (types, conversions,
+// activations). Storage types are raw 16-bit words; DT says how to read them (0: bfloat16, 1: float16).
 //
 // Why CUDA C++ rather than Triton: a Triton program cannot place x in shared memory nor reduce across
 // a warp's lanes with shuffles, so the Triton CSR kernel reads x^T from L1/L2 behind a chain of dependent
@@ -19,20 +19,10 @@
 //      (MT + 3 shuffles a row at 8 tokens, against 5 * MT for reducing each token on its own).
 //   5. the epilogue (bias, activation, residual) runs on the lanes that hold a finished token.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-#define WARP 32
 #define FULL_MASK 0xffffffffu
 
-// activation codes: the same numbers as codegen/linear_args.py's ACT_CODES
-#define ACT_RELU 1
-#define ACT_GELU 2
-#define ACT_SILU 3
-// flags
-#define HAS_BIAS 1
-#define HAS_RES 2
-
+// x and the weights as 32-bit pairs of 16-bit values, each half widened on its own (linear_epilogue.cuh:
+// to_f32 for one value)
 template <int DT> __device__ __forceinline__ float lo_f32(u32 pair);
 template <int DT> __device__ __forceinline__ float hi_f32(u32 pair);
 
@@ -41,33 +31,11 @@ template <> __device__ __forceinline__ float lo_f32<0>(u32 pair) { return __uint
 template <> __device__ __forceinline__ float hi_f32<0>(u32 pair) { return __uint_as_float(pair & 0xffff0000u); }
 
 // float16 needs a conversion; its halves are split out first
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
 template <> __device__ __forceinline__ float lo_f32<1>(u32 pair) { return f16_to_f32((u16)(pair & 0xffffu)); }
 template <> __device__ __forceinline__ float hi_f32<1>(u32 pair) { return f16_to_f32((u16)(pair >> 16)); }
 
-template <int DT> __device__ __forceinline__ float to_f32(u16 v) { return lo_f32<DT>((u32)v); }
-
-// float32 to the storage type, rounded to nearest even
-template <int DT> __device__ __forceinline__ u16 from_f32(float f) {
-    u16 v;
-    if (DT == 0) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-    return v;
-}
-
 // MT 16-bit inputs of one non-zero's column, loaded as one 2-16 byte vector
 template <int MT> struct alignas(MT * 2) Tokens { u16 v[MT]; };
-
-__device__ __forceinline__ float activate(float v, int act) {
-    if (act == ACT_RELU) return fmaxf(v, 0.0f);
-    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));  // exact (erf) gelu
-    if (act == ACT_SILU) return v / (1.0f + expf(-v));
-    return v;
-}
 
 // One step of a warp over a row: UNROLL chunks of WARP * NZ non-zeros from j0, every load issued before
 // any is used so they are in flight together. CHECKED: the step may reach outside [start, end), and a lane

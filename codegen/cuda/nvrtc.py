@@ -15,6 +15,9 @@ import torch
 
 log = logging.getLogger("sparsec.codegen.cuda")
 
+# What every kernel source is compiled after (types, conversions, activations)
+PRELUDE = Path(__file__).with_name("linear_epilogue.cuh")
+
 # (source file, template instance, device index) -> the kernel, or None where it failed. Per device, not
 # per architecture: a loaded module belongs to one device's context.
 _KERNELS: Dict[Tuple[str, str, int], Optional[object]] = {}
@@ -48,10 +51,15 @@ def kernel(source: Path, instance: str, device: torch.device, shared_mem: int):
     return compiled
 
 
+def program_text(source: Path) -> str:
+    """The one string NVRTC compiles for `source`: the shared prelude, then the kernel file."""
+    return PRELUDE.read_text() + source.read_text()
+
+
 def _compile(source: Path, instance: str, device: int, capability: Tuple[int, int]):
     try:
         with torch.cuda.device(device):
-            compiled = torch.cuda._compile_kernel(source.read_text(), instance,
+            compiled = torch.cuda._compile_kernel(program_text(source), instance,
                                                   compute_capability=f"{capability[0]}{capability[1]}",
                                                   nvcc_options=["-std=c++17"])
     except Exception as err:  # noqa: BLE001 (NVRTC missing or a compile error: fall back, say why)

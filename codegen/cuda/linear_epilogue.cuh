@@ -1,0 +1,43 @@
+// What every sparsec CUDA C++ linear kernel shares: storage types, the epilogue's codes, the 16-bit
+// conversions and the activations. nvrtc.program_text puts this file ahead of each kernel's source, so a
+// kernel file reads as if it began here (NVRTC compiles one string, with no headers of its own).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define WARP 32
+
+// activation codes: the same numbers as codegen/linear_args.py's ACT_CODES
+#define ACT_RELU 1
+#define ACT_GELU 2
+#define ACT_SILU 3
+// epilogue flags
+#define HAS_BIAS 1
+#define HAS_RES 2
+
+// float16 to float32
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// the storage type (DT 0: bfloat16, 1: float16) to float32; bfloat16 is the top half of a float32
+template <int DT> __device__ __forceinline__ float to_f32(u16 v) {
+    return DT == 0 ? __uint_as_float((u32)v << 16) : f16_to_f32(v);
+}
+
+// float32 to the storage type, rounded to nearest even
+template <int DT> __device__ __forceinline__ u16 from_f32(float f) {
+    u16 v;
+    if (DT == 0) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+
+__device__ __forceinline__ float activate(float v, int act) {
+    if (act == ACT_RELU) return fmaxf(v, 0.0f);
+    if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));  // exact (erf) gelu
+    if (act == ACT_SILU) return v / (1.0f + expf(-v));
+    return v;
+}
