@@ -158,19 +158,25 @@ def unstructured(N, K, density, gen, dtype):
     return w.to(dtype)
 
 
-def run(x, w, bias=None, act="none", res=None, x_row_stride=None):
-    """csr.launch on the GPU into a NaN-poisoned output (every element must be written)."""
-    p = pack_csr(w)
+def launch_poisoned(kernel, x, format_args, n_out, bias=None, act="none", res=None, x_row_stride=None, config=None):
+    """kernel.launch on the GPU into a NaN-poisoned output (every element must be written); x_row_stride: x as
+    a view with rows further apart than K (a slice of a wider tensor)."""
     M, K = x.shape
     xd = x.cuda()
-    if x_row_stride:  # x as a view with rows further apart than K
+    if x_row_stride:
         xd = torch.zeros(M, x_row_stride, dtype=x.dtype, device="cuda")[:, :K].copy_(xd)
-    out = torch.full((M, w.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
+    out = torch.full((M, n_out), float("nan"), dtype=x.dtype, device="cuda")
     d = lambda t: None if t is None else t.cuda()  # noqa: E731
-    got = csr.launch(xd, p.values.cuda(), p.col_indices.cuda(), p.row_offsets.cuda(), w.shape[0], d(bias),
-                     ACT_CODES[act], d(res), out)
+    got = kernel.launch(xd, *format_args, n_out, d(bias), ACT_CODES[act], d(res), out, config=config)
     assert got is out, "the kernel declined the call"
     return out
+
+
+def run(x, w, bias=None, act="none", res=None, x_row_stride=None):
+    """The CSR kernel over w."""
+    p = pack_csr(w)
+    return launch_poisoned(csr, x, (p.values.cuda(), p.col_indices.cuda(), p.row_offsets.cuda()), w.shape[0], bias, act,
+                           res, x_row_stride)
 
 
 def check(out, ref, dtype):
@@ -338,21 +344,13 @@ def block_sparse(N, K, block, density, gen, dtype):
 
 
 def run_bsr_cuda(x, w, block, bias=None, act="none", res=None, config=None, x_row_stride=None, n_out=None):
+    """The block-sparse kernel over w packed in `block`s; n_out: output features (half w's rows when gated)."""
     from sparsec.codegen.cuda import bsr
     from sparsec.runtime.formats import pack_bsr
 
     p = pack_bsr(w.cuda(), block)
-    M, K = x.shape
-    xs = x.cuda()
-    if x_row_stride is not None:  # x as a view with rows further apart (a slice of a wider tensor)
-        xs = torch.zeros(M, x_row_stride, dtype=x.dtype, device="cuda")[:, :K].copy_(xs)
-    n_out = n_out or w.shape[0]
-    out = torch.full((M, n_out), float("nan"), dtype=x.dtype, device="cuda")
-    d = lambda t: None if t is None else t.cuda()  # noqa: E731
-    got = bsr.launch(xs, p.values, p.col_indices, p.row_offsets, n_out, d(bias), ACT_CODES[act], d(res), out,
-                     config=config)
-    assert got is out, "the kernel declined the call"
-    return out
+    return launch_poisoned(bsr, x, (p.values, p.col_indices, p.row_offsets), n_out or w.shape[0], bias, act, res,
+                           x_row_stride, config)
 
 
 @gpu

@@ -7,7 +7,7 @@ torch.compile every other call still reaches a traceable Triton kernel.
 import math
 
 from sparsec.runtime import ops as _ops
-from sparsec.runtime.reference import output_features
+from sparsec.runtime.reference import GATED, output_features
 
 from ..linear_args import ACT_CODES, prepare_linear
 from . import bsr, csr, nvrtc
@@ -49,7 +49,7 @@ def bsr_accepts(x, values, col_indices, row_offsets, out_features, in_features, 
     """1-16 tokens, unpermuted blocks (block-reorder's permuted packs go to the Triton kernel)."""
     return (x.device.type == "cuda" and nvrtc.available() and row_perm is None and col_perm is None
             and _epilogue_in_x_dtype(x, bias, residual)
-            and bsr.serves(math.prod(x.shape[:-1]), x.dtype, values, out_features, in_features, activation == "swiglu"))
+            and bsr.serves(math.prod(x.shape[:-1]), x.dtype, values, out_features, in_features, activation == GATED))
 
 
 def bsr_linear_cuda(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
