@@ -57,6 +57,12 @@ for s in $steps; do
     bsr_cuda)
       step bsr_cuda_tests 200 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q -x tests/test_cuda_kernels.py -k bsr_small_m -p no:cacheprovider
       step bsr_cuda_sweep 250 python3 benchmarks/kernels.py --bsr-cuda --tokens 1 4 16 ;;
+    # What programmatic dependent launch gives the CUDA C++ BSR kernel: issue 14's decode rows of cases a and b
+    # without it and with it, twice in turn (run-to-run spread is a few percent)
+    cuda_pdl_ab)
+      for i in 1 2; do for pdl in never auto; do
+        step cuda_pdl_${i}_$pdl 140 python3 benchmarks/models.py --skip-other --only a,b --shapes decode1,decode16 --cuda-pdl $pdl
+      done; done ;;
     graph_runtime_tests) step graph_runtime_tests 150 env SPARSEC_TEST_GPU=1 python3 -P -m pytest -q tests/test_cuda_graphs.py -p no:cacheprovider ;;
     # The 64x64-pruned weights also packed in 128x64 and 128x128 blocks at many tokens: checks the L2-bytes-a-flop
     # model of the many-token kernel's limit (prefill (b), issue 5's 50% cells), which predicts no gain at 50%

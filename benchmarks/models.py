@@ -402,6 +402,8 @@ def main(argv=None):
     parser.add_argument("--inductor-pdl", choices=("auto", "always", "never"), default="auto", help="experiment: "
                         "programmatic dependent launch for Inductor's kernels in sparsec's graphs under CUDA graphs: "
                         "in graphs of short kernels (auto), always or never (compiler.INDUCTOR_PDL)")
+    parser.add_argument("--cuda-pdl", choices=("auto", "never"), default="auto", help="experiment: programmatic "
+                        "dependent launch for the CUDA C++ block-sparse kernel (codegen/cuda/register.PDL)")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
@@ -423,6 +425,11 @@ def main(argv=None):
 
         compiler.INDUCTOR_PDL = args.inductor_pdl
         print(f"# experiment: Inductor's kernels in sparsec's graphs with PDL: {args.inductor_pdl}")
+    if args.cuda_pdl == "never":
+        from sparsec.codegen.cuda import register
+
+        register.PDL = False
+        print("# experiment: the CUDA C++ block-sparse kernel without PDL")
     if args.fuse_conv_always:
         from sparsec.passes import conv_epilogue
 

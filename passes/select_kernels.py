@@ -353,9 +353,9 @@ def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice, weight: tor
     """Whether this block-sparse layer runs through its opaque op: under CUDA graphs (where the opaque op's
     host work is not paid per call), on a GPU that has programmatic dependent launch, at a token count the
     Triton streaming kernel (bsr_small_m) serves (the many-token kernel has no PDL and stays a traced
-    launch). The op runs the CUDA C++ kernel at 1-16 tokens (codegen/cuda/bsr.py: no PDL, but case (a)'s
-    decode at one token went 0.173 -> 0.158 ms with it, benchmarks/RESULTS.md) and bsr_small_m with PDL
-    where that kernel declines. PDL measured on the H200 with case (a)'s decode kernels and norms in one
+    launch). The op runs the CUDA C++ kernel at 1-16 tokens (codegen/cuda/bsr.py, launched with PDL through
+    cuLaunchKernelEx: 2-5% off cases (a) and (b)'s decode in an A/B of one run, benchmarks/RESULTS.md) and
+    bsr_small_m with PDL where that kernel declines. PDL measured on the H200 with case (a)'s decode kernels and norms in one
     CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6 us at 16 tokens, 140.5 -> 139.0 at one; with
     Inductor's kernels launched the same way too (compiler.inductor_compile) 134.7 and 131.0."""
     if not (ctx.cuda_graphs and device.type == "cuda" and choice.kernel == "bsr_linear"):

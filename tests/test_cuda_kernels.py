@@ -529,3 +529,81 @@ def test_block_sparse_mlp_under_torch_compile(fresh_dynamo, mode, tokens, cuda_k
     kernels, launches = compiled_mlp_kernels(model, bsr, mode, tokens)
     assert len(kernels) == 2 and all(k.startswith("bsr_linear") for k in kernels), kernels
     assert bool(launches) == cuda_kernel, launches
+
+
+# ------------------------------------------------------------------ programmatic dependent launch of the NVRTC kernels
+def test_launch_passes_through_without_pdl():
+    calls = []
+    nvrtc.launch(lambda **kw: calls.append(kw), (3, 1, 1), (64, 1, 1), [7], shared_mem=128)
+    assert calls == [dict(grid=(3, 1, 1), block=(64, 1, 1), args=[7], shared_mem=128)]
+
+
+def test_pdl_launch_builds_the_driver_call(monkeypatch):
+    """cuLaunchKernelEx gets CUDA's CUlaunchConfig layout, one programmatic-stream-serialization attribute
+    and a pointer to each argument (tensors as data pointers, ints as C ints), on the current stream."""
+    import ctypes
+
+    seen = {}
+
+    class FakeDriver:
+        @staticmethod
+        def cuLaunchKernelEx(config_ref, func, params, extra):
+            config = ctypes.cast(config_ref, ctypes.POINTER(nvrtc.LaunchConfig)).contents
+            seen.update(grid=(config.gridDimX, config.gridDimY, config.gridDimZ),
+                        block=(config.blockDimX, config.blockDimY, config.blockDimZ), shared=config.sharedMemBytes,
+                        stream=config.hStream, attrs=[(config.attrs[i].id, config.attrs[i].value)
+                                                      for i in range(config.numAttrs)], func=func, extra=extra,
+                        pointer=ctypes.cast(params[0], ctypes.POINTER(ctypes.c_void_p)).contents.value,
+                        number=ctypes.cast(params[1], ctypes.POINTER(ctypes.c_int)).contents.value)
+            return 0
+
+    class FakeStream:
+        _as_parameter_ = ctypes.c_void_p(4242)
+
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: FakeDriver)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    compiled = type("Compiled", (), {"func": 99})()
+    x = torch.zeros(4)
+    nvrtc.launch(compiled, (5, 2, 1), (128, 1, 1), [x, -3], shared_mem=1024, pdl=True)
+    assert seen == dict(grid=(5, 2, 1), block=(128, 1, 1), shared=1024, stream=4242,
+                        attrs=[(nvrtc.PROGRAMMATIC_STREAM_SERIALIZATION, 1)], func=99, extra=None,
+                        pointer=x.data_ptr(), number=-3)
+    assert ctypes.sizeof(nvrtc.LaunchAttribute) == 72 and ctypes.sizeof(nvrtc.LaunchConfig) == 56
+
+
+@gpu
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="PDL: Hopper or later")
+def test_bsr_cuda_kernel_with_pdl_in_a_chain_of_dependent_launches(monkeypatch):
+    """Each layer reads the output of the kernel just ahead of it, launched with PDL: in a CUDA graph
+    replayed many times, every layer's output equals the float64 chain (a kernel that read x before its
+    producer finished would show here)."""
+    from sparsec.codegen.cuda import bsr
+    from sparsec.runtime.formats import pack_bsr
+
+    pdl_flags = []
+    launch = bsr.launch
+    monkeypatch.setattr(bsr, "launch", lambda *a, **kw: pdl_flags.append(kw.get("pdl")) or launch(*a, **kw))
+    gen = torch.Generator().manual_seed(16)
+    weights = [block_sparse(1024, 1024, (64, 64), 0.3, gen, torch.bfloat16) / 8 for _ in range(6)]
+    packs = [pack_bsr(w.cuda(), (64, 64)) for w in weights]
+
+    def chain(x):
+        for p in packs:
+            x = torch.ops.sparsec.bsr_linear(x, p.values, p.col_indices, p.row_offsets, 1024, 1024, None, "relu",
+                                             x, None, None)
+        return x
+
+    static_x = torch.zeros(4, 1024, dtype=torch.bfloat16, device="cuda")
+    chain(static_x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x)
+    assert pdl_flags and all(pdl_flags), pdl_flags
+    for _ in range(20):
+        fresh = torch.randn(4, 1024, generator=gen).to(torch.bfloat16)
+        static_x.copy_(fresh.cuda())
+        graph.replay()
+        ref = fresh
+        for w in weights:
+            ref = linear64(ref, w, None, "relu", ref).to(torch.bfloat16)
+        check(static_out, ref.double(), torch.bfloat16)

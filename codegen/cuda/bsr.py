@@ -51,10 +51,10 @@ def unroll_for(blocks_per_row: float, warps: int, token_tiles: int) -> int:
     return 2 if token_tiles == 1 and blocks_per_row / warps >= UNROLL_FROM_BLOCKS else 1
 
 
-def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
+def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None, pdl=False):
     """out[M, N] = epilogue(x2d @ W^T) for a BSR weight W; N: output features (half W's rows when gated);
     NotImplemented where the kernel cannot run here (no NVRTC, x or the values off 16-byte boundaries).
-    `config`: WARPS, UNROLL."""
+    `config`: WARPS, UNROLL. `pdl`: a programmatic dependent launch (the kernel's header, item 5)."""
     M, K = x2d.shape
     nnz_blocks, bh, bw = values.shape
     if (K % bw or (x2d.stride(0) * ELEMENT_BYTES) % LOAD_BYTES or x2d.data_ptr() % LOAD_BYTES
@@ -74,8 +74,8 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
         return NotImplemented
     flags = (HAS_BIAS if bias is not None else 0) | (HAS_RES if res2d is not None else 0)
     with torch.cuda.device(x2d.device):
-        kernel(grid=(slices, 1, 1), block=(warps * 32, 1, 1),
-               args=[x2d, x2d.stride(0), values, col_indices, row_offsets, bh,
-                     out if bias is None else bias, out if res2d is None else res2d,
-                     0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, act_code, flags])
+        nvrtc.launch(kernel, (slices, 1, 1), (warps * 32, 1, 1),
+                     [x2d, x2d.stride(0), values, col_indices, row_offsets, bh,
+                      out if bias is None else bias, out if res2d is None else res2d,
+                      0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, act_code, flags], pdl=pdl)
     return out

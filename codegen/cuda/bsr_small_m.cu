@@ -19,10 +19,26 @@
 //   3. the warps' fp32 tiles meet in shared memory and the first warp runs the epilogue (bias,
 //      activation, residual) and writes the 16 x M outputs;
 //   4. GATED (a SwiGLU FFN's stacked [gate; up] weight): the thread block takes the same 16 rows of the
-//      gate's block row and of the up's (N / BH block rows further) and writes silu(gate) * up.
+//      gate's block row and of the up's (N / BH block rows further) and writes silu(gate) * up;
+//   5. launched with programmatic dependent launch (codegen/cuda/nvrtc.py launch, Hopper), a thread block
+//      may start while the kernel ahead of it still runs: it loads its weights (constants) first and waits
+//      for that kernel (griddepcontrol.wait) before its first read of x, the residual or the output
+//      buffer; it lets the next kernel start once its loads are done. Without PDL both are no-ops.
 
 #define SLICE_ROWS 16   // rows of a thread block: the mma's M
 #define MMA_K 16        // columns of one mma step
+
+// 5. programmatic dependent launch (sm_90 and later; no-ops when the launch was not a PDL one)
+__device__ __forceinline__ void wait_for_producer() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void release_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // d += a (16 x 16, row-major) x b (16 x 8, column-major), fp32 accumulators
 template <int DT> __device__ __forceinline__ void mma_16x8x16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -75,23 +91,21 @@ __device__ __forceinline__ void accumulate_slice(float (&acc)[NT][4], const u16*
     const long long row_hi = row_lo + 8 * BW;
     for (int b0 = start + warp; b0 < end; b0 += UNROLL * WARPS) {
         Run<BW> lo[UNROLL], hi[UNROLL], xs[UNROLL][NT];
+        int col[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {  // the weights: constants, loaded before any wait
             const int b = b0 + u * WARPS;
-            if (b < end) {
-                const u16* block = values + (long long)b * BH * BW;
-                lo[u] = load_run<BW>(block + row_lo);
-                hi[u] = load_run<BW>(block + row_hi);
-                const int col = col_indices[b] * BW;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                    xs[u][nt] = x_token.row[nt] ? load_run<BW>(x_token.row[nt] + col) : zero_run<BW>();
-            } else {
-                lo[u] = hi[u] = zero_run<BW>();
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) xs[u][nt] = zero_run<BW>();
-            }
+            const u16* block = values + (long long)b * BH * BW;
+            lo[u] = b < end ? load_run<BW>(block + row_lo) : zero_run<BW>();
+            hi[u] = b < end ? load_run<BW>(block + row_hi) : zero_run<BW>();
+            col[u] = b < end ? col_indices[b] * BW : -1;
         }
+        wait_for_producer();  // x is the output of a kernel ahead (a no-op once it has finished)
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                xs[u][nt] = x_token.row[nt] && col[u] >= 0 ? load_run<BW>(x_token.row[nt] + col[u]) : zero_run<BW>();
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
@@ -137,6 +151,8 @@ bsr_small_m(const u16* __restrict__ x, int ldx,                                 
     for (int h = 0; h < HALVES; ++h)
         accumulate_slice<DT, BW, WARPS, NT, UNROLL>(acc[h], values, col_indices, bounds[h][0], bounds[h][1], BH, row_lo,
                                                     x_token, warp);
+    release_dependents();
+    wait_for_producer();  // a warp without blocks has not waited yet; the epilogue reads the residual and writes out
     // the warps' tiles meet. acc[h][nt][0..1]: row g, tokens 8nt + 2q, + 1; acc[h][nt][2..3]: row g + 8
 #pragma unroll
     for (int h = 0; h < HALVES; ++h)

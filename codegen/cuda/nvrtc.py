@@ -7,6 +7,7 @@ warning once and returns None, and the caller falls back to the Triton kernels.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -69,3 +70,48 @@ def _compile(source: Path, instance: str, device: int, capability: Tuple[int, in
         return None
     stats["compiles"] += 1
     return compiled
+
+
+# ------------------------------------------------------------------ launches with programmatic dependent launch
+# torch's compiled kernel launches through cuLaunchKernel, which takes no launch attributes; a kernel that
+# may start before the one ahead of it in the stream has finished (PDL, Hopper and later: see
+# codegen/triton/pdl.py for why and for the rule each kernel keeps) is launched here through
+# cuLaunchKernelEx with the programmatic-stream-serialization attribute.
+PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CUlaunchAttributeID
+
+
+class LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: an id, then a 64-byte value union (here its first int)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_rest", ctypes.c_char * 60)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig."""
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+def kernel_params(args) -> Tuple[ctypes.Array, list]:
+    """The kernel's parameter array (a pointer to each argument: tensors as their data pointers, ints as
+    C ints, the types torch's own launcher passes) and the C values it points at, to keep alive."""
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+    return params, values
+
+
+def launch(compiled, grid, block, args, shared_mem: int = 0, pdl: bool = False) -> None:
+    """Launch `compiled` (from `kernel`) on the current stream; with `pdl`, as a programmatic dependent
+    launch, for kernels that wait for their producer (griddepcontrol.wait) before reading its output."""
+    if not pdl:
+        compiled(grid=grid, block=block, args=args, shared_mem=shared_mem)
+        return
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
+    attribute = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    config = LaunchConfig(*grid, *block, shared_mem, torch.cuda.current_stream()._as_parameter_,
+                          ctypes.pointer(attribute), 1)
+    params, _values = kernel_params(args)
+    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(config), compiled.func, params, None))
