@@ -456,6 +456,18 @@ def time_configs(launch, cfgs, out, ref):
     return sorted(timed, key=lambda r: r[0])
 
 
+def pdl_option(cfg):
+    """A sweep config as the launcher's arguments: its PDL key (off if absent) apart from the kernel's config."""
+    options = dict(cfg)
+    return dict(config=options, pdl=options.pop("PDL", False))
+
+
+def rule_with_and_without_pdl(launch, out, ref):
+    """us of the launcher's own config without and with programmatic dependent launch."""
+    timed = [time_configs(launch, [dict(PDL=pdl)], out, ref) for pdl in (False, True)]
+    return [t[0][0] * 1e3 if t else float("nan") for t in timed]
+
+
 def run_sweep_csr(args):
     """Config sweep for the CSR kernel on unstructured weights (to pick its hand table)."""
     from sparsec.codegen.triton import csr
@@ -510,7 +522,8 @@ def run_sweep_csr_cuda(args):
     """The CUDA C++ CSR kernel (codegen/cuda/csr.py) against the Triton one and cuBLAS, on unstructured
     weights at few tokens: the launcher's choice, then its token tile, chunks in flight and blocks a SM
     swept (MT, UNROLL, BLOCKS_PER_SM, NZ: codegen/cuda/csr.py); every output checked against float64. us,
-    CUDA-graph replays, weights rotated past L2."""
+    CUDA-graph replays, weights rotated past L2; "rule": the launcher's choice without and with programmatic
+    dependent launch."""
     from sparsec.codegen.cuda import csr as csr_cuda
     from sparsec.codegen.triton import csr as csr_triton
     dev, dtype = "cuda", torch.bfloat16
@@ -522,7 +535,7 @@ def run_sweep_csr_cuda(args):
 
         def cuda(cfg):
             q = packs.next()
-            csr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+            csr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, **pdl_option(cfg))
 
         def triton(cfg):
             q = packs.next()
@@ -530,21 +543,24 @@ def run_sweep_csr_cuda(args):
         tile = csr_cuda.token_tile(M, K, shared_mem)  # the launcher's, and half of it
         cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz) for mt in sorted({tile, max(1, tile // 2)})
                 for u in (4, 8) for b in (1, 2) for nz in (1, 2)]
-        default = time_configs(cuda, [{}], out, ref)
+        rule = rule_with_and_without_pdl(cuda, out, ref)
         best = time_configs(cuda, cfgs, out, ref)
         tri = time_configs(triton, [{}], out, ref)
         cublas, _ = bench(lambda: F.linear(x, w), True, 10)
         floor = (csr_bytes + 2 * M * (K + N)) / bandwidth
         us = lambda timed: f"{timed[0][0] * 1e3:.1f}" if timed else "wrong"  # noqa: E731
-        print(f"CSR-CUDA {pattern} {N}x{K} M={M}: cuda {us(default)}us (x{cublas / default[0][0]:.2f} "
-              f"over cuBLAS) | triton {us(tri)} | cuBLAS {cublas * 1e3:.1f} | floor {floor * 1e6:.1f} | best "
+        print(f"CSR-CUDA {pattern} {N}x{K} M={M}: rule {rule[0]:.1f}us (x{cublas * 1e3 / rule[0]:.2f} over cuBLAS), "
+              f"with PDL {rule[1]:.1f} (x{cublas * 1e3 / rule[1]:.2f}) | triton {us(tri)} | cuBLAS {cublas * 1e3:.1f} | "
+              f"floor {floor * 1e6:.1f} | best "
               + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in best[:3]), flush=True)
 
 
 def run_sweep_bsr_cuda(args):
     """The CUDA C++ block-sparse kernel for 1-16 tokens (codegen/cuda/bsr.py) against the Triton decode kernel
     and cuBLAS on 64x64-block weights, its WARPS and UNROLL swept; every output checked against float64. us,
-    CUDA-graph replays, weights rotated past L2; "floor": the BSR bytes over the copy bandwidth."""
+    CUDA-graph replays, weights rotated past L2; "floor": the BSR bytes over the copy bandwidth. "rule": the
+    launcher's own config, without and with programmatic dependent launch (each replay then starts its weight
+    loads while the one ahead finishes, as a layer after another does in a model)."""
     from sparsec.codegen.cuda import bsr as bsr_cuda
     from sparsec.codegen.triton import bsr_small_m
     bandwidth = cost_model.measure_ceilings(torch.device("cuda"), torch.bfloat16).bandwidth
@@ -552,16 +568,18 @@ def run_sweep_bsr_cuda(args):
     for pattern, N, K, w, packs, M, x, out, ref in few_token_cases(args, ["block90", "block50"], pack, 3):
         def cuda(cfg):
             q = packs.next()
-            bsr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
+            bsr_cuda.launch(x, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, **pdl_option(cfg))
 
         def triton(cfg):
             q = packs.next()
             bsr_small_m.launch(x, q.values, q.col_indices, q.row_offsets, N, K, None, 0, None, None, None, out)
         timed = time_configs(cuda, [dict(WARPS=wp, UNROLL=u) for wp in (2, 4, 8) for u in (1, 2, 4)], out, ref)
+        rule = rule_with_and_without_pdl(cuda, out, ref)
         tri = time_configs(triton, [{}], out, ref)
         cublas, _ = bench(lambda: F.linear(x, w), True, 10)
         floor = (packs.items[0].nbytes + 2 * M * (K + N)) / bandwidth
-        print(f"BSR-CUDA {pattern} {N}x{K} M={M}: " + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in timed[:4])
+        print(f"BSR-CUDA {pattern} {N}x{K} M={M}: rule {rule[0]:.1f}us, with PDL {rule[1]:.1f} | "
+              + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in timed[:4])
               + f" | triton {tri[0][0] * 1e3:.1f} | cuBLAS {cublas * 1e3:.1f} | best x{cublas / timed[0][0]:.2f}"
               + f" | floor {floor * 1e6:.1f}", flush=True)
 

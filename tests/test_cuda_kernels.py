@@ -573,24 +573,26 @@ def test_pdl_launch_builds_the_driver_call(monkeypatch):
 
 @gpu
 @pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="PDL: Hopper or later")
-def test_bsr_cuda_kernel_with_pdl_in_a_chain_of_dependent_launches(monkeypatch):
+@pytest.mark.parametrize("kind", ["bsr", "csr"])
+def test_cuda_kernel_with_pdl_in_a_chain_of_dependent_launches(monkeypatch, kind):
     """Each layer reads the output of the kernel just ahead of it, launched with PDL: in a CUDA graph
     replayed many times, every layer's output equals the float64 chain (a kernel that read x before its
     producer finished would show here)."""
     from sparsec.codegen.cuda import bsr
     from sparsec.runtime.formats import pack_bsr
 
+    kernel, pack, linear = {"bsr": (bsr, lambda w: pack_bsr(w, (64, 64)), ops.bsr_linear),
+                            "csr": (csr, pack_csr, ops.csr_linear)}[kind]
     pdl_flags = []
-    launch = bsr.launch
-    monkeypatch.setattr(bsr, "launch", lambda *a, **kw: pdl_flags.append(kw.get("pdl")) or launch(*a, **kw))
+    launch = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda *a, **kw: pdl_flags.append(kw.get("pdl")) or launch(*a, **kw))
     gen = torch.Generator().manual_seed(16)
     weights = [block_sparse(1024, 1024, (64, 64), 0.3, gen, torch.bfloat16) / 8 for _ in range(6)]
-    packs = [pack_bsr(w.cuda(), (64, 64)) for w in weights]
+    packs = [pack(w).to("cuda") for w in weights]
 
     def chain(x):
         for p in packs:
-            x = torch.ops.sparsec.bsr_linear(x, p.values, p.col_indices, p.row_offsets, 1024, 1024, None, "relu",
-                                             x, None, None)
+            x = linear(x, p, None, "relu", x)
         return x
 
     static_x = torch.zeros(4, 1024, dtype=torch.bfloat16, device="cuda")

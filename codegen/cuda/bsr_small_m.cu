@@ -1,7 +1,7 @@
 // Block-sparse linear at 1-16 tokens on Tensor Cores: out[M, N] = epilogue(x @ W^T), W in BSR blocks of
 // BH x BW (BH a multiple of 16; BW 16, 32 or 64).
 //
-// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py) after linear_epilogue.cuh (types, conversions,
+// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py) after linear_prelude.cuh (types, conversions,
 // activations; swiglu is the GATED instances).
 //
 // The weight's blocks are dense, so this is a stream of small dense products; what matters is to keep
@@ -27,18 +27,6 @@
 
 #define SLICE_ROWS 16   // rows of a thread block: the mma's M
 #define MMA_K 16        // columns of one mma step
-
-// 5. programmatic dependent launch (sm_90 and later; no-ops when the launch was not a PDL one)
-__device__ __forceinline__ void wait_for_producer() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void release_dependents() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 // d += a (16 x 16, row-major) x b (16 x 8, column-major), fp32 accumulators
 template <int DT> __device__ __forceinline__ void mma_16x8x16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {

@@ -67,10 +67,11 @@ def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
     return mt if K * mt * ELEMENT_BYTES <= shared_mem_limit else 0
 
 
-def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None):
+def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None, pdl=False):
     """out[M, N] = epilogue(x2d @ W^T) for a CSR weight W [N, K]; NotImplemented where the kernel
     cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT,
-    UNROLL, BLOCKS_PER_SM, NZ instead of the choices above."""
+    UNROLL, BLOCKS_PER_SM, NZ instead of the choices above. `pdl`: a programmatic dependent launch (the
+    kernel's header, item 6)."""
     config = config or {}
     M, K = x2d.shape
     device = x2d.device
@@ -92,8 +93,9 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * props.multi_processor_count // token_tiles))
     flags = (HAS_BIAS if bias is not None else 0) | (HAS_RES if res2d is not None else 0)
     with torch.cuda.device(device):  # the kernel's module lives in this device's context
-        kernel(grid=(blocks, token_tiles, 1), block=(THREADS, 1, 1), shared_mem=shared_mem,
-               args=[x2d, x2d.stride(0), values, col_indices, row_offsets,
-                     out if bias is None else bias, out if res2d is None else res2d,
-                     0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, K, act_code, flags])
+        nvrtc.launch(kernel, (blocks, token_tiles, 1), (THREADS, 1, 1),
+                     [x2d, x2d.stride(0), values, col_indices, row_offsets,
+                      out if bias is None else bias, out if res2d is None else res2d,
+                      0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, K, act_code, flags],
+                     shared_mem=shared_mem, pdl=pdl)
     return out

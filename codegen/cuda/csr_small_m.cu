@@ -1,7 +1,7 @@
 // CSR linear for unstructured sparsity at 1-16 tokens, on CUDA cores: out[M, N] = epilogue(x @ W^T).
 // A block takes MT = 1, 2, 4 or 8 tokens (blockIdx.y picks which); 16 tokens run as two 8-token tiles.
 //
-// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py) after linear_epilogue.cuh (types, conversions,
+// Compiled at run time by NVRTC (codegen/cuda/nvrtc.py) after linear_prelude.cuh (types, conversions,
 // activations). Storage types are raw 16-bit words; DT says how to read them (0: bfloat16, 1: float16).
 //
 // Why CUDA C++ rather than Triton: a Triton program cannot place x in shared memory nor reduce across
@@ -17,11 +17,13 @@
 //   4. the warp's partial sums meet in a transposing butterfly: log2(MT) exchanges halve the values a lane
 //      holds, so after them lane l holds token l >> (5 - LOG2_MT); 5 - log2(MT) more finish the sum
 //      (MT + 3 shuffles a row at 8 tokens, against 5 * MT for reducing each token on its own).
-//   5. the epilogue (bias, activation, residual) runs on the lanes that hold a finished token.
+//   5. the epilogue (bias, activation, residual) runs on the lanes that hold a finished token;
+//   6. launched with programmatic dependent launch (Hopper), the grid is scheduled while the kernel ahead
+//      of it finishes, and waits for it only before staging x (linear_prelude.cuh).
 
 #define FULL_MASK 0xffffffffu
 
-// x and the weights as 32-bit pairs of 16-bit values, each half widened on its own (linear_epilogue.cuh:
+// x and the weights as 32-bit pairs of 16-bit values, each half widened on its own (linear_prelude.cuh:
 // to_f32 for one value)
 template <int DT> __device__ __forceinline__ float lo_f32(u32 pair);
 template <int DT> __device__ __forceinline__ float hi_f32(u32 pair);
@@ -89,6 +91,7 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
     extern __shared__ __align__(16) u16 xs[];  // [K][MT]: x^T of this block's tokens
 
     const int m0 = blockIdx.y * MT;
+    wait_for_producer();  // 6. x is the output of the kernel ahead
     // 1. stage x^T; tokens past M are zeros. Two columns a thread where x's rows allow 4-byte loads.
     if (K % 2 == 0 && ldx % 2 == 0 && reinterpret_cast<unsigned long long>(x) % 4 == 0) {
 #pragma unroll 2
@@ -116,6 +119,7 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         }
     }
     __syncthreads();
+    release_dependents();  // 6. the next kernel's blocks may queue for this SM's room as this block's end
 
     const int lane = threadIdx.x % WARP;
     const int warps = blockDim.x / WARP;

@@ -17,7 +17,7 @@ import torch
 log = logging.getLogger("sparsec.codegen.cuda")
 
 # What every kernel source is compiled after (types, conversions, activations)
-PRELUDE = Path(__file__).with_name("linear_epilogue.cuh")
+PRELUDE = Path(__file__).with_name("linear_prelude.cuh")
 
 # (source file, template instance, device index) -> the kernel, or None where it failed. Per device, not
 # per architecture: a loaded module belongs to one device's context.

@@ -12,7 +12,7 @@ from sparsec.runtime.reference import GATED, output_features
 from ..linear_args import ACT_CODES, prepare_linear
 from . import bsr, csr, nvrtc
 
-# The BSR kernel's launches use programmatic dependent launch where the GPU has it (Hopper and later);
+# The kernels launch with programmatic dependent launch where the GPU has it (Hopper and later);
 # benchmarks/models.py --cuda-pdl never turns it off to measure what it gives
 PDL = True
 
@@ -28,15 +28,18 @@ def csr_accepts(x, values, col_indices, row_offsets, out_features, in_features, 
             and csr.serves(math.prod(x.shape[:-1]), x.dtype, values, col_indices))
 
 
-def _launch_linear(kernel, x, format_args, out_features, in_features, bias, activation, residual, **options):
-    """The op's arguments flattened for `kernel.launch(x2d, *format_args, n_out, bias, act, res2d, out,
-    **options)`; the output shaped like x, or NotImplemented where the kernel cannot take them."""
+def _launch_linear(kernel, x, format_args, out_features, in_features, bias, activation, residual):
+    """The op's arguments flattened for `kernel.launch(x2d, *format_args, n_out, bias, act, res2d, out, pdl=)`;
+    the output shaped like x, or NotImplemented where the kernel cannot take them."""
+    from ..triton.pdl import pdl_supported  # triton comes with torch's CUDA builds
+
     n_out = output_features(out_features, activation)
     p = prepare_linear(x, n_out, in_features, bias, residual, None, None, format_args[0])
     if p is None:
         return NotImplemented
     x2d, out, res2d, bias, _, _ = p
-    if kernel.launch(x2d, *format_args, n_out, bias, ACT_CODES[activation], res2d, out, **options) is NotImplemented:
+    pdl = PDL and pdl_supported(x.device)
+    if kernel.launch(x2d, *format_args, n_out, bias, ACT_CODES[activation], res2d, out, pdl=pdl) is NotImplemented:
         return NotImplemented
     return out.reshape(*x.shape[:-1], n_out)
 
@@ -61,10 +64,8 @@ def bsr_linear_cuda(x, values, col_indices, row_offsets, out_features, in_featur
     if not bsr_accepts(x, values, col_indices, row_offsets, out_features, in_features, bias, activation, residual,
                        row_perm, col_perm):
         return NotImplemented
-    from ..triton.pdl import pdl_supported  # triton comes with torch's CUDA builds
-
     return _launch_linear(bsr, x, (values, col_indices, row_offsets), out_features, in_features, bias, activation,
-                          residual, pdl=PDL and pdl_supported(x.device))
+                          residual)
 
 
 def register_all(device_type: str = "cuda"):

@@ -1,5 +1,5 @@
 // What every sparsec CUDA C++ linear kernel shares: storage types, the epilogue's codes, the 16-bit
-// conversions and the activations. nvrtc.program_text puts this file ahead of each kernel's source, so a
+// conversions, the activations and the programmatic-dependent-launch waits. nvrtc.program_text puts this file ahead of each kernel's source, so a
 // kernel file reads as if it began here (NVRTC compiles one string, with no headers of its own).
 
 typedef unsigned short u16;
@@ -40,4 +40,20 @@ __device__ __forceinline__ float activate(float v, int act) {
     if (act == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));  // exact (erf) gelu
     if (act == ACT_SILU) return v / (1.0f + expf(-v));
     return v;
+}
+
+// Programmatic dependent launch (sm_90 and later; nvrtc.launch with pdl=True): a thread block may start while
+// the kernel ahead of it in the stream still runs. It may read constants (the weights) at once, and waits
+// (wait_for_producer) before its first read of that kernel's output (x, the residual) or its first write.
+// release_dependents lets the next kernel's blocks be scheduled; that kernel still waits for this one to
+// finish before reading anything. Both are no-ops in a launch without PDL.
+__device__ __forceinline__ void wait_for_producer() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void release_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
