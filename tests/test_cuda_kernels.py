@@ -262,7 +262,7 @@ def test_op_runs_the_cuda_kernel_and_compiles(monkeypatch):
     bias_gpu = bias.cuda()
     launches = []
     launch = csr.launch
-    monkeypatch.setattr(csr, "launch", lambda *a: launches.append(a[0].shape[0]) or launch(*a))
+    monkeypatch.setattr(csr, "launch", lambda *a, **kw: launches.append(a[0].shape[0]) or launch(*a, **kw))
 
     def f(x):
         return torch.ops.sparsec.csr_linear(x, vals, cols, offs, 256, 1024, bias_gpu, "gelu", None)

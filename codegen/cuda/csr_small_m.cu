@@ -123,8 +123,12 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
 
     const int lane = threadIdx.x % WARP;
     const int warps = blockDim.x / WARP;
-    // 2./3. a block's warps take consecutive rows, so the block's output stores share sectors
-    for (int row = blockIdx.x * warps + threadIdx.x / WARP; row < N; row += gridDim.x * warps) {
+    // 2./3. each block takes an equal run of consecutive rows (so no SM gets more than its share however
+    // the blocks are placed, e.g. those of a PDL launch that start as the kernel ahead's blocks end), its warps
+    // consecutive rows of it (so the block's output stores share sectors)
+    const int rows_per_block = (N + gridDim.x - 1) / gridDim.x;
+    const int rows_end = min(N, (blockIdx.x + 1) * rows_per_block);
+    for (int row = blockIdx.x * rows_per_block + threadIdx.x / WARP; row < rows_end; row += warps) {
         const int start = row_offsets[row], end = row_offsets[row + 1];
         float acc[MT];
 #pragma unroll
