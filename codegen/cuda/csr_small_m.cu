@@ -19,7 +19,9 @@
 //      (MT + 3 shuffles a row at 8 tokens, against 5 * MT for reducing each token on its own).
 //   5. the epilogue (bias, activation, residual) runs on the lanes that hold a finished token;
 //   6. launched with programmatic dependent launch (Hopper), the grid is scheduled while the kernel ahead
-//      of it finishes, and waits for it only before staging x (linear_prelude.cuh).
+//      of it finishes, and waits for it only before staging x (linear_prelude.cuh);
+//   7. with PDL, a warp loads its first row's bounds and first step of non-zeros before that wait, so the
+//      first links of its chain of dependent loads overlap the kernel ahead.
 
 #define FULL_MASK 0xffffffffu
 
@@ -39,32 +41,43 @@ template <> __device__ __forceinline__ float hi_f32<1>(u32 pair) { return f16_to
 // MT 16-bit inputs of one non-zero's column, loaded as one 2-16 byte vector
 template <int MT> struct alignas(MT * 2) Tokens { u16 v[MT]; };
 
-// One step of a warp over a row: UNROLL chunks of WARP * NZ non-zeros from j0, every load issued before
-// any is used so they are in flight together. CHECKED: the step may reach outside [start, end), and a lane
-// reads nothing there (an inf in x's column 0 must not become 0 * inf).
-template <int DT, int MT, int UNROLL, int NZ, bool CHECKED>
-__device__ __forceinline__ void accumulate_step(float (&acc)[MT], const u16* xs, const u16* __restrict__ values,
-                                                const u16* __restrict__ cols, int j0, int start, int end, int lane) {
-    u32 w[UNROLL], c[UNROLL];  // the lane's NZ values and NZ columns, 16 bits each
+// One step of a warp over a row covers UNROLL chunks of WARP * NZ non-zeros from j0. A lane's share: its
+// NZ values and NZ columns (16 bits each) of each chunk, loaded as one word each where NZ == 2.
+template <int UNROLL> struct Step { u32 w[UNROLL], c[UNROLL]; };
+
+// Every load of a step, issued before any is used so they are in flight together. CHECKED: the step may
+// reach past the row's end, and a lane loads nothing there.
+template <int UNROLL, int NZ, bool CHECKED>
+__device__ __forceinline__ Step<UNROLL> load_step(const u16* __restrict__ values, const u16* __restrict__ cols, int j0,
+                                                  int end, int lane) {
+    Step<UNROLL> s;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int j = j0 + (u * WARP + lane) * NZ;
         if (NZ == 2 && (!CHECKED || j + 1 < end)) {
-            w[u] = *reinterpret_cast<const u32*>(values + j);
-            c[u] = *reinterpret_cast<const u32*>(cols + j);
+            s.w[u] = *reinterpret_cast<const u32*>(values + j);
+            s.c[u] = *reinterpret_cast<const u32*>(cols + j);
         } else {
-            w[u] = !CHECKED || j < end ? values[j] : 0u;
-            c[u] = !CHECKED || j < end ? cols[j] : 0u;
+            s.w[u] = !CHECKED || j < end ? values[j] : 0u;
+            s.c[u] = !CHECKED || j < end ? cols[j] : 0u;
         }
     }
+    return s;
+}
+
+// acc += the step's non-zeros times x. CHECKED: non-zeros outside [start, end) are skipped (an inf in x's
+// column 0 must not become 0 * inf).
+template <int DT, int MT, int UNROLL, int NZ, bool CHECKED>
+__device__ __forceinline__ void accumulate_step(float (&acc)[MT], const Step<UNROLL>& s, const u16* xs, int j0,
+                                                int start, int end, int lane) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
         for (int e = 0; e < NZ; ++e) {
             const int j = j0 + (u * WARP + lane) * NZ + e;
             if (CHECKED && (j < start || j >= end)) continue;
-            const float weight = e ? hi_f32<DT>(w[u]) : lo_f32<DT>(w[u]);
-            const int col = (c[u] >> (16 * e)) & 0xffff;
+            const float weight = e ? hi_f32<DT>(s.w[u]) : lo_f32<DT>(s.w[u]);
+            const int col = (s.c[u] >> (16 * e)) & 0xffff;
             if (MT == 1) {
                 acc[0] += weight * to_f32<DT>(xs[col]);
             } else {  // the tokens as 32-bit pairs, each widened by a shift or a mask (bfloat16)
@@ -80,6 +93,54 @@ __device__ __forceinline__ void accumulate_step(float (&acc)[MT], const u16* xs,
     }
 }
 
+// One row: acc over its non-zeros (its first step already loaded: `first`), the warp's sums, the epilogue.
+// NZ == 2: steps start on an even non-zero, so a lane loads two values and two columns as one word each. A
+// row's first step and its last may reach past the row's ends and check each non-zero; the steps between run
+// without a check.
+template <int DT, int LOG2_MT, int UNROLL, int NZ>
+__device__ __forceinline__ void row_dot(int row, int start, int end, const Step<UNROLL>& first, const u16* xs,
+                                        const u16* __restrict__ values, const u16* __restrict__ cols,
+                                        const u16* __restrict__ bias, const u16* __restrict__ res, int ldr,
+                                        u16* __restrict__ out, int ldo, int m0, int M, int act, int flags, int lane) {
+    constexpr int MT = 1 << LOG2_MT;
+    constexpr int STEP = UNROLL * WARP * NZ;
+    float acc[MT];
+#pragma unroll
+    for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
+    int j0 = start & ~(NZ - 1);
+    accumulate_step<DT, MT, UNROLL, NZ, true>(acc, first, xs, j0, start, end, lane);
+    for (j0 += STEP; j0 + STEP <= end; j0 += STEP)
+        accumulate_step<DT, MT, UNROLL, NZ, false>(acc, load_step<UNROLL, NZ, false>(values, cols, j0, end, lane), xs, j0,
+                                                   start, end, lane);
+    if (j0 < end)
+        accumulate_step<DT, MT, UNROLL, NZ, true>(acc, load_step<UNROLL, NZ, true>(values, cols, j0, end, lane), xs, j0,
+                                                  start, end, lane);
+    // 4. transposing butterfly: each exchange halves the tokens a lane holds
+#pragma unroll
+    for (int step = 0; step < LOG2_MT; ++step) {
+        const int half = MT >> (step + 1), offset = (WARP / 2) >> step;
+        const bool upper = lane & offset;
+#pragma unroll
+        for (int i = 0; i < half; ++i) {
+            const float send = upper ? acc[i] : acc[i + half];
+            const float keep = upper ? acc[i + half] : acc[i];
+            acc[i] = keep + __shfl_xor_sync(FULL_MASK, send, offset);
+        }
+    }
+#pragma unroll
+    for (int offset = WARP >> (LOG2_MT + 1); offset >= 1; offset /= 2)
+        acc[0] += __shfl_xor_sync(FULL_MASK, acc[0], offset);
+    // 5. one lane per token writes it
+    const int m = m0 + (lane >> (5 - LOG2_MT));
+    if ((lane & ((WARP >> LOG2_MT) - 1)) == 0 && m < M) {
+        float v = acc[0];
+        if (flags & HAS_BIAS) v += to_f32<DT>(bias[row]);
+        v = activate(v, act);
+        if (flags & HAS_RES) v += to_f32<DT>(res[(long long)m * ldr + row]);
+        out[(long long)m * ldo + row] = from_f32<DT>(v);
+    }
+}
+
 template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ>
 __global__ void __launch_bounds__(1024, MIN_BLOCKS)
 csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], rows ldx apart
@@ -91,6 +152,21 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
     extern __shared__ __align__(16) u16 xs[];  // [K][MT]: x^T of this block's tokens
 
     const int m0 = blockIdx.y * MT;
+    const int lane = threadIdx.x % WARP;
+    const int warps = blockDim.x / WARP;
+    // 2./3. each block takes an equal run of consecutive rows (so no SM gets more than its share however
+    // the blocks are placed, e.g. those of a PDL launch that start as the kernel ahead's blocks end), its warps
+    // consecutive rows of it (so the block's output stores share sectors)
+    const int rows_per_block = (N + gridDim.x - 1) / gridDim.x;
+    const int rows_end = min(N, (blockIdx.x + 1) * rows_per_block);
+    int row = blockIdx.x * rows_per_block + threadIdx.x / WARP;
+    // 7. the first row's bounds and first step are constants: in flight while the kernel ahead finishes
+    int start = 0, end = 0;
+    Step<UNROLL> first = {};
+    if (row < rows_end) {
+        start = row_offsets[row], end = row_offsets[row + 1];
+        first = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
+    }
     wait_for_producer();  // 6. x is the output of the kernel ahead
     // 1. stage x^T; tokens past M are zeros. Two columns a thread where x's rows allow 4-byte loads.
     if (K % 2 == 0 && ldx % 2 == 0 && reinterpret_cast<unsigned long long>(x) % 4 == 0) {
@@ -121,54 +197,13 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
     __syncthreads();
     release_dependents();  // 6. the next kernel's blocks may queue for this SM's room as this block's end
 
-    const int lane = threadIdx.x % WARP;
-    const int warps = blockDim.x / WARP;
-    // 2./3. each block takes an equal run of consecutive rows (so no SM gets more than its share however
-    // the blocks are placed, e.g. those of a PDL launch that start as the kernel ahead's blocks end), its warps
-    // consecutive rows of it (so the block's output stores share sectors)
-    const int rows_per_block = (N + gridDim.x - 1) / gridDim.x;
-    const int rows_end = min(N, (blockIdx.x + 1) * rows_per_block);
-    for (int row = blockIdx.x * rows_per_block + threadIdx.x / WARP; row < rows_end; row += warps) {
-        const int start = row_offsets[row], end = row_offsets[row + 1];
-        float acc[MT];
-#pragma unroll
-        for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
-        // NZ == 2: steps start on an even non-zero, so a lane loads two values and two columns as one word
-        // each. Steps wholly inside the row run without a check a lane; the first (NZ == 2) and the last may
-        // reach past the row's ends and check each non-zero.
-        constexpr int STEP = UNROLL * WARP * NZ;
-        int j0 = start & ~(NZ - 1);
-        if (j0 < start && j0 < end) {
-            accumulate_step<DT, MT, UNROLL, NZ, true>(acc, xs, values, cols, j0, start, end, lane);
-            j0 += STEP;
-        }
-        for (; j0 + STEP <= end; j0 += STEP)
-            accumulate_step<DT, MT, UNROLL, NZ, false>(acc, xs, values, cols, j0, start, end, lane);
-        if (j0 < end)
-            accumulate_step<DT, MT, UNROLL, NZ, true>(acc, xs, values, cols, j0, start, end, lane);
-        // 4. transposing butterfly: each exchange halves the tokens a lane holds
-#pragma unroll
-        for (int step = 0; step < LOG2_MT; ++step) {
-            const int half = MT >> (step + 1), offset = (WARP / 2) >> step;
-            const bool upper = lane & offset;
-#pragma unroll
-            for (int i = 0; i < half; ++i) {
-                const float send = upper ? acc[i] : acc[i + half];
-                const float keep = upper ? acc[i + half] : acc[i];
-                acc[i] = keep + __shfl_xor_sync(FULL_MASK, send, offset);
-            }
-        }
-#pragma unroll
-        for (int offset = WARP >> (LOG2_MT + 1); offset >= 1; offset /= 2)
-            acc[0] += __shfl_xor_sync(FULL_MASK, acc[0], offset);
-        // 5. one lane per token writes it
-        const int m = m0 + (lane >> (5 - LOG2_MT));
-        if ((lane & ((WARP >> LOG2_MT) - 1)) == 0 && m < M) {
-            float v = acc[0];
-            if (flags & HAS_BIAS) v += to_f32<DT>(bias[row]);
-            v = activate(v, act);
-            if (flags & HAS_RES) v += to_f32<DT>(res[(long long)m * ldr + row]);
-            out[(long long)m * ldo + row] = from_f32<DT>(v);
-        }
+    if (row < rows_end)
+        row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, first, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
+                                         flags, lane);
+    for (row += warps; row < rows_end; row += warps) {
+        start = row_offsets[row], end = row_offsets[row + 1];
+        row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end,
+                                                                                    lane),
+                                         xs, values, cols, bias, res, ldr, out, ldo, m0, M, act, flags, lane);
     }
 }
