@@ -403,7 +403,7 @@ def main(argv=None):
                         "programmatic dependent launch for Inductor's kernels in sparsec's graphs under CUDA graphs: "
                         "in graphs of short kernels (auto), always or never (compiler.INDUCTOR_PDL)")
     parser.add_argument("--cuda-pdl", choices=("auto", "never"), default="auto", help="experiment: programmatic "
-                        "dependent launch for the CUDA C++ block-sparse kernel (codegen/cuda/register.PDL)")
+                        "dependent launch for the CUDA C++ kernels (codegen/cuda/register.PDL)")
     parser.add_argument("--impls", default="sparsec", help="sparsec, torchao (its sparsify_ with BSR 64 "
                         "for cases a and c, 2:4 for d; needs torchao) and/or line (the issue's scale line: "
                         "cuBLAS over 1/10 or 1/2 of each pruned linear's input columns, cases a-c)")
@@ -429,7 +429,7 @@ def main(argv=None):
         from sparsec.codegen.cuda import register
 
         register.PDL = False
-        print("# experiment: the CUDA C++ block-sparse kernel without PDL")
+        print("# experiment: the CUDA C++ kernels without PDL")
     if args.fuse_conv_always:
         from sparsec.passes import conv_epilogue
 

@@ -195,15 +195,15 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         }
     }
     __syncthreads();
-    release_dependents();  // 6. the next kernel's blocks may queue for this SM's room as this block's end
+    release_dependents();  // 6. the next kernel's blocks may now take the room of this grid's blocks as they end
 
     if (row < rows_end)
         row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, first, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
                                          flags, lane);
     for (row += warps; row < rows_end; row += warps) {
         start = row_offsets[row], end = row_offsets[row + 1];
-        row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end,
-                                                                                    lane),
-                                         xs, values, cols, bias, res, ldr, out, ldo, m0, M, act, flags, lane);
+        const Step<UNROLL> step = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
+        row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, step, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
+                                         flags, lane);
     }
 }

@@ -1,6 +1,7 @@
 // What every sparsec CUDA C++ linear kernel shares: storage types, the epilogue's codes, the 16-bit
-// conversions, the activations and the programmatic-dependent-launch waits. nvrtc.program_text puts this file ahead of each kernel's source, so a
-// kernel file reads as if it began here (NVRTC compiles one string, with no headers of its own).
+// conversions, the activations and the programmatic-dependent-launch waits. nvrtc.program_text puts this
+// file ahead of each kernel's source, so a kernel file reads as if it began here (NVRTC compiles one
+// string, with no headers of its own).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
