@@ -575,6 +575,15 @@ def test_pdl_launch_builds_the_driver_call(monkeypatch):
     assert ctypes.sizeof(nvrtc.LaunchAttribute) == 72 and ctypes.sizeof(nvrtc.LaunchConfig) == 56
 
 
+def test_pdl_launch_falls_back_where_the_driver_call_is_missing(monkeypatch):
+    """A torch or a driver without cuLaunchKernelEx: the kernel launches without PDL (its waits are no-ops)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: object())
+    compiled = type("Compiled", (), {"func": 99, "__call__": lambda self, **kw: calls.append(kw)})()
+    nvrtc.launch(compiled, (3, 1, 1), (64, 1, 1), [7], shared_mem=128, pdl=True)
+    assert calls == [dict(grid=(3, 1, 1), block=(64, 1, 1), args=[7], shared_mem=128)]
+
+
 @gpu
 @pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="PDL: Hopper or later")
 @pytest.mark.parametrize("kind", ["bsr", "csr"])

@@ -105,13 +105,28 @@ def kernel_params(args) -> Tuple[ctypes.Array, list]:
 def launch(compiled, grid, block, args, shared_mem: int = 0, pdl: bool = False) -> None:
     """Launch `compiled` (from `kernel`) on the current stream; with `pdl`, as a programmatic dependent
     launch, for kernels that wait for their producer (griddepcontrol.wait) before reading its output."""
-    if not pdl:
+    launch_ex = _launch_kernel_ex(compiled) if pdl else None
+    if launch_ex is None:
         compiled(grid=grid, block=block, args=args, shared_mem=shared_mem)
         return
-    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+    from torch.cuda._utils import _check_cuda
 
     attribute = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     config = LaunchConfig(*grid, *block, shared_mem, torch.cuda.current_stream()._as_parameter_,
                           ctypes.pointer(attribute), 1)
     params, _values = kernel_params(args)
-    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(config), compiled.func, params, None))
+    _check_cuda(launch_ex(ctypes.byref(config), compiled.func, params, None))
+
+
+def _launch_kernel_ex(compiled):
+    """The driver's cuLaunchKernelEx, or None where this torch (its private driver handle, its compiled
+    kernel's function handle) or the driver (before CUDA 12) lacks it: the kernel then launches without PDL,
+    which its griddepcontrol instructions allow."""
+    if not hasattr(compiled, "func"):  # torch's handle to the CUfunction
+        return None
+    try:
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        return _get_gpu_runtime_library().cuLaunchKernelEx
+    except (ImportError, AttributeError, OSError):
+        return None
