@@ -356,8 +356,8 @@ def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice, weight: tor
     launch). The op runs the CUDA C++ kernel at 1-16 tokens (codegen/cuda/bsr.py, launched with PDL through
     cuLaunchKernelEx: 2-5% off cases (a) and (b)'s decode in an A/B of one run, benchmarks/RESULTS.md) and
     bsr_small_m with PDL where that kernel declines. PDL measured on the H200 with case (a)'s decode kernels
-    and norms in one CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6 us at 16 tokens, 140.5 -> 139.0 at one; with
-    Inductor's kernels launched the same way too (compiler.inductor_compile) 134.7 and 131.0."""
+    and norms in one CUDA graph (`benchmarks/pdl_chain.py`): 152.4 -> 140.6 us at 16 tokens, 140.5 -> 139.0
+    at one; with Inductor's kernels launched the same way too (compiler.inductor_compile) 134.7 and 131.0."""
     if not (ctx.cuda_graphs and device.type == "cuda" and choice.kernel == "bsr_linear"):
         return False
     from sparsec.codegen.triton import bsr_small_m  # triton comes with torch's CUDA builds

@@ -37,7 +37,7 @@ def test_token_tile_fits_shared_memory(M, K, expected):
     mt = csr.token_tile(M, K, H100_SHARED_MEM)
     assert mt == expected
     if mt:
-        assert K * mt * csr.ELEMENT_BYTES <= H100_SHARED_MEM
+        assert K * mt * nvrtc.ELEMENT_BYTES <= H100_SHARED_MEM
 
 
 def test_serves_few_tokens_in_half_precision_only():
@@ -149,7 +149,7 @@ def assert_compiles_for_sm90(tmp_path, source, instances):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")
 def test_every_instance_compiles_for_sm90_without_register_pressure(tmp_path):
-    instances = sorted({csr.instance(code, mt, nonzeros=nz) for code in csr.DTYPE_CODES.values()
+    instances = sorted({csr.instance(code, mt, nonzeros=nz) for code in nvrtc.DTYPE_CODES.values()
                         for mt in (1, 2, 4, 8) for nz in (0, 1)})  # nz 0: the rule's; 1: one at a time
     assert_compiles_for_sm90(tmp_path, csr.SOURCE, instances)
 
@@ -447,9 +447,9 @@ def test_bsr_small_m_launch_rules(slices, blocks_per_row, token_tiles, warps, un
 def test_bsr_small_m_compiles_for_sm90_without_register_pressure(tmp_path):
     from sparsec.codegen.cuda import bsr
 
-    instances = [f"bsr_small_m<{code}, {bw}, {warps}, {tiles}, {unroll}, {gated}>" for code in csr.DTYPE_CODES.values()
+    instances = [bsr.instance(code, bw, warps, tiles, unroll, gated) for code in nvrtc.DTYPE_CODES.values()
                  for bw in bsr.BLOCK_WIDTHS for warps in (2, 8) for tiles in (1, 2) for unroll in (1, 2)
-                 for gated in ("false", "true")]
+                 for gated in (False, True)]
     assert_compiles_for_sm90(tmp_path, bsr.SOURCE, instances)
 
 
@@ -533,6 +533,16 @@ def test_block_sparse_mlp_under_torch_compile(fresh_dynamo, mode, tokens, cuda_k
     kernels, launches = compiled_mlp_kernels(model, bsr, mode, tokens)
     assert len(kernels) == 2 and all(k.startswith("bsr_linear") for k in kernels), kernels
     assert bool(launches) == cuda_kernel, launches
+
+
+def test_epilogue_args_pass_out_for_a_missing_bias_or_residual():
+    """Both kernels' argument tail: bias, residual, its row stride, out, its row stride; and the flags."""
+    out, bias, res = torch.empty(4, 6), torch.empty(6), torch.empty(4, 10)[:, :6]
+    args, flags = nvrtc.epilogue_args(None, None, out)
+    assert [a is out for a in args[:2]] == [True, True] and args[2:] == [0, out, 6] and flags == 0
+    args, flags = nvrtc.epilogue_args(bias, res, out)
+    assert args[0] is bias and args[1] is res and args[2:] == [10, out, 6]
+    assert flags == nvrtc.HAS_BIAS | nvrtc.HAS_RES == 3
 
 
 # ------------------------------------------------------------------ programmatic dependent launch of the NVRTC kernels

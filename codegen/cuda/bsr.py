@@ -20,7 +20,7 @@ import torch
 
 from ..linear_args import ACT_SWIGLU
 from . import nvrtc
-from .csr import DTYPE_CODES, ELEMENT_BYTES, HAS_BIAS, HAS_RES
+from .nvrtc import DTYPE_CODES, ELEMENT_BYTES
 
 SOURCE = Path(__file__).with_name("bsr_small_m.cu")
 MAX_M = 16
@@ -51,6 +51,13 @@ def unroll_for(blocks_per_row: float, warps: int, token_tiles: int) -> int:
     return 2 if token_tiles == 1 and blocks_per_row / warps >= UNROLL_FROM_BLOCKS else 1
 
 
+def instance(dtype_code: int, block_width: int, warps: int, token_tiles: int, unroll: int, gated: bool) -> str:
+    """The template instance of bsr_small_m for a dtype, a block width, warps a block, token tiles of 8,
+    blocks a warp has in flight, and the gated epilogue."""
+    return (f"bsr_small_m<{dtype_code}, {block_width}, {warps}, {token_tiles}, {unroll}, "
+            f"{'true' if gated else 'false'}>")
+
+
 def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None, pdl=False):
     """out[M, N] = epilogue(x2d @ W^T) for a BSR weight W; N: output features (half W's rows when gated);
     NotImplemented where the kernel cannot run here (no NVRTC, x or the values off 16-byte boundaries).
@@ -67,15 +74,13 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     warps = config.get("WARPS") or warps_for(slices)
     token_tiles = -(-M // TOKEN_TILE)
     unroll = config.get("UNROLL") or unroll_for(nnz_blocks / max(1, block_rows), warps, token_tiles)
-    instance = (f"bsr_small_m<{DTYPE_CODES[x2d.dtype]}, {bw}, {warps}, {token_tiles}, {unroll}, "
-                f"{'true' if gated else 'false'}>")
-    kernel = nvrtc.kernel(SOURCE, instance, x2d.device, 0)
+    kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], bw, warps, token_tiles, unroll, gated),
+                          x2d.device, 0)
     if kernel is None:
         return NotImplemented
-    flags = (HAS_BIAS if bias is not None else 0) | (HAS_RES if res2d is not None else 0)
+    epilogue, flags = nvrtc.epilogue_args(bias, res2d, out)
     with torch.cuda.device(x2d.device):
         nvrtc.launch(kernel, (slices, 1, 1), (warps * 32, 1, 1),
-                     [x2d, x2d.stride(0), values, col_indices, row_offsets, bh,
-                      out if bias is None else bias, out if res2d is None else res2d,
-                      0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, act_code, flags], pdl=pdl)
+                     [x2d, x2d.stride(0), values, col_indices, row_offsets, bh, *epilogue, M, N, act_code, flags],
+                     pdl=pdl)
     return out

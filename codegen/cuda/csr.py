@@ -20,6 +20,7 @@ import torch
 
 from ..triton.token_tiles import pow2_tile
 from . import nvrtc
+from .nvrtc import DTYPE_CODES, ELEMENT_BYTES
 
 SOURCE = Path(__file__).with_name("csr_small_m.cu")
 MAX_M = 16
@@ -27,9 +28,6 @@ MAX_TILE = 8
 THREADS = 1024
 WARPS = THREADS // 32
 UNROLL = 4  # chunks of 32 x NZ non-zeros a warp loads at once
-DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
-ELEMENT_BYTES = 2
-HAS_BIAS, HAS_RES = 1, 2  # flags, as the .cu file defines them
 RESERVED_SHARED_MEM = 1024  # what the GPU keeps of each block's shared memory (sm80+)
 
 
@@ -91,11 +89,9 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     blocks_per_sm = max(1, min(wanted, props.shared_memory_per_multiprocessor // (shared_mem + RESERVED_SHARED_MEM)))
     token_tiles = math.ceil(M / mt)
     blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * props.multi_processor_count // token_tiles))
-    flags = (HAS_BIAS if bias is not None else 0) | (HAS_RES if res2d is not None else 0)
+    epilogue, flags = nvrtc.epilogue_args(bias, res2d, out)
     with torch.cuda.device(device):  # the kernel's module lives in this device's context
         nvrtc.launch(kernel, (blocks, token_tiles, 1), (THREADS, 1, 1),
-                     [x2d, x2d.stride(0), values, col_indices, row_offsets,
-                      out if bias is None else bias, out if res2d is None else res2d,
-                      0 if res2d is None else res2d.stride(0), out, out.stride(0), M, N, K, act_code, flags],
+                     [x2d, x2d.stride(0), values, col_indices, row_offsets, *epilogue, M, N, K, act_code, flags],
                      shared_mem=shared_mem, pdl=pdl)
     return out

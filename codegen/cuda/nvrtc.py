@@ -18,6 +18,10 @@ log = logging.getLogger("sparsec.codegen.cuda")
 
 # What every kernel source is compiled after (types, conversions, activations)
 PRELUDE = Path(__file__).with_name("linear_prelude.cuh")
+# The storage types' codes (the kernels' DT), their size, and the epilogue flags, as the prelude reads them
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+ELEMENT_BYTES = 2
+HAS_BIAS, HAS_RES = 1, 2
 
 # (source file, template instance, device index) -> the kernel, or None where it failed. Per device, not
 # per architecture: a loaded module belongs to one device's context.
@@ -50,6 +54,14 @@ def kernel(source: Path, instance: str, device: torch.device, shared_mem: int):
             compiled.set_shared_memory_config(shared_mem)
         _SHARED_MEM[key] = shared_mem
     return compiled
+
+
+def epilogue_args(bias, res2d, out) -> Tuple[list, int]:
+    """The kernels' epilogue arguments (bias, res, ldr, out, ldo; a missing bias or residual passed as `out`,
+    never read) and their flags."""
+    flags = (HAS_BIAS if bias is not None else 0) | (HAS_RES if res2d is not None else 0)
+    return ([out if bias is None else bias, out if res2d is None else res2d, 0 if res2d is None else res2d.stride(0),
+             out, out.stride(0)], flags)
 
 
 def program_text(source: Path) -> str:
