@@ -544,6 +544,11 @@ def run_sweep_csr_cuda(args):
         cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz) for mt in sorted({tile, max(1, tile // 2)})
                 for u in (4, 8) for b in (1, 2) for nz in (1, 2)]
         rule = rule_with_and_without_pdl(cuda, out, ref)
+        staging = [dict(XCOLS=xcols, NEXT_BOUNDS=ahead, PDL=pdl) for xcols in (2, csr_cuda.x_columns_per_load(tile))
+                   for ahead in (False, True) for pdl in (False, True)]
+        print(f"CSR-CUDA-STAGING {pattern} {N}x{K} M={M}: "
+              + "; ".join(f"{t*1e3:.1f}us {c}" for t, c in sorted(time_configs(cuda, staging, out, ref),
+                                                                    key=lambda r: str(r[1]))), flush=True)
         best = time_configs(cuda, cfgs, out, ref)
         tri = time_configs(triton, [{}], out, ref)
         cublas, _ = bench(lambda: F.linear(x, w), True, 10)

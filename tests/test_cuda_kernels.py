@@ -218,6 +218,8 @@ def test_csr_small_m_epilogue(dtype, act, M):
     res = torch.randn(M, N, generator=gen).to(dtype)
     check(run(x, w, bias, act, res), linear64(x, w, bias, act, res), dtype)
     check(run(x, w, None, act, None, x_row_stride=K + 40), linear64(x, w, None, act, None), dtype)
+    # rows 4 but not 16 bytes apart: x is staged one column at a time, or two
+    check(run(x, w, None, act, None, x_row_stride=K + 2), linear64(x, w, None, act, None), dtype)
 
 
 @gpu

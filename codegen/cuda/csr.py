@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -49,11 +50,28 @@ def nonzeros_per_lane(mt: int) -> int:
     return 2 if mt <= 4 else 1
 
 
-def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int = 0, nonzeros: int = 0) -> str:
+def x_columns_per_load(mt: int) -> int:
+    """Columns of x a thread stages as one vector load of each token's row: 8 (16 bytes) at one token, so
+    a block's loads of a long x are in flight together; 2 for wider tiles, whose registers are capped at 32
+    (8 columns of 2 tokens spill)."""
+    return 8 if mt == 1 else 2
+
+
+def next_bounds_ahead(mt: int) -> bool:
+    """Whether a warp loads its next row's bounds a row ahead: at one token (two more registers spill the
+    4-token tile)."""
+    return mt == 1
+
+
+def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int = 0, nonzeros: int = 0,
+             x_columns: int = 0, next_bounds: Optional[bool] = None) -> str:
     """The template instance of csr_small_m for a dtype, a token tile, chunks in flight, the blocks a
-    SM its registers are capped for and the non-zeros a lane loads at once (0: the rules above)."""
+    SM its registers are capped for, the non-zeros a lane loads at once, the columns of x a thread
+    stages at once and whether a warp loads its next row's bounds a row ahead (0, None: the rules above)."""
+    if next_bounds is None:
+        next_bounds = next_bounds_ahead(mt)
     return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm or blocks_per_sm_wanted(mt)}, "
-            f"{nonzeros or nonzeros_per_lane(mt)}>")
+            f"{nonzeros or nonzeros_per_lane(mt)}, {x_columns or x_columns_per_load(mt)}, {str(next_bounds).lower()}>")
 
 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
@@ -68,7 +86,7 @@ def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
 def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None, pdl=False):
     """out[M, N] = epilogue(x2d @ W^T) for a CSR weight W [N, K]; NotImplemented where the kernel
     cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT,
-    UNROLL, BLOCKS_PER_SM, NZ instead of the choices above. `pdl`: a programmatic dependent launch (the
+    UNROLL, BLOCKS_PER_SM, NZ, XCOLS, NEXT_BOUNDS instead of the choices above. `pdl`: a programmatic dependent launch (the
     kernel's header, item 6)."""
     config = config or {}
     M, K = x2d.shape
@@ -82,7 +100,8 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     nonzeros = config.get("NZ") or nonzeros_per_lane(mt)
     if values.data_ptr() % 4 or col_indices.data_ptr() % 4:  # views that start mid-word: one at a time
         nonzeros = 1
-    kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros),
+    kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros,
+                                           config.get("XCOLS", 0), config.get("NEXT_BOUNDS")),
                           device, shared_mem)
     if kernel is None:
         return NotImplemented

@@ -41,6 +41,9 @@ template <> __device__ __forceinline__ float hi_f32<1>(u32 pair) { return f16_to
 // MT 16-bit inputs of one non-zero's column, loaded as one 2-16 byte vector
 template <int MT> struct alignas(MT * 2) Tokens { u16 v[MT]; };
 
+// XCOLS consecutive 16-bit values of one token's row of x, loaded as one 4-16 byte vector
+template <int XCOLS> struct alignas(XCOLS * 2) Columns { u16 v[XCOLS]; };
+
 // One step of a warp over a row covers UNROLL chunks of WARP * NZ non-zeros from j0. A lane's share: its
 // NZ values and NZ columns (16 bits each) of each chunk, loaded as one word each where NZ == 2.
 template <int UNROLL> struct Step { u32 w[UNROLL], c[UNROLL]; };
@@ -141,7 +144,7 @@ __device__ __forceinline__ void row_dot(int row, int start, int end, const Step<
     }
 }
 
-template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ>
+template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ, int XCOLS, bool NEXT_BOUNDS>
 __global__ void __launch_bounds__(1024, MIN_BLOCKS)
 csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], rows ldx apart
             const u16* __restrict__ values, const u16* __restrict__ cols,  // non-zeros, 16-bit columns
@@ -167,23 +170,28 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         start = row_offsets[row], end = row_offsets[row + 1];
         first = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
     }
+    // 8. the warp's next row's bounds, loaded a row ahead: its first step is issued as soon as the row before
+    // is done, without waiting for them
+    int next_start = 0, next_end = 0;
+    if (NEXT_BOUNDS && row + warps < rows_end) next_start = row_offsets[row + warps], next_end = row_offsets[row + warps + 1];
     wait_for_producer();  // 6. x is the output of the kernel ahead
-    // 1. stage x^T; tokens past M are zeros. Two columns a thread where x's rows allow 4-byte loads.
-    if (K % 2 == 0 && ldx % 2 == 0 && reinterpret_cast<unsigned long long>(x) % 4 == 0) {
+    // 1. stage x^T; tokens past M are zeros. XCOLS columns a thread as one vector load of each token's row
+    // where x's rows allow it, so a block's loads are all in flight at once; else one at a time.
+    if (K % XCOLS == 0 && ldx % XCOLS == 0 && reinterpret_cast<unsigned long long>(x) % (2 * XCOLS) == 0) {
 #pragma unroll 2
-        for (int k = 2 * threadIdx.x; k < K; k += 2 * blockDim.x) {
-            u32 pairs[MT];
+        for (int k = XCOLS * threadIdx.x; k < K; k += XCOLS * blockDim.x) {
+            Columns<XCOLS> rows[MT];
 #pragma unroll
             for (int t = 0; t < MT; ++t)
-                pairs[t] = m0 + t < M ? *reinterpret_cast<const u32*>(x + (long long)(m0 + t) * ldx + k) : 0u;
-            Tokens<MT> even, odd;
+                rows[t] = m0 + t < M ? *reinterpret_cast<const Columns<XCOLS>*>(x + (long long)(m0 + t) * ldx + k)
+                                     : Columns<XCOLS>{};
 #pragma unroll
-            for (int t = 0; t < MT; ++t) {
-                even.v[t] = (u16)(pairs[t] & 0xffffu);
-                odd.v[t] = (u16)(pairs[t] >> 16);
+            for (int c = 0; c < XCOLS; ++c) {
+                Tokens<MT> column;
+#pragma unroll
+                for (int t = 0; t < MT; ++t) column.v[t] = rows[t].v[c];
+                *reinterpret_cast<Tokens<MT>*>(xs + (k + c) * MT) = column;
             }
-            *reinterpret_cast<Tokens<MT>*>(xs + k * MT) = even;
-            *reinterpret_cast<Tokens<MT>*>(xs + (k + 1) * MT) = odd;
         }
     } else {
         for (int k = threadIdx.x; k < K; k += blockDim.x) {
@@ -201,8 +209,14 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, first, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
                                          flags, lane);
     for (row += warps; row < rows_end; row += warps) {
-        start = row_offsets[row], end = row_offsets[row + 1];
+        if (NEXT_BOUNDS) {
+            start = next_start, end = next_end;
+        } else {
+            start = row_offsets[row], end = row_offsets[row + 1];
+        }
         const Step<UNROLL> step = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
+        if (NEXT_BOUNDS && row + warps < rows_end)
+            next_start = row_offsets[row + warps], next_end = row_offsets[row + warps + 1];
         row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, step, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
                                          flags, lane);
     }
