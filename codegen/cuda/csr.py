@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -57,21 +56,13 @@ def x_columns_per_load(mt: int) -> int:
     return 8 if mt == 1 else 2
 
 
-def next_bounds_ahead(mt: int) -> bool:
-    """Whether a warp loads its next row's bounds a row ahead: at one token (two more registers spill the
-    4-token tile)."""
-    return mt == 1
-
-
 def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int = 0, nonzeros: int = 0,
-             x_columns: int = 0, next_bounds: Optional[bool] = None) -> str:
+             x_columns: int = 0) -> str:
     """The template instance of csr_small_m for a dtype, a token tile, chunks in flight, the blocks a
-    SM its registers are capped for, the non-zeros a lane loads at once, the columns of x a thread
-    stages at once and whether a warp loads its next row's bounds a row ahead (0, None: the rules above)."""
-    if next_bounds is None:
-        next_bounds = next_bounds_ahead(mt)
+    SM its registers are capped for, the non-zeros a lane loads at once and the columns of x a thread
+    stages at once (0: the rules above)."""
     return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm or blocks_per_sm_wanted(mt)}, "
-            f"{nonzeros or nonzeros_per_lane(mt)}, {x_columns or x_columns_per_load(mt)}, {str(next_bounds).lower()}>")
+            f"{nonzeros or nonzeros_per_lane(mt)}, {x_columns or x_columns_per_load(mt)}>")
 
 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
@@ -86,7 +77,7 @@ def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
 def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None, pdl=False):
     """out[M, N] = epilogue(x2d @ W^T) for a CSR weight W [N, K]; NotImplemented where the kernel
     cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT,
-    UNROLL, BLOCKS_PER_SM, NZ, XCOLS, NEXT_BOUNDS instead of the choices above. `pdl`: a programmatic dependent launch (the
+    UNROLL, BLOCKS_PER_SM, NZ, XCOLS instead of the choices above. `pdl`: a programmatic dependent launch (the
     kernel's header, item 6)."""
     config = config or {}
     M, K = x2d.shape
@@ -101,7 +92,7 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     if values.data_ptr() % 4 or col_indices.data_ptr() % 4:  # views that start mid-word: one at a time
         nonzeros = 1
     kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros,
-                                           config.get("XCOLS", 0), config.get("NEXT_BOUNDS")),
+                                           config.get("XCOLS", 0)),
                           device, shared_mem)
     if kernel is None:
         return NotImplemented

@@ -144,7 +144,7 @@ __device__ __forceinline__ void row_dot(int row, int start, int end, const Step<
     }
 }
 
-template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ, int XCOLS, bool NEXT_BOUNDS>
+template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ, int XCOLS>
 __global__ void __launch_bounds__(1024, MIN_BLOCKS)
 csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], rows ldx apart
             const u16* __restrict__ values, const u16* __restrict__ cols,  // non-zeros, 16-bit columns
@@ -170,10 +170,6 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         start = row_offsets[row], end = row_offsets[row + 1];
         first = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
     }
-    // 8. the warp's next row's bounds, loaded a row ahead: its first step is issued as soon as the row before
-    // is done, without waiting for them
-    int next_start = 0, next_end = 0;
-    if (NEXT_BOUNDS && row + warps < rows_end) next_start = row_offsets[row + warps], next_end = row_offsets[row + warps + 1];
     wait_for_producer();  // 6. x is the output of the kernel ahead
     // 1. stage x^T; tokens past M are zeros. XCOLS columns a thread as one vector load of each token's row
     // where x's rows allow it, so a block's loads are all in flight at once; else one at a time.
@@ -209,14 +205,8 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
         row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, first, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
                                          flags, lane);
     for (row += warps; row < rows_end; row += warps) {
-        if (NEXT_BOUNDS) {
-            start = next_start, end = next_end;
-        } else {
-            start = row_offsets[row], end = row_offsets[row + 1];
-        }
+        start = row_offsets[row], end = row_offsets[row + 1];
         const Step<UNROLL> step = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
-        if (NEXT_BOUNDS && row + warps < rows_end)
-            next_start = row_offsets[row + warps], next_end = row_offsets[row + warps + 1];
         row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, step, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
                                          flags, lane);
     }
