@@ -149,9 +149,23 @@ def assert_compiles_for_sm90(tmp_path, source, instances):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")
 def test_every_instance_compiles_for_sm90_without_register_pressure(tmp_path):
-    instances = sorted({csr.instance(code, mt, nonzeros=nz) for code in nvrtc.DTYPE_CODES.values()
-                        for mt in (1, 2, 4, 8) for nz in (0, 1)})  # nz 0: the rule's; 1: one at a time
+    instances = sorted({csr.instance(code, mt, csr.UNROLL, csr.blocks_per_sm_wanted(mt, blocks, 132),
+                                     csr.nonzeros_per_lane(mt, row_length))
+                        for code in nvrtc.DTYPE_CODES.values() for mt in (1, 2, 4, 8)
+                        for blocks in (100, 400) for row_length in (0, csr.LONG_ROW)})  # every one the rules pick
     assert_compiles_for_sm90(tmp_path, csr.SOURCE, instances)
+
+
+@pytest.mark.parametrize("mt, blocks, row_length, blocks_per_sm, nonzeros", [
+    (1, 344, 410, 2, 1),    # 90% 11008x4096 at one token: more blocks than SMs, short rows
+    (1, 128, 1100, 1, 2),   # 90% 4096x11008: 128 blocks fit 132 SMs uncapped, long rows
+    (4, 344, 2048, 2, 2),   # 50% 11008x4096 at 4 tokens
+    (8, 688, 1100, 1, 1),   # 8-token tiles: one block a SM, one non-zero a lane
+])
+def test_csr_small_m_launch_rules(mt, blocks, row_length, blocks_per_sm, nonzeros):
+    """The H200 sweep's picks (benchmarks/RESULTS.md, twenty-third session) on 132 SMs."""
+    assert csr.blocks_per_sm_wanted(mt, blocks, 132) == blocks_per_sm
+    assert csr.nonzeros_per_lane(mt, row_length) == nonzeros
 
 
 # ------------------------------------------------------------------ GPU: against float64
@@ -179,11 +193,11 @@ def launch_poisoned(kernel, x, format_args, n_out, bias=None, act="none", res=No
     return out
 
 
-def run(x, w, bias=None, act="none", res=None, x_row_stride=None):
-    """The CSR kernel over w."""
+def run(x, w, bias=None, act="none", res=None, x_row_stride=None, nonzeros=0):
+    """The CSR kernel over w; `nonzeros` a lane instead of the launcher's rule (which picks by row length)."""
     p = pack_csr(w)
     return launch_poisoned(csr, x, (p.values.cuda(), p.col_indices.cuda(), p.row_offsets.cuda()), w.shape[0], bias, act,
-                           res, x_row_stride)
+                           res, x_row_stride, config={"NZ": nonzeros} if nonzeros else None)
 
 
 def check(out, ref, dtype):
@@ -208,18 +222,18 @@ def test_csr_small_m_shapes(dtype, M, N, K, density):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu"])
-@pytest.mark.parametrize("M", [1, 4, 16])
-def test_csr_small_m_epilogue(dtype, act, M):
+@pytest.mark.parametrize("M, nonzeros", [(1, 1), (1, 2), (4, 2), (16, 0)])
+def test_csr_small_m_epilogue(dtype, act, M, nonzeros):
     gen = torch.Generator().manual_seed(7 + M)
     N, K = 130, 512
     w = unstructured(N, K, 0.2, gen, dtype)
     x = torch.randn(M, K, generator=gen).to(dtype)
     bias = torch.randn(N, generator=gen).to(dtype)
     res = torch.randn(M, N, generator=gen).to(dtype)
-    check(run(x, w, bias, act, res), linear64(x, w, bias, act, res), dtype)
-    check(run(x, w, None, act, None, x_row_stride=K + 40), linear64(x, w, None, act, None), dtype)
+    check(run(x, w, bias, act, res, nonzeros=nonzeros), linear64(x, w, bias, act, res), dtype)
+    check(run(x, w, None, act, None, x_row_stride=K + 40, nonzeros=nonzeros), linear64(x, w, None, act, None), dtype)
     # rows 4 but not 16 bytes apart: x is staged one column at a time, or two
-    check(run(x, w, None, act, None, x_row_stride=K + 2), linear64(x, w, None, act, None), dtype)
+    check(run(x, w, None, act, None, x_row_stride=K + 2, nonzeros=nonzeros), linear64(x, w, None, act, None), dtype)
 
 
 @gpu
@@ -228,9 +242,9 @@ def test_csr_small_m_many_rows_a_warp_and_wide_columns():
     top bit is set (K > 32767)."""
     gen = torch.Generator().manual_seed(3)
     w = unstructured(20000, 40000, 0.002, gen, torch.bfloat16)
-    for M in (1, 16):
+    for M, nonzeros in ((1, 1), (1, 2), (16, 0)):
         x = torch.randn(M, 40000, generator=gen).to(torch.bfloat16)
-        check(run(x, w), linear64(x, w), torch.bfloat16)
+        check(run(x, w, nonzeros=nonzeros), linear64(x, w), torch.bfloat16)
 
 
 @gpu
@@ -256,7 +270,8 @@ def test_csr_small_m_ignores_x_past_row_ends():
     w[:, 1:9] = 1.0
     x = torch.randn(3, 64).to(torch.bfloat16)
     x[:, 0] = x[:, 9:] = float("inf")
-    check(run(x, w), linear64(x[:, 1:9], w[:, 1:9]), torch.bfloat16)
+    for nonzeros in (1, 2):
+        check(run(x, w, nonzeros=nonzeros), linear64(x[:, 1:9], w[:, 1:9]), torch.bfloat16)
 
 
 @gpu

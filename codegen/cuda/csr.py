@@ -7,8 +7,10 @@ CUDA graph):
   was faster than one 16-token tile on the H200 (22.2-22.6 against 23.0 us, 90% 11008x4096);
 - the grid: (blocks, token tiles) with about one wave of blocks in all, so each block stages its x
   tile once and its warps then walk many rows;
-- tiles of up to 4 tokens run two blocks a SM (64 warps) with registers capped at 32, since they wait
-  on loads; 8-token tiles hold 8 fp32 sums a lane and run one block a SM.
+- tiles of up to 4 tokens run two blocks a SM (64 warps) with registers capped at 32 where the grid
+  has more blocks than SMs, since they wait on loads; 8-token tiles hold 8 fp32 sums a lane and run one
+  block a SM;
+- two non-zeros a lane where rows are long, one where they are short (nonzeros_per_lane).
 The H200 sweep behind these rules: benchmarks/kernels.py --csr-cuda (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ MAX_TILE = 8
 THREADS = 1024
 WARPS = THREADS // 32
 UNROLL = 4  # chunks of 32 x NZ non-zeros a warp loads at once
+LONG_ROW = 512  # mean non-zeros a row from which a lane loads two at once (nonzeros_per_lane)
 RESERVED_SHARED_MEM = 1024  # what the GPU keeps of each block's shared memory (sm80+)
 
 
@@ -37,32 +40,36 @@ def serves(tokens: int, dtype: torch.dtype, values: torch.Tensor, col_indices: t
             and col_indices.dtype == torch.int16 and values.numel() < 2**31)
 
 
-def blocks_per_sm_wanted(mt: int) -> int:
-    """Two blocks a SM (registers capped at 32) for the load-bound tiles of 1-4 tokens, else one."""
-    return 2 if mt <= 4 else 1
+def blocks_per_sm_wanted(mt: int, blocks_needed: int, sms: int) -> int:
+    """Two blocks a SM (registers capped at 32) for the load-bound tiles of 1-4 tokens where the grid
+    needs more blocks than there are SMs; else one, with registers uncapped (H200, one token, 90%
+    4096x11008, whose 128 blocks fit 132 SMs: 7.6 against 8.3 us). 8-token tiles hold 8 fp32 sums a lane."""
+    return 2 if mt <= 4 and blocks_needed > sms else 1
 
 
-def nonzeros_per_lane(mt: int) -> int:
+def nonzeros_per_lane(mt: int, mean_row_length: float) -> int:
     """Two non-zeros a lane (4-byte value and column loads: twice the bytes in flight for the same
-    registers) for the tiles of up to 4 tokens, which wait on those loads; one for wider tiles, which
-    wait on shared memory and need a warp's 32 lanes on 32 different columns mod 32 (pack_csr's order)."""
-    return 2 if mt <= 4 else 1
+    registers) for the tiles of up to 4 tokens, which wait on those loads, where rows average
+    LONG_ROW non-zeros or more; else one: a warp's step is then 128 non-zeros, and a short row wastes
+    fewer lanes on its last step (H200, one token, 90% 11008x4096, rows of ~410: 8.0 against 8.5 us).
+    Wider tiles wait on shared memory and need a warp's 32 lanes on 32 different columns mod 32
+    (pack_csr's order), so one."""
+    return 2 if mt <= 4 and mean_row_length >= LONG_ROW else 1
 
 
 def x_columns_per_load(mt: int) -> int:
     """Columns of x a thread stages as one vector load of each token's row: 8 (16 bytes) at one token, so
-    a block's loads of a long x are in flight together; 2 for wider tiles, whose registers are capped at 32
-    (8 columns of 2 tokens spill)."""
+    a block's loads of a long x are in flight together (H200, 90% 4096x11008: 8.6 -> 8.0 us); 2 for wider
+    tiles, whose registers are capped at 32 (8 columns of 2 tokens spill)."""
     return 8 if mt == 1 else 2
 
 
-def instance(dtype_code: int, mt: int, unroll: int = UNROLL, blocks_per_sm: int = 0, nonzeros: int = 0,
-             x_columns: int = 0) -> str:
+def instance(dtype_code: int, mt: int, unroll: int, blocks_per_sm: int, nonzeros: int, x_columns: int = 0) -> str:
     """The template instance of csr_small_m for a dtype, a token tile, chunks in flight, the blocks a
     SM its registers are capped for, the non-zeros a lane loads at once and the columns of x a thread
-    stages at once (0: the rules above)."""
-    return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm or blocks_per_sm_wanted(mt)}, "
-            f"{nonzeros or nonzeros_per_lane(mt)}, {x_columns or x_columns_per_load(mt)}>")
+    stages at once (0: x_columns_per_load's)."""
+    return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm}, {nonzeros}, "
+            f"{x_columns or x_columns_per_load(mt)}>")
 
 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
@@ -87,8 +94,10 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     if mt == 0 or M * max(x2d.stride(0), N) >= 2**31:
         return NotImplemented
     shared_mem = K * mt * ELEMENT_BYTES
-    wanted = config.get("BLOCKS_PER_SM") or blocks_per_sm_wanted(mt)
-    nonzeros = config.get("NZ") or nonzeros_per_lane(mt)
+    token_tiles = math.ceil(M / mt)
+    sms = props.multi_processor_count
+    wanted = config.get("BLOCKS_PER_SM") or blocks_per_sm_wanted(mt, token_tiles * math.ceil(N / WARPS), sms)
+    nonzeros = config.get("NZ") or nonzeros_per_lane(mt, values.numel() / max(N, 1))
     if values.data_ptr() % 4 or col_indices.data_ptr() % 4:  # views that start mid-word: one at a time
         nonzeros = 1
     kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros,
@@ -97,8 +106,7 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     if kernel is None:
         return NotImplemented
     blocks_per_sm = max(1, min(wanted, props.shared_memory_per_multiprocessor // (shared_mem + RESERVED_SHARED_MEM)))
-    token_tiles = math.ceil(M / mt)
-    blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * props.multi_processor_count // token_tiles))
+    blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * sms // token_tiles))
     epilogue, flags = nvrtc.epilogue_args(bias, res2d, out)
     with torch.cuda.device(device):  # the kernel's module lives in this device's context
         nvrtc.launch(kernel, (blocks, token_tiles, 1), (THREADS, 1, 1),
