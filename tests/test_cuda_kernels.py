@@ -159,7 +159,7 @@ def test_every_instance_compiles_for_sm90_without_register_pressure(tmp_path):
 @pytest.mark.parametrize("mt, blocks, row_length, blocks_per_sm, nonzeros", [
     (1, 344, 410, 2, 1),    # 90% 11008x4096 at one token: more blocks than SMs, short rows
     (1, 128, 1100, 1, 2),   # 90% 4096x11008: 128 blocks fit 132 SMs uncapped, long rows
-    (4, 344, 2048, 2, 2),   # 50% 11008x4096 at 4 tokens
+    (4, 344, 410, 2, 2),    # 90% 11008x4096 at 4 tokens: two a lane even on short rows
     (8, 688, 1100, 1, 1),   # 8-token tiles: one block a SM, one non-zero a lane
 ])
 def test_csr_small_m_launch_rules(mt, blocks, row_length, blocks_per_sm, nonzeros):

@@ -10,7 +10,7 @@ CUDA graph):
 - tiles of up to 4 tokens run two blocks a SM (64 warps) with registers capped at 32 where the grid
   has more blocks than SMs, since they wait on loads; 8-token tiles hold 8 fp32 sums a lane and run one
   block a SM;
-- two non-zeros a lane where rows are long, one where they are short (nonzeros_per_lane).
+- at one token, two non-zeros a lane where rows are long, one where they are short (nonzeros_per_lane).
 The H200 sweep behind these rules: benchmarks/kernels.py --csr-cuda (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
@@ -49,12 +49,14 @@ def blocks_per_sm_wanted(mt: int, blocks_needed: int, sms: int) -> int:
 
 def nonzeros_per_lane(mt: int, mean_row_length: float) -> int:
     """Two non-zeros a lane (4-byte value and column loads: twice the bytes in flight for the same
-    registers) for the tiles of up to 4 tokens, which wait on those loads, where rows average
-    LONG_ROW non-zeros or more; else one: a warp's step is then 128 non-zeros, and a short row wastes
-    fewer lanes on its last step (H200, one token, 90% 11008x4096, rows of ~410: 8.0 against 8.5 us).
-    Wider tiles wait on shared memory and need a warp's 32 lanes on 32 different columns mod 32
-    (pack_csr's order), so one."""
-    return 2 if mt <= 4 and mean_row_length >= LONG_ROW else 1
+    registers) for the tiles of up to 4 tokens, which wait on those loads. At one token on rows of under
+    LONG_ROW non-zeros on average, one: a warp's step is then 128 non-zeros, and a short row wastes fewer
+    lanes on its last step (H200, 90% 11008x4096, rows of ~410: 8.0 against 8.5 us; at 4 tokens two stay
+    faster, 11.3 against 12.2). Wider tiles wait on shared memory and need a warp's 32 lanes on 32
+    different columns mod 32 (pack_csr's order), so one."""
+    if mt == 1:
+        return 2 if mean_row_length >= LONG_ROW else 1
+    return 2 if mt <= 4 else 1
 
 
 def x_columns_per_load(mt: int) -> int:
