@@ -542,8 +542,12 @@ def run_sweep_csr_cuda(args):
             csr_triton.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
         tile = csr_cuda.token_tile(M, K, shared_mem)  # the launcher's, and half of it
         cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz, PDL=True) for mt in sorted({tile, max(1, tile // 2)})
-                for u in (2, 4, 8) for b in (1, 2) for nz in (1, 2)]
+                for u in args.unrolls for b in (1, 2) for nz in (1, 2)]
         rule = rule_with_and_without_pdl(cuda, out, ref)
+        pairs = [dict(RPW=rpw, NZ=nz, PDL=True) for rpw in (1, 2) for nz in (1, 2)] * 2
+        print(f"CSR-CUDA-RPW {pattern} {N}x{K} M={M}: " + "; ".join(
+            f"{t*1e3:.2f}us {c}" for t, c in sorted(time_configs(cuda, pairs, out, ref), key=lambda r: str(r[1]))),
+            flush=True)
         best = time_configs(cuda, cfgs, out, ref)
         tri = time_configs(triton, [{}], out, ref)
         cublas, _ = bench(lambda: F.linear(x, w), True, 10)
@@ -633,6 +637,8 @@ def main():
     p.add_argument("--sweep-bitmap", action="store_true", help="bitmap kernel configs at few tokens")
     p.add_argument("--bsr-cuda", action="store_true",
                    help="the CUDA C++ block-sparse kernel for few tokens against the Triton one and cuBLAS")
+    p.add_argument("--unrolls", type=int, nargs="+", default=[2, 4, 8],
+                   help="--csr-cuda: the chunks a warp loads at once (UNROLL) to sweep")
     p.add_argument("--csr-cuda", action="store_true",
                    help="the CUDA C++ CSR kernel against the Triton one and cuBLAS, with its configs swept")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")

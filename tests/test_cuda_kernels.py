@@ -193,11 +193,13 @@ def launch_poisoned(kernel, x, format_args, n_out, bias=None, act="none", res=No
     return out
 
 
-def run(x, w, bias=None, act="none", res=None, x_row_stride=None, nonzeros=0):
-    """The CSR kernel over w; `nonzeros` a lane instead of the launcher's rule (which picks by row length)."""
+def run(x, w, bias=None, act="none", res=None, x_row_stride=None, nonzeros=0, rows_per_warp=1):
+    """The CSR kernel over w; `nonzeros` a lane instead of the launcher's rule (which picks by row length), and
+    `rows_per_warp` rows a warp takes at once."""
     p = pack_csr(w)
+    config = dict(NZ=nonzeros, RPW=rows_per_warp) if nonzeros else dict(RPW=rows_per_warp)
     return launch_poisoned(csr, x, (p.values.cuda(), p.col_indices.cuda(), p.row_offsets.cuda()), w.shape[0], bias, act,
-                           res, x_row_stride, config={"NZ": nonzeros} if nonzeros else None)
+                           res, x_row_stride, config=config)
 
 
 def check(out, ref, dtype):
@@ -245,6 +247,21 @@ def test_csr_small_m_many_rows_a_warp_and_wide_columns():
     for M, nonzeros in ((1, 1), (1, 2), (16, 0)):
         x = torch.randn(M, 40000, generator=gen).to(torch.bfloat16)
         check(run(x, w, nonzeros=nonzeros), linear64(x, w), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("M, nonzeros", [(1, 1), (1, 2), (4, 2), (16, 0)])
+@pytest.mark.parametrize("N, K, density", [(70, 100, 0.3), (33, 11008, 0.5), (5, 64, 1.0), (20001, 512, 0.05)])
+def test_csr_small_m_two_rows_a_warp(M, nonzeros, N, K, density):
+    """Half a warp a row: the two rows of a warp run side by side, one of them past the block's last row where
+    the count is odd; epilogue included."""
+    gen = torch.Generator().manual_seed(N + K + M)
+    w = unstructured(N, K, density, gen, torch.bfloat16)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(N, generator=gen).to(torch.bfloat16)
+    res = torch.randn(M, N, generator=gen).to(torch.bfloat16)
+    check(run(x, w, bias, "silu", res, nonzeros=nonzeros, rows_per_warp=2), linear64(x, w, bias, "silu", res),
+          torch.bfloat16)
 
 
 @gpu

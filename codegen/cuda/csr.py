@@ -66,12 +66,13 @@ def x_columns_per_load(mt: int) -> int:
     return 8 if mt == 1 else 2
 
 
-def instance(dtype_code: int, mt: int, unroll: int, blocks_per_sm: int, nonzeros: int, x_columns: int = 0) -> str:
+def instance(dtype_code: int, mt: int, unroll: int, blocks_per_sm: int, nonzeros: int, x_columns: int = 0,
+             rows_per_warp: int = 1) -> str:
     """The template instance of csr_small_m for a dtype, a token tile, chunks in flight, the blocks a
-    SM its registers are capped for, the non-zeros a lane loads at once and the columns of x a thread
-    stages at once (0: x_columns_per_load's)."""
+    SM its registers are capped for, the non-zeros a lane loads at once, the columns of x a thread
+    stages at once (0: x_columns_per_load's) and the rows a warp takes at once (1 or 2)."""
     return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm}, {nonzeros}, "
-            f"{x_columns or x_columns_per_load(mt)}>")
+            f"{x_columns or x_columns_per_load(mt)}, {rows_per_warp.bit_length() - 1}>")
 
 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
@@ -86,7 +87,7 @@ def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
 def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None, pdl=False):
     """out[M, N] = epilogue(x2d @ W^T) for a CSR weight W [N, K]; NotImplemented where the kernel
     cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT,
-    UNROLL, BLOCKS_PER_SM, NZ, XCOLS instead of the choices above. `pdl`: a programmatic dependent launch (the
+    UNROLL, BLOCKS_PER_SM, NZ, XCOLS, RPW instead of the choices above. `pdl`: a programmatic dependent launch (the
     kernel's header, item 6)."""
     config = config or {}
     M, K = x2d.shape
@@ -103,7 +104,7 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     if values.data_ptr() % 4 or col_indices.data_ptr() % 4:  # views that start mid-word: one at a time
         nonzeros = 1
     kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros,
-                                           config.get("XCOLS", 0)),
+                                           config.get("XCOLS", 0), config.get("RPW", 1)),
                           device, shared_mem)
     if kernel is None:
         return NotImplemented

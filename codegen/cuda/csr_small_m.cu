@@ -49,14 +49,15 @@ template <int XCOLS> struct alignas(XCOLS * 2) Columns { u16 v[XCOLS]; };
 template <int UNROLL> struct Step { u32 w[UNROLL], c[UNROLL]; };
 
 // Every load of a step, issued before any is used so they are in flight together. CHECKED: the step may
-// reach past the row's end, and a lane loads nothing there.
-template <int UNROLL, int NZ, bool CHECKED>
+// reach past the row's end, and a lane loads nothing there. LPR: the lanes that share the row (a warp, or half
+// of one); `lane`: this lane's place among them.
+template <int UNROLL, int NZ, bool CHECKED, int LPR>
 __device__ __forceinline__ Step<UNROLL> load_step(const u16* __restrict__ values, const u16* __restrict__ cols, int j0,
                                                   int end, int lane) {
     Step<UNROLL> s;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-        const int j = j0 + (u * WARP + lane) * NZ;
+        const int j = j0 + (u * LPR + lane) * NZ;
         if (NZ == 2 && (!CHECKED || j + 1 < end)) {
             s.w[u] = *reinterpret_cast<const u32*>(values + j);
             s.c[u] = *reinterpret_cast<const u32*>(cols + j);
@@ -70,14 +71,14 @@ __device__ __forceinline__ Step<UNROLL> load_step(const u16* __restrict__ values
 
 // acc += the step's non-zeros times x. CHECKED: non-zeros outside [start, end) are skipped (an inf in x's
 // column 0 must not become 0 * inf).
-template <int DT, int MT, int UNROLL, int NZ, bool CHECKED>
+template <int DT, int MT, int UNROLL, int NZ, bool CHECKED, int LPR>
 __device__ __forceinline__ void accumulate_step(float (&acc)[MT], const Step<UNROLL>& s, const u16* xs, int j0,
                                                 int start, int end, int lane) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
         for (int e = 0; e < NZ; ++e) {
-            const int j = j0 + (u * WARP + lane) * NZ + e;
+            const int j = j0 + (u * LPR + lane) * NZ + e;
             if (CHECKED && (j < start || j >= end)) continue;
             const float weight = e ? hi_f32<DT>(s.w[u]) : lo_f32<DT>(s.w[u]);
             const int col = (s.c[u] >> (16 * e)) & 0xffff;
@@ -96,32 +97,34 @@ __device__ __forceinline__ void accumulate_step(float (&acc)[MT], const Step<UNR
     }
 }
 
-// One row: acc over its non-zeros (its first step already loaded: `first`), the warp's sums, the epilogue.
+// One row: acc over its non-zeros (its first step already loaded: `first`), the sums of the LPR lanes that
+// share it (`lane`: this lane's place among them), the epilogue. A row at or past rows_end is no row: its
+// range is empty and nothing is written (its lanes still take part in the shuffles of the row beside it).
 // NZ == 2: steps start on an even non-zero, so a lane loads two values and two columns as one word each. A
 // row's first step and its last may reach past the row's ends and check each non-zero; the steps between run
 // without a check.
-template <int DT, int LOG2_MT, int UNROLL, int NZ>
-__device__ __forceinline__ void row_dot(int row, int start, int end, const Step<UNROLL>& first, const u16* xs,
-                                        const u16* __restrict__ values, const u16* __restrict__ cols,
+template <int DT, int LOG2_MT, int UNROLL, int NZ, int LOG2_LPR>
+__device__ __forceinline__ void row_dot(int row, int rows_end, int start, int end, const Step<UNROLL>& first,
+                                        const u16* xs, const u16* __restrict__ values, const u16* __restrict__ cols,
                                         const u16* __restrict__ bias, const u16* __restrict__ res, int ldr,
                                         u16* __restrict__ out, int ldo, int m0, int M, int act, int flags, int lane) {
-    constexpr int MT = 1 << LOG2_MT;
-    constexpr int STEP = UNROLL * WARP * NZ;
+    constexpr int MT = 1 << LOG2_MT, LPR = 1 << LOG2_LPR;
+    constexpr int STEP = UNROLL * LPR * NZ;
     float acc[MT];
 #pragma unroll
     for (int t = 0; t < MT; ++t) acc[t] = 0.0f;
     int j0 = start & ~(NZ - 1);
-    accumulate_step<DT, MT, UNROLL, NZ, true>(acc, first, xs, j0, start, end, lane);
+    accumulate_step<DT, MT, UNROLL, NZ, true, LPR>(acc, first, xs, j0, start, end, lane);
     for (j0 += STEP; j0 + STEP <= end; j0 += STEP)
-        accumulate_step<DT, MT, UNROLL, NZ, false>(acc, load_step<UNROLL, NZ, false>(values, cols, j0, end, lane), xs, j0,
-                                                   start, end, lane);
+        accumulate_step<DT, MT, UNROLL, NZ, false, LPR>(
+            acc, load_step<UNROLL, NZ, false, LPR>(values, cols, j0, end, lane), xs, j0, start, end, lane);
     if (j0 < end)
-        accumulate_step<DT, MT, UNROLL, NZ, true>(acc, load_step<UNROLL, NZ, true>(values, cols, j0, end, lane), xs, j0,
-                                                  start, end, lane);
+        accumulate_step<DT, MT, UNROLL, NZ, true, LPR>(
+            acc, load_step<UNROLL, NZ, true, LPR>(values, cols, j0, end, lane), xs, j0, start, end, lane);
     // 4. transposing butterfly: each exchange halves the tokens a lane holds
 #pragma unroll
     for (int step = 0; step < LOG2_MT; ++step) {
-        const int half = MT >> (step + 1), offset = (WARP / 2) >> step;
+        const int half = MT >> (step + 1), offset = (LPR / 2) >> step;
         const bool upper = lane & offset;
 #pragma unroll
         for (int i = 0; i < half; ++i) {
@@ -131,11 +134,11 @@ __device__ __forceinline__ void row_dot(int row, int start, int end, const Step<
         }
     }
 #pragma unroll
-    for (int offset = WARP >> (LOG2_MT + 1); offset >= 1; offset /= 2)
+    for (int offset = LPR >> (LOG2_MT + 1); offset >= 1; offset /= 2)
         acc[0] += __shfl_xor_sync(FULL_MASK, acc[0], offset);
     // 5. one lane per token writes it
-    const int m = m0 + (lane >> (5 - LOG2_MT));
-    if ((lane & ((WARP >> LOG2_MT) - 1)) == 0 && m < M) {
+    const int m = m0 + (lane >> (LOG2_LPR - LOG2_MT));
+    if ((lane & ((LPR >> LOG2_MT) - 1)) == 0 && m < M && row < rows_end) {
         float v = acc[0];
         if (flags & HAS_BIAS) v += to_f32<DT>(bias[row]);
         v = activate(v, act);
@@ -144,7 +147,7 @@ __device__ __forceinline__ void row_dot(int row, int start, int end, const Step<
     }
 }
 
-template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ, int XCOLS>
+template <int DT, int LOG2_MT, int UNROLL, int MIN_BLOCKS, int NZ, int XCOLS, int LOG2_RPW>
 __global__ void __launch_bounds__(1024, MIN_BLOCKS)
 csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], rows ldx apart
             const u16* __restrict__ values, const u16* __restrict__ cols,  // non-zeros, 16-bit columns
@@ -154,21 +157,25 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
     constexpr int MT = 1 << LOG2_MT;
     extern __shared__ __align__(16) u16 xs[];  // [K][MT]: x^T of this block's tokens
 
+    // 3. a warp takes 2^LOG2_RPW rows at once, LPR lanes each
+    constexpr int LOG2_LPR = 5 - LOG2_RPW, LPR = 1 << LOG2_LPR;
     const int m0 = blockIdx.y * MT;
-    const int lane = threadIdx.x % WARP;
-    const int warps = blockDim.x / WARP;
+    const int lane = threadIdx.x % LPR;  // among the lanes of its row
+    const int rows_at_once = blockDim.x / LPR;
     // 2./3. each block takes an equal run of consecutive rows (so no SM gets more than its share however
     // the blocks are placed, e.g. those of a PDL launch that start as the kernel ahead's blocks end), its warps
     // consecutive rows of it (so the block's output stores share sectors)
     const int rows_per_block = (N + gridDim.x - 1) / gridDim.x;
     const int rows_end = min(N, (blockIdx.x + 1) * rows_per_block);
-    int row = blockIdx.x * rows_per_block + threadIdx.x / WARP;
+    int row = blockIdx.x * rows_per_block + threadIdx.x / LPR;
+    // the warp's first row: every lane of a warp walks as many rounds, for the shuffles of its rows' sums
+    int lead = row - (threadIdx.x % WARP) / LPR;
     // 7. the first row's bounds and first step are constants: in flight while the kernel ahead finishes
     int start = 0, end = 0;
     Step<UNROLL> first = {};
     if (row < rows_end) {
         start = row_offsets[row], end = row_offsets[row + 1];
-        first = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
+        first = load_step<UNROLL, NZ, true, LPR>(values, cols, start & ~(NZ - 1), end, lane);
     }
     wait_for_producer();  // 6. x is the output of the kernel ahead
     // 1. stage x^T; tokens past M are zeros. XCOLS columns a thread as one vector load of each token's row
@@ -201,13 +208,14 @@ csr_small_m(const u16* __restrict__ x, int ldx,                 // x [M, K], row
     __syncthreads();
     release_dependents();  // 6. the next kernel's blocks may now take the room of this grid's blocks as they end
 
-    if (row < rows_end)
-        row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, first, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
-                                         flags, lane);
-    for (row += warps; row < rows_end; row += warps) {
-        start = row_offsets[row], end = row_offsets[row + 1];
-        const Step<UNROLL> step = load_step<UNROLL, NZ, true>(values, cols, start & ~(NZ - 1), end, lane);
-        row_dot<DT, LOG2_MT, UNROLL, NZ>(row, start, end, step, xs, values, cols, bias, res, ldr, out, ldo, m0, M, act,
-                                         flags, lane);
+    if (lead < rows_end)
+        row_dot<DT, LOG2_MT, UNROLL, NZ, LOG2_LPR>(row, rows_end, start, end, first, xs, values, cols, bias, res, ldr,
+                                                   out, ldo, m0, M, act, flags, lane);
+    for (lead += rows_at_once, row += rows_at_once; lead < rows_end; lead += rows_at_once, row += rows_at_once) {
+        start = end = 0;
+        if (row < rows_end) start = row_offsets[row], end = row_offsets[row + 1];
+        const Step<UNROLL> step = load_step<UNROLL, NZ, true, LPR>(values, cols, start & ~(NZ - 1), end, lane);
+        row_dot<DT, LOG2_MT, UNROLL, NZ, LOG2_LPR>(row, rows_end, start, end, step, xs, values, cols, bias, res, ldr,
+                                                   out, ldo, m0, M, act, flags, lane);
     }
 }
