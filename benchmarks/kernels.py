@@ -521,7 +521,7 @@ def few_token_cases(args, default_patterns, pack, seed):
 def run_sweep_csr_cuda(args):
     """The CUDA C++ CSR kernel (codegen/cuda/csr.py) against the Triton one and cuBLAS, on unstructured
     weights at few tokens: the launcher's choice, then its token tile, chunks in flight and blocks a SM
-    swept (MT, UNROLL, BLOCKS_PER_SM, NZ: codegen/cuda/csr.py) with programmatic dependent launch, as the op
+    swept (MT, UNROLL, BLOCKS_PER_SM, NZ, RPW: codegen/cuda/csr.py) with programmatic dependent launch, as the op
     launches on Hopper; every output checked against float64. us, CUDA-graph replays, weights rotated past L2;
     "rule": the launcher's choice without and with PDL."""
     from sparsec.codegen.cuda import csr as csr_cuda
@@ -541,13 +541,10 @@ def run_sweep_csr_cuda(args):
             q = packs.next()
             csr_triton.launch(xt, q.values, q.col_indices, q.row_offsets, N, None, 0, None, out, config=cfg)
         tile = csr_cuda.token_tile(M, K, shared_mem)  # the launcher's, and half of it
-        cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz, PDL=True) for mt in sorted({tile, max(1, tile // 2)})
-                for u in args.unrolls for b in (1, 2) for nz in (1, 2)]
+        cfgs = [dict(MT=mt, UNROLL=u, BLOCKS_PER_SM=b, NZ=nz, RPW=rpw, PDL=True)
+                for mt in sorted({tile, max(1, tile // 2)}) for u in args.unrolls for b in (1, 2) for nz in (1, 2)
+                for rpw in (1, 2)]
         rule = rule_with_and_without_pdl(cuda, out, ref)
-        pairs = [dict(RPW=rpw, NZ=nz, PDL=True) for rpw in (1, 2) for nz in (1, 2)] * 2
-        print(f"CSR-CUDA-RPW {pattern} {N}x{K} M={M}: " + "; ".join(
-            f"{t*1e3:.2f}us {c}" for t, c in sorted(time_configs(cuda, pairs, out, ref), key=lambda r: str(r[1]))),
-            flush=True)
         best = time_configs(cuda, cfgs, out, ref)
         tri = time_configs(triton, [{}], out, ref)
         cublas, _ = bench(lambda: F.linear(x, w), True, 10)

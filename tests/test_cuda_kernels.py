@@ -150,22 +150,26 @@ def assert_compiles_for_sm90(tmp_path, source, instances):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")
 def test_every_instance_compiles_for_sm90_without_register_pressure(tmp_path):
     instances = sorted({csr.instance(code, mt, csr.UNROLL, csr.blocks_per_sm_wanted(mt, blocks, 132),
-                                     csr.nonzeros_per_lane(mt, row_length))
+                                     csr.nonzeros_per_lane(mt, row_length, rows), rows)
                         for code in nvrtc.DTYPE_CODES.values() for mt in (1, 2, 4, 8)
-                        for blocks in (100, 400) for row_length in (0, csr.LONG_ROW)})  # every one the rules pick
+                        for blocks in (100, 400) for row_length in (0, csr.LONG_ROW)
+                        for rows in (1, 2)})  # every one the rules pick
     assert_compiles_for_sm90(tmp_path, csr.SOURCE, instances)
 
 
-@pytest.mark.parametrize("mt, blocks, row_length, blocks_per_sm, nonzeros", [
-    (1, 344, 410, 2, 1),    # 90% 11008x4096 at one token: more blocks than SMs, short rows
-    (1, 128, 1100, 1, 2),   # 90% 4096x11008: 128 blocks fit 132 SMs uncapped, long rows
-    (4, 344, 410, 2, 2),    # 90% 11008x4096 at 4 tokens: two a lane even on short rows
-    (8, 688, 1100, 1, 1),   # 8-token tiles: one block a SM, one non-zero a lane
+@pytest.mark.parametrize("mt, blocks_needed, rows, warps_in_grid, row_length, blocks_per_sm, rows_a_warp, nonzeros", [
+    (1, 344, 11008, 8448, 410, 2, 2, 2),   # 90% 11008x4096 at one token: 264 blocks of 32 warps, 11008 rows
+    (1, 128, 4096, 4096, 1100, 1, 1, 2),   # 90% 4096x11008: 128 blocks fit 132 SMs uncapped, a warp a row
+    (1, 188, 6000, 6016, 410, 2, 1, 1),    # a warp a row, short rows: one non-zero a lane
+    (4, 344, 11008, 8448, 410, 2, 2, 2),   # 90% 11008x4096 at 4 tokens
+    (8, 688, 11008, 2112, 1100, 1, 2, 1),  # 8-token tiles (16 tokens: 66 blocks a tile): one a lane
 ])
-def test_csr_small_m_launch_rules(mt, blocks, row_length, blocks_per_sm, nonzeros):
+def test_csr_small_m_launch_rules(mt, blocks_needed, rows, warps_in_grid, row_length, blocks_per_sm, rows_a_warp,
+                                  nonzeros):
     """The H200 sweep's picks (benchmarks/RESULTS.md, twenty-third session) on 132 SMs."""
-    assert csr.blocks_per_sm_wanted(mt, blocks, 132) == blocks_per_sm
-    assert csr.nonzeros_per_lane(mt, row_length) == nonzeros
+    assert csr.blocks_per_sm_wanted(mt, blocks_needed, 132) == blocks_per_sm
+    assert csr.rows_per_warp(rows, warps_in_grid) == rows_a_warp
+    assert csr.nonzeros_per_lane(mt, row_length, rows_a_warp) == nonzeros
 
 
 # ------------------------------------------------------------------ GPU: against float64
@@ -193,11 +197,11 @@ def launch_poisoned(kernel, x, format_args, n_out, bias=None, act="none", res=No
     return out
 
 
-def run(x, w, bias=None, act="none", res=None, x_row_stride=None, nonzeros=0, rows_per_warp=1):
-    """The CSR kernel over w; `nonzeros` a lane instead of the launcher's rule (which picks by row length), and
-    `rows_per_warp` rows a warp takes at once."""
+def run(x, w, bias=None, act="none", res=None, x_row_stride=None, nonzeros=0, rows_per_warp=0):
+    """The CSR kernel over w; `nonzeros` a lane and `rows_per_warp` rows a warp takes at once instead of the
+    launcher's rules (0: the rule)."""
     p = pack_csr(w)
-    config = dict(NZ=nonzeros, RPW=rows_per_warp) if nonzeros else dict(RPW=rows_per_warp)
+    config = dict(NZ=nonzeros, RPW=rows_per_warp)
     return launch_poisoned(csr, x, (p.values.cuda(), p.col_indices.cuda(), p.row_offsets.cuda()), w.shape[0], bias, act,
                            res, x_row_stride, config=config)
 
@@ -244,9 +248,9 @@ def test_csr_small_m_many_rows_a_warp_and_wide_columns():
     top bit is set (K > 32767)."""
     gen = torch.Generator().manual_seed(3)
     w = unstructured(20000, 40000, 0.002, gen, torch.bfloat16)
-    for M, nonzeros in ((1, 1), (1, 2), (16, 0)):
+    for M, nonzeros, rows_per_warp in ((1, 1, 1), (1, 2, 1), (1, 0, 0), (16, 0, 1), (16, 0, 0)):
         x = torch.randn(M, 40000, generator=gen).to(torch.bfloat16)
-        check(run(x, w, nonzeros=nonzeros), linear64(x, w), torch.bfloat16)
+        check(run(x, w, nonzeros=nonzeros, rows_per_warp=rows_per_warp), linear64(x, w), torch.bfloat16)
 
 
 @gpu

@@ -10,7 +10,9 @@ CUDA graph):
 - tiles of up to 4 tokens run two blocks a SM (64 warps) with registers capped at 32 where the grid
   has more blocks than SMs, since they wait on loads; 8-token tiles hold 8 fp32 sums a lane and run one
   block a SM;
-- at one token, two non-zeros a lane where rows are long, one where they are short (nonzeros_per_lane).
+- two rows a warp at once, half a warp each, where the grid has fewer warps than rows (rows_per_warp);
+- at one token with a warp a row, two non-zeros a lane where rows are long, one where they are short
+  (nonzeros_per_lane).
 The H200 sweep behind these rules: benchmarks/kernels.py --csr-cuda (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
@@ -47,14 +49,22 @@ def blocks_per_sm_wanted(mt: int, blocks_needed: int, sms: int) -> int:
     return 2 if mt <= 4 and blocks_needed > sms else 1
 
 
-def nonzeros_per_lane(mt: int, mean_row_length: float) -> int:
+def rows_per_warp(rows: int, warps_in_grid: int) -> int:
+    """Two rows a warp at once, half a warp each, where the grid has fewer warps than rows: then no warp
+    walks a second row while most of its block waits (H200, 90% 11008x4096, 264 blocks of 32 warps for
+    42 rows each: 7.3 against 8.1 us at one token, 19.7 against 22.0 at 16); one where every row has a
+    warp of its own (4096x11008 at one token: 7.5 against 9.3)."""
+    return 2 if rows > warps_in_grid else 1
+
+
+def nonzeros_per_lane(mt: int, mean_row_length: float, rows_a_warp: int) -> int:
     """Two non-zeros a lane (4-byte value and column loads: twice the bytes in flight for the same
-    registers) for the tiles of up to 4 tokens, which wait on those loads. At one token on rows of under
-    LONG_ROW non-zeros on average, one: a warp's step is then 128 non-zeros, and a short row wastes fewer
-    lanes on its last step (H200, 90% 11008x4096, rows of ~410: 8.0 against 8.5 us; at 4 tokens two stay
-    faster, 11.3 against 12.2). Wider tiles wait on shared memory and need a warp's 32 lanes on 32
-    different columns mod 32 (pack_csr's order), so one."""
-    if mt == 1:
+    registers) for the tiles of up to 4 tokens, which wait on those loads. At one token with a whole warp
+    on rows of under LONG_ROW non-zeros on average, one: a warp's step is then 128 non-zeros, and a short
+    row wastes fewer lanes on its last step (H200, 90% 11008x4096, rows of ~410: 8.0 against 8.5 us; half a
+    warp a row, two: 7.3 against 7.7; at 4 tokens two stay faster, 11.3 against 12.2). Wider tiles wait on
+    shared memory and need a warp's 32 lanes on 32 different columns mod 32 (pack_csr's order), so one."""
+    if mt == 1 and rows_a_warp == 1:
         return 2 if mean_row_length >= LONG_ROW else 1
     return 2 if mt <= 4 else 1
 
@@ -66,13 +76,13 @@ def x_columns_per_load(mt: int) -> int:
     return 8 if mt == 1 else 2
 
 
-def instance(dtype_code: int, mt: int, unroll: int, blocks_per_sm: int, nonzeros: int, x_columns: int = 0,
-             rows_per_warp: int = 1) -> str:
+def instance(dtype_code: int, mt: int, unroll: int, blocks_per_sm: int, nonzeros: int, rows_a_warp: int,
+             x_columns: int = 0) -> str:
     """The template instance of csr_small_m for a dtype, a token tile, chunks in flight, the blocks a
-    SM its registers are capped for, the non-zeros a lane loads at once, the columns of x a thread
-    stages at once (0: x_columns_per_load's) and the rows a warp takes at once (1 or 2)."""
+    SM its registers are capped for, the non-zeros a lane loads at once, the rows a warp takes at once
+    (1 or 2) and the columns of x a thread stages at once (0: x_columns_per_load's)."""
     return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm}, {nonzeros}, "
-            f"{x_columns or x_columns_per_load(mt)}, {rows_per_warp.bit_length() - 1}>")
+            f"{x_columns or x_columns_per_load(mt)}, {rows_a_warp.bit_length() - 1}>")
 
 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
@@ -100,16 +110,17 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     token_tiles = math.ceil(M / mt)
     sms = props.multi_processor_count
     wanted = config.get("BLOCKS_PER_SM") or blocks_per_sm_wanted(mt, token_tiles * math.ceil(N / WARPS), sms)
-    nonzeros = config.get("NZ") or nonzeros_per_lane(mt, values.numel() / max(N, 1))
+    blocks_per_sm = max(1, min(wanted, props.shared_memory_per_multiprocessor // (shared_mem + RESERVED_SHARED_MEM)))
+    blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * sms // token_tiles))
+    rows_a_warp = config.get("RPW") or rows_per_warp(N, blocks * WARPS)
+    nonzeros = config.get("NZ") or nonzeros_per_lane(mt, values.numel() / max(N, 1), rows_a_warp)
     if values.data_ptr() % 4 or col_indices.data_ptr() % 4:  # views that start mid-word: one at a time
         nonzeros = 1
     kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros,
-                                           config.get("XCOLS", 0), config.get("RPW", 1)),
+                                           rows_a_warp, config.get("XCOLS", 0)),
                           device, shared_mem)
     if kernel is None:
         return NotImplemented
-    blocks_per_sm = max(1, min(wanted, props.shared_memory_per_multiprocessor // (shared_mem + RESERVED_SHARED_MEM)))
-    blocks = max(1, min(math.ceil(N / WARPS), blocks_per_sm * sms // token_tiles))
     epilogue, flags = nvrtc.epilogue_args(bias, res2d, out)
     with torch.cuda.device(device):  # the kernel's module lives in this device's context
         nvrtc.launch(kernel, (blocks, token_tiles, 1), (THREADS, 1, 1),

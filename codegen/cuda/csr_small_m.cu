@@ -11,12 +11,15 @@
 //      inputs that meet one non-zero are one 2-16 byte vector load; pack_csr interleaves each row's
 //      non-zeros by column mod 32, so a warp's 32 lanes load from every bank alike (few conflicts);
 //   2. the grid is persistent (about one wave), so x is staged once per block, not once per row;
-//   3. one warp owns one weight row at a time: its lanes take consecutive non-zeros (coalesced value and
-//      column loads, NZ a lane: two as one 4-byte word each where the tile waits on loads rather than on
-//      shared memory), UNROLL chunks in flight at once, and accumulate MT fp32 partial sums each;
-//   4. the warp's partial sums meet in a transposing butterfly: log2(MT) exchanges halve the values a lane
-//      holds, so after them lane l holds token l >> (5 - LOG2_MT); 5 - log2(MT) more finish the sum
-//      (MT + 3 shuffles a row at 8 tokens, against 5 * MT for reducing each token on its own).
+//   3. one warp owns one weight row at a time, or 2^LOG2_RPW rows side by side, LPR lanes each (where the
+//      grid has fewer warps than rows: no warp then walks a second row while its block waits): the row's
+//      lanes take consecutive non-zeros (coalesced value and column loads, NZ a lane: two as one 4-byte
+//      word each where the tile waits on loads rather than on shared memory), UNROLL chunks in flight at
+//      once, and accumulate MT fp32 partial sums each;
+//   4. the row's partial sums meet in a transposing butterfly: log2(MT) exchanges halve the values a lane
+//      holds, so after them its lane l holds token l >> (log2(LPR) - LOG2_MT); log2(LPR) - log2(MT) more
+//      finish the sum (MT + 3 shuffles a row at 8 tokens and 32 lanes, against 5 * MT for reducing each
+//      token on its own).
 //   5. the epilogue (bias, activation, residual) runs on the lanes that hold a finished token;
 //   6. launched with programmatic dependent launch (Hopper), the grid is scheduled while the kernel ahead
 //      of it finishes, and waits for it only before staging x (linear_prelude.cuh);
