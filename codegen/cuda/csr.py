@@ -31,7 +31,7 @@ MAX_M = 16
 MAX_TILE = 8
 THREADS = 1024
 WARPS = THREADS // 32
-UNROLL = 4  # chunks of 32 x NZ non-zeros a warp loads at once
+UNROLL = 4  # chunks a row's lanes load at once, of NZ non-zeros a lane
 LONG_ROW = 512  # mean non-zeros a row from which a lane loads two at once (nonzeros_per_lane)
 RESERVED_SHARED_MEM = 1024  # what the GPU keeps of each block's shared memory (sm80+)
 
@@ -96,9 +96,9 @@ def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
 
 def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out, config=None, pdl=False):
     """out[M, N] = epilogue(x2d @ W^T) for a CSR weight W [N, K]; NotImplemented where the kernel
-    cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT,
-    UNROLL, BLOCKS_PER_SM, NZ, XCOLS, RPW instead of the choices above. `pdl`: a programmatic dependent launch (the
-    kernel's header, item 6)."""
+    cannot run here (no NVRTC, K too long for shared memory). `config` (benchmarks' sweeps): MT, UNROLL,
+    BLOCKS_PER_SM, NZ, XCOLS, RPW instead of the choices above. `pdl`: a programmatic dependent launch
+    (the kernel's header, item 6)."""
     config = config or {}
     M, K = x2d.shape
     device = x2d.device

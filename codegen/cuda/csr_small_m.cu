@@ -47,8 +47,9 @@ template <int MT> struct alignas(MT * 2) Tokens { u16 v[MT]; };
 // XCOLS consecutive 16-bit values of one token's row of x, loaded as one 4-16 byte vector
 template <int XCOLS> struct alignas(XCOLS * 2) Columns { u16 v[XCOLS]; };
 
-// One step of a warp over a row covers UNROLL chunks of WARP * NZ non-zeros from j0. A lane's share: its
-// NZ values and NZ columns (16 bits each) of each chunk, loaded as one word each where NZ == 2.
+// One step over a row covers UNROLL chunks of LPR * NZ non-zeros from j0 (LPR: the lanes that share the row).
+// A lane's share: its NZ values and NZ columns (16 bits each) of each chunk, loaded as one word each where
+// NZ == 2.
 template <int UNROLL> struct Step { u32 w[UNROLL], c[UNROLL]; };
 
 // Every load of a step, issued before any is used so they are in flight together. CHECKED: the step may

@@ -38,7 +38,7 @@ def available() -> bool:
 
 
 def kernel(source: Path, instance: str, device: torch.device, shared_mem: int):
-    """The kernel `instance` (e.g. "csr_small_m<0, 3, 4, 1, 1, 2>") of `source`, compiled for `device`, with
+    """The kernel `instance` (e.g. "csr_small_m<0, 3, 4, 1, 1, 2, 0>") of `source`, compiled for `device`, with
     its dynamic shared memory raised to at least `shared_mem` bytes; None if it cannot be had here.
     Launch it with `device` current (torch.cuda.device), on that device's stream."""
     if not available():
