@@ -150,7 +150,7 @@ def assert_compiles_for_sm90(tmp_path, source, instances):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs a CUDA toolkit (nvcc)")
 def test_every_instance_compiles_for_sm90_without_register_pressure(tmp_path):
     instances = sorted({csr.instance(code, mt, csr.UNROLL, csr.blocks_per_sm_wanted(mt, blocks, 132),
-                                     csr.nonzeros_per_lane(mt, row_length, rows), rows)
+                                     csr.nonzeros_per_lane(mt, row_length, rows), rows, csr.x_columns_per_load(mt))
                         for code in nvrtc.DTYPE_CODES.values() for mt in (1, 2, 4, 8)
                         for blocks in (100, 400) for row_length in (0, csr.LONG_ROW)
                         for rows in (1, 2)})  # every one the rules pick

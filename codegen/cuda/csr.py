@@ -77,12 +77,12 @@ def x_columns_per_load(mt: int) -> int:
 
 
 def instance(dtype_code: int, mt: int, unroll: int, blocks_per_sm: int, nonzeros: int, rows_a_warp: int,
-             x_columns: int = 0) -> str:
+             x_columns: int) -> str:
     """The template instance of csr_small_m for a dtype, a token tile, chunks in flight, the blocks a
     SM its registers are capped for, the non-zeros a lane loads at once, the rows a warp takes at once
-    (1 or 2) and the columns of x a thread stages at once (0: x_columns_per_load's)."""
+    (1 or 2) and the columns of x a thread stages at once."""
     return (f"csr_small_m<{dtype_code}, {mt.bit_length() - 1}, {unroll}, {blocks_per_sm}, {nonzeros}, "
-            f"{x_columns or x_columns_per_load(mt)}, {rows_a_warp.bit_length() - 1}>")
+            f"{x_columns}, {rows_a_warp.bit_length() - 1}>")
 
 
 def token_tile(M: int, K: int, shared_mem_limit: int) -> int:
@@ -117,7 +117,7 @@ def launch(x2d, values, col_indices, row_offsets, N, bias, act_code, res2d, out,
     if values.data_ptr() % 4 or col_indices.data_ptr() % 4:  # views that start mid-word: one at a time
         nonzeros = 1
     kernel = nvrtc.kernel(SOURCE, instance(DTYPE_CODES[x2d.dtype], mt, config.get("UNROLL", UNROLL), wanted, nonzeros,
-                                           rows_a_warp, config.get("XCOLS", 0)),
+                                           rows_a_warp, config.get("XCOLS") or x_columns_per_load(mt)),
                           device, shared_mem)
     if kernel is None:
         return NotImplemented
