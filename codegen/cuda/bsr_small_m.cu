@@ -163,6 +163,6 @@ bsr_small_m(const u16* __restrict__ x, int ldx,                                 
         for (int h = 0; h < HALVES; ++h)
             if (flags & HAS_BIAS) v[h] += to_f32<DT>(bias[h * N + n]);
         const float y = GATED ? activate(v[0], ACT_SILU) * v[HALVES - 1] : activate(v[0], act);
-        out[(long long)m * ldo + n] = from_f32<DT>(flags & HAS_RES ? y + to_f32<DT>(res[(long long)m * ldr + n]) : y);
+        store_output<DT>(out, ldo, res, ldr, flags, m, n, y);
     }
 }

@@ -145,9 +145,7 @@ __device__ __forceinline__ void row_dot(int row, int rows_end, int start, int en
     if ((lane & ((LPR >> LOG2_MT) - 1)) == 0 && m < M && row < rows_end) {
         float v = acc[0];
         if (flags & HAS_BIAS) v += to_f32<DT>(bias[row]);
-        v = activate(v, act);
-        if (flags & HAS_RES) v += to_f32<DT>(res[(long long)m * ldr + row]);
-        out[(long long)m * ldo + row] = from_f32<DT>(v);
+        store_output<DT>(out, ldo, res, ldr, flags, m, row, activate(v, act));
     }
 }
 

@@ -43,6 +43,15 @@ __device__ __forceinline__ float activate(float v, int act) {
     return v;
 }
 
+// the epilogue's last step, the same in every kernel: y (bias and activation applied) plus the residual where
+// there is one, stored at out[m, n]
+template <int DT>
+__device__ __forceinline__ void store_output(u16* __restrict__ out, int ldo, const u16* __restrict__ res, int ldr,
+                                             int flags, int m, int n, float y) {
+    if (flags & HAS_RES) y += to_f32<DT>(res[(long long)m * ldr + n]);
+    out[(long long)m * ldo + n] = from_f32<DT>(y);
+}
+
 // Programmatic dependent launch (sm_90 and later; nvrtc.launch with pdl=True): a thread block may start while
 // the kernel ahead of it in the stream still runs. It may read constants (the weights) at once, and waits
 // (wait_for_producer) before its first read of that kernel's output (x, the residual) or its first write.
