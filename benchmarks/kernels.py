@@ -344,8 +344,10 @@ def run_sweep(args):
                     cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
             for cap in [None, GATED_MAX_REGISTERS]:  # a deep pipeline, and with a register cap
                 cfgs.append(("large", dict(BLOCK_M=128, num_warps=4, num_stages=5, maxnreg=cap)))
-            # the decode kernel's slabs over several token tiles (bsr_small_m.serves)
-            mid = M <= bsr_small_m.MID_M
+            for bm, nw, ns in [(64, 4, 6), (64, 4, 8), (128, 4, 6), (128, 8, 5)]:  # deeper still
+                cfgs.append(("large", dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)))
+            # the decode kernel's slabs over several token tiles (the op runs them up to bsr_small_m.MAX_TOKENS)
+            mid = M <= 2 * bsr_small_m.MAX_TOKENS  # more slab shapes up to 256 tokens
             for bm in [64, 128]:
                 for rows in [64, 32] if mid else [64]:
                     for step in [1, 2, 4] if mid else [1, 2]:
@@ -357,7 +359,7 @@ def run_sweep(args):
         best = []
         default_t = None
         for kind, cfg in cfgs:
-            mod = kinds[kind] if kind != "default" else bsr_small_m if bsr_small_m.serves(M, N // 64) else bsr_large_m
+            mod = kinds[kind] if kind != "default" else bsr_small_m if bsr_small_m.serves(M) else bsr_large_m
 
             def f(cfg=cfg, mod=mod):
                 q = packs.next()
@@ -377,6 +379,23 @@ def run_sweep(args):
             else:
                 best.append((t, kind, cfg))
         best.sort(key=lambda r: r[0])
+        if not bsr_small_m.serves(M) and args.retunes:
+            # the autotuner's pick, tuned afresh a few times as new processes would: its timing (warm L2,
+            # one weight) may pick differently from the rotated-weight timing above
+            picks = []
+            tuned = kinds["large"]
+            for _ in range(args.retunes):
+                tuned._autotuned.cache.clear()
+
+                def f(mod=tuned):
+                    q = packs.next()
+                    mod.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None, ACT_CODES[act],
+                               None, None, None, out)
+                f()
+                pick = tuned._autotuned.best_config
+                t, _ = bench(f, True, 10)
+                picks.append(f"{pick.kwargs['BLOCK_M']}/{pick.num_warps}/{pick.num_stages} {t * 1e3:.1f}us")
+            print("  autotuner's picks (BLOCK_M/warps/stages): " + "; ".join(picks), flush=True)
         same_bytes = max(1, p.values.numel() // K)  # dense rows holding as many values
         wd = [torch.randn(same_bytes, K, device=dev, dtype=dtype) for _ in range(n_copies(same_bytes * K * 2))]
         dense = Rotor(wd)
@@ -639,6 +658,8 @@ def main():
     p.add_argument("--csr-cuda", action="store_true",
                    help="the CUDA C++ CSR kernel against the Triton one and cuBLAS, with its configs swept")
     p.add_argument("--sweep-2-4", action="store_true", help="2:4 (cuSPARSELt) vs cuBLAS and torch's 2:4")
+    p.add_argument("--retunes", type=int, default=0, help="--sweep: tune the many-token kernel afresh this many "
+                   "times and time each pick")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="M values of --sweep and --sweep-csr")
     p.add_argument("--table-tokens", type=int, nargs="+", default=[1, 16, 256, 4096], help="M values of the table")
     p.add_argument("--patterns", default="", help="comma list, e.g. block90,unstr90 (rowblock90: as block90 with "

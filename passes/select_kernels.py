@@ -363,7 +363,7 @@ def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice, weight: tor
     from sparsec.codegen.triton import bsr_small_m  # triton comes with torch's CUDA builds
     from sparsec.codegen.triton.pdl import pdl_supported
 
-    return pdl_supported(device) and bsr_small_m.serves(tokens, -(-weight.shape[0] // choice.block[0]))
+    return pdl_supported(device) and bsr_small_m.serves(tokens)
 
 
 def _pack(gm, op, weight_node, weight, choice, row_perm, col_perm, launch_pdl=False):

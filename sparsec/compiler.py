@@ -114,8 +114,9 @@ def _device_of(inputs, captured: Captured) -> torch.device:
 # Experiment switch (benchmarks/models.py --inductor-pdl): "auto" (PDL for Inductor's kernels in graphs of
 # short kernels, `_short_kernels`), "always" or "never" under CUDA graphs, to measure what it gives per model.
 INDUCTOR_PDL = "auto"
-# The most rows (tokens) a matrix product of a graph may have for its kernels to count as short: the
-# block-sparse decode kernel's range (codegen/triton/bsr_small_m.py serves up to 256 tokens).
+# The most rows (tokens) a matrix product of a graph may have for its kernels to count as short: at 256
+# tokens the block-sparse kernels of a 90% 64x64-block LLaMA-7B layer run 6-20 us on the H200
+# (benchmarks/RESULTS.md, twenty-fourth session's sweep).
 PDL_MAX_TOKENS = 256
 _MATRIX_PRODUCTS = ("aten.linear", "aten.mm", "aten.addmm", "aten.bmm", "aten.matmul", "sparsec.")
 _CONVOLUTIONS = ("aten.conv", "sparsec.conv2d_relu")  # aten.conv2d, aten.convolution...

@@ -27,13 +27,17 @@ from .token_tiles import pow2_tile
 # 90% 64x64 blocks; benchmarks/RESULTS.md, twelfth session). A 168-register cap gains 5% more on the kernel
 # (114.9 / 221.5 us) but not in the model: Inductor rewrites a traced kernel's configs without `maxnreg`, and
 # launched from the opaque op instead, the op's host time (~33 us a call) took the gain back in a prefill
-# that is near host-bound (thirteenth session).
+# that is near host-bound (thirteenth session). 64-token tiles 8 stages deep run weights of few block rows
+# with long rows fastest at 129-256 tokens, where 128-token tiles leave fewer programs than SMs (H200 sweep,
+# twenty-fourth session: 4096x11008 at 256 tokens, 90% 13.8 -> 11.4 us against the decode kernel, 50% 45.9 ->
+# 36.3).
 LARGE_M_CONFIGS = [
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=8),
 ]
 
 

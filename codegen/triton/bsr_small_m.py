@@ -46,13 +46,12 @@ PREFETCH_WARPS = 8
 DOT_ROWS = (64, 32)
 DOT_MIN_PROGRAMS = 160
 MAX_BLOCK_M = 64   # the token tile: more tokens run as several tiles (grid axis 1)
-# Up to MID_M tokens this kernel beats bsr_large_m (H200 sweep, `--sweep --tokens 128 256 512`, fifth
-# session): its slabs and several blocks a step keep more programs busy; at 256 tokens only on weights
-# of at most FEW_BLOCK_ROWS block rows, where bsr_large_m has too few programs (4096x11008 50% 77.7 ->
-# 53.0 us, 4096x4096 50% 32.4 -> 23.0); at 128 on every weight (11008x4096 50% 40.1 -> 28.5 us).
-ALL_WEIGHTS_M = 128
-MID_M = 256
-FEW_BLOCK_ROWS = 128
+# Up to MAX_TOKENS tokens this kernel beats bsr_large_m (H200 sweep, `--sweep --tokens 128 256 512`, fifth
+# session): its slabs and several blocks a step keep more programs busy (11008x4096 50% at 128 tokens: 40.1 ->
+# 28.5 us). At 256 tokens it served weights of few block rows until bsr_large_m had its deep 64-token
+# pipeline (8 stages), which runs them faster (twenty-fourth session: 4096x11008 90% 13.8 -> 11.4 us, 50% 45.9
+# -> 36.3; 4096x4096 50% 20.6 -> 16.3).
+MAX_TOKENS = 128
 # tl.dot pads the tokens to a 16-row tile. From DOT_MIN_M tokens it beats broadcast-multiply-sum on every
 # weight; below, on weights whose block rows give DOT_MIN_PROGRAMS programs in DOT_ROWS slabs, since at one
 # token the pipelined Tensor Core loop keeps more bytes in flight (eighteenth session's sweep, H200,
@@ -243,9 +242,9 @@ def bsr_small_m_kernel(x_ptr, v_ptr, ci_ptr, ro_ptr, bias_ptr, res_ptr, rperm_pt
                    HAS_BIAS, HAS_RES, HAS_RPERM, ACT, up)
 
 
-def serves(M, block_rows):
-    """Whether this kernel, not bsr_large_m, runs M tokens on a weight of `block_rows` block rows."""
-    return M <= ALL_WEIGHTS_M or (M <= MID_M and block_rows <= FEW_BLOCK_ROWS)
+def serves(M):
+    """Whether this kernel, not bsr_large_m, runs M tokens."""
+    return M <= MAX_TOKENS
 
 
 def pick_config(M, BH, BW, block_rows, blocks_per_row, gated, itemsize):

@@ -36,7 +36,7 @@ def bsr_linear_triton(x, values, col_indices, row_offsets, out_features, in_feat
     M = x2d.shape[0]
     args = (x2d, values, col_indices, row_offsets, n_out, in_features, bias, ACT_CODES[activation], res2d, row_perm,
             col_perm, out)
-    if M > 0 and bsr_small_m.serves(M, row_offsets.shape[0] - 1):
+    if M > 0 and bsr_small_m.serves(M):
         # launched here rather than traced into Inductor's code: with PDL where the GPU has it
         bsr_small_m.launch(*args, pdl=not is_wrap_triton_enabled() and pdl_supported(x.device))
     elif M > 0:
