@@ -261,8 +261,7 @@ def run_smoke():
                 pw = pack_bsr(w, (64, 64)) if pattern.startswith("block") else pack_bitmap(w)
                 outs["sparsec(op)"] = (bsr_linear if pattern.startswith("block") else bitmap_linear)(x, pw)
                 try:
-                    import triton  # noqa: F401
-                    from sparsec.codegen.triton import register as R
+                    from sparsec.codegen.triton import register as R  # ImportError without triton
                     fn = R.bsr_linear_triton if pattern.startswith("block") else R.bitmap_linear_triton
                     if pattern.startswith("block"):
                         o = fn(x, pw.values, pw.col_indices, pw.row_offsets, N, K, None, "none", None, None, None)
@@ -299,8 +298,11 @@ def run_sweep(args):
     # the prefill shapes of the stack's other weights (q/k/v stacked, o, gate/up stacked with SwiGLU)
     plan += [(pattern, nk, M, act) for pattern in patterns for M in args.tokens if M > 64
              for nk, act in [((12288, 4096), "none"), ((4096, 4096), "none"), ((22016, 4096), "swiglu")]]
-    if args.weights:
-        plan = [row for row in plan if "x".join(map(str, row[1])) in args.weights.split(",")]
+    if args.weights:  # those shapes' rows of the plan, and plain rows of the shapes it lacks
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.weights.split(",")]
+        plan = [row for row in plan if row[1] in shapes]
+        plan += [row for row in ((pattern, nk, M, "none") for pattern in patterns for nk in shapes for M in args.tokens)
+                 if row not in plan]
     for pattern, (N, K), M, act in plan:
         w = make_weight(N, K, pattern, dtype, dev, gen)
         packs = Rotor(weight_copies(lambda: pack_bsr(w, (64, 64))))
