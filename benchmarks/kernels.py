@@ -3,7 +3,10 @@
 GPU:   python benchmarks/kernels.py                 (bf16, 11008x4096 and 4096x11008)
 CPU:   python benchmarks/kernels.py --smoke         (tiny shapes, Triton interpreter)
 
-Per cell: median time (ms) and speed-up over dense cuBLAS (F.linear) in the same run.
+Per cell: median time (ms) and speed-up over dense cuBLAS (F.linear) in the same run. `chosen`: the format
+select-kernels' cost model picks for the weight at that token count (dense where no sparse kernel is predicted
+faster), with the time of the column that runs it; `sparsec`: the block-sparse op on block patterns, the bitmap op
+on the others; `sparsec_csr`: the CSR op.
 Timing: triton.testing.do_bench_cudagraph (median; a CUDA graph of repeated calls, so
 Python launch overhead is out of every column alike, as in a CUDA-graph deployment).
 Sparse weights are rotated over several copies so that repeated calls stream from HBM,
@@ -121,8 +124,8 @@ def run_gpu(args):
     if args.quick:
         shapes, Ms = shapes[:1], [1, 256]
     tall = [tuple(int(v) for v in b.split("x")) for b in args.tall_blocks.split(",") if b]
-    methods = ["sparsec", *(f"sparsec_{bh}x{bw}" for bh, bw in tall), "sparsec_eager", "sparsec_csr", "cuBLAS",
-               "inductor", "torch_bsr", "torch_2:4", "cusparse_csr", "floor", "floor_csr"]
+    methods = ["chosen", "sparsec", *(f"sparsec_{bh}x{bw}" for bh, bw in tall), "sparsec_eager", "sparsec_csr",
+               "cuBLAS", "inductor", "torch_bsr", "torch_2:4", "cusparse_csr", "floor", "floor_csr"]
     rows = []
     compiled_linear = torch.compile(lambda a, b: F.linear(a, b))
     global HBM_BPS, MMA_FLOPS
@@ -189,6 +192,7 @@ def run_gpu(args):
                 nbytes = sp_bytes + 2 * M * K + 2 * M * N
                 flops = 2.0 * M * N * K * flops_density
                 res["floor"] = max(nbytes / HBM_BPS, flops / MMA_FLOPS) * 1e3
+                res["chosen"] = chosen_cell(wd, M, pattern, res)
                 rows.append(((N, K), pattern, M, err, how, res))
                 print_row(rows[-1], methods, flush=True)
     print()
@@ -196,6 +200,23 @@ def run_gpu(args):
 
 
 DENSE_CACHE = {}
+
+
+def chosen_cell(weight, M, pattern, res) -> str:
+    """What select-kernels would run for this weight at M tokens (its cost model, as `torch.compile` without
+    autotuning), with the time of the column that runs that format: a reader sees which of the row's
+    kernels a compiled model gets, dense included, where no sparse kernel is predicted faster."""
+    from sparsec.passes.select_kernels import choose
+
+    choice, _, _ = choose(weight, None, M, weight.device, autotune=False)
+    column = {"dense": "inductor", "csr_linear": "sparsec_csr", "semi_structured_linear": None,
+              "bitmap_linear": "sparsec" if not pattern.startswith("block") else None,
+              "bsr_linear": "sparsec" if pattern.startswith("block") and choice.block == (64, 64) else None,
+              }[choice.kernel]
+    timed = res.get(column)
+    if timed is None or isinstance(timed, str):
+        return f"{choice.label} (not timed here)"
+    return f"{choice.label} {fmt(timed, res['cuBLAS'])}"
 
 
 def bench_tall_blocks(w, block, x, ref, args):
