@@ -403,20 +403,19 @@ def run_sweep(args):
                 best.append((t, kind, cfg))
         best.sort(key=lambda r: r[0])
         if not bsr_small_m.serves(M) and args.retunes:
-            # the autotuner's pick, tuned afresh a few times as new processes would: its timing (warm L2,
-            # one weight) may pick differently from the rotated-weight timing above
+            # the autotuner's pick, tuned afresh a few times as new processes would: its timing (calls of one
+            # weight, each timed by events) may pick differently from the graph replays timed above
             picks = []
-            tuned = kinds["large"]
             for _ in range(args.retunes):
-                tuned._autotuned.cache.clear()
+                bsr_large_m._autotuned.cache.clear()
 
-                def f(mod=tuned):
+                def autotuned_call():
                     q = packs.next()
-                    mod.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None, ACT_CODES[act],
-                               None, None, None, out)
-                f()
-                pick = tuned._autotuned.best_config
-                t, _ = bench(f, True, 10)
+                    bsr_large_m.launch(x, q.values, q.col_indices, q.row_offsets, n_out, K, None, ACT_CODES[act],
+                                       None, None, None, out)
+                autotuned_call()
+                pick = bsr_large_m._autotuned.best_config
+                t, _ = bench(autotuned_call, True, 10)
                 picks.append(f"{pick.kwargs['BLOCK_M']}/{pick.num_warps}/{pick.num_stages} {t * 1e3:.1f}us")
             print("  autotuner's picks (BLOCK_M/warps/stages): " + "; ".join(picks), flush=True)
         same_bytes = max(1, p.values.numel() // K)  # dense rows holding as many values

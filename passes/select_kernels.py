@@ -349,7 +349,7 @@ def kernels_traced(ctx, device: torch.device) -> bool:
     return device.type == "cuda" and not ctx.cuda_graphs and ctx.token_range is None
 
 
-def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice, weight: torch.Tensor) -> bool:
+def _launch_with_pdl(ctx, device: torch.device, tokens: int, choice) -> bool:
     """Whether this block-sparse layer runs through its opaque op: under CUDA graphs (where the opaque op's
     host work is not paid per call), on a GPU that has programmatic dependent launch, at a token count the
     Triton streaming kernel (bsr_small_m) serves (the many-token kernel has no PDL and stays a traced
@@ -553,7 +553,7 @@ def select_kernels(gm: fx.GraphModule, ctx) -> PassResult:
             fused = rewrite_semi_structured(gm, op, weight_node, bias_node, weight)
         else:
             fused = rewrite(gm, op, form, weight_node, bias_node, choice, row_perm, col_perm, gate_ok,
-                            launch_pdl=_launch_with_pdl(ctx, layer_device, m, choice, weight))
+                            launch_pdl=_launch_with_pdl(ctx, layer_device, m, choice))
         mark_layer(fused["node"], name, form.op, ir.get_constant(gm, weight_node).shape, info,
                    choice.kernel if choice.block is None else f"{choice.kernel}[{choice.block[0]}x{choice.block[1]}]",
                    label=choice.label)

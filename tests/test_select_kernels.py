@@ -497,15 +497,15 @@ def test_pdl_launch_only_for_the_streaming_kernel_under_cuda_graphs(monkeypatch)
     from sparsec.codegen.triton import pdl
 
     monkeypatch.setattr(pdl, "pdl_supported", lambda device: True)
-    weight = torch.empty(11008, 4096)
     bsr = SimpleNamespace(kernel="bsr_linear", block=(64, 64))
     graphs, cuda = SimpleNamespace(cuda_graphs=True), torch.device("cuda")
-    assert select_kernels._launch_with_pdl(graphs, cuda, 16, bsr, weight)
-    assert not select_kernels._launch_with_pdl(graphs, cuda, 2048, bsr, weight)
-    assert not select_kernels._launch_with_pdl(SimpleNamespace(cuda_graphs=False), cuda, 16, bsr, weight)
-    assert not select_kernels._launch_with_pdl(graphs, torch.device("cpu"), 16, bsr, weight)
-    assert not select_kernels._launch_with_pdl(graphs, cuda, 1, SimpleNamespace(kernel="csr_linear", block=None),
-                                               weight)
+    assert select_kernels._launch_with_pdl(graphs, cuda, 16, bsr)
+    assert select_kernels._launch_with_pdl(graphs, cuda, 128, bsr)
+    assert not select_kernels._launch_with_pdl(graphs, cuda, 256, bsr)
+    assert not select_kernels._launch_with_pdl(graphs, cuda, 2048, bsr)
+    assert not select_kernels._launch_with_pdl(SimpleNamespace(cuda_graphs=False), cuda, 16, bsr)
+    assert not select_kernels._launch_with_pdl(graphs, torch.device("cpu"), 16, bsr)
+    assert not select_kernels._launch_with_pdl(graphs, cuda, 1, SimpleNamespace(kernel="csr_linear", block=None))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
