@@ -590,7 +590,15 @@ def test_launch_passes_through_without_pdl():
     assert calls == [dict(grid=(3, 1, 1), block=(64, 1, 1), args=[7], shared_mem=128)]
 
 
-def test_pdl_launch_builds_the_driver_call(monkeypatch):
+@pytest.fixture
+def driver_looked_up_anew():
+    """nvrtc keeps the driver's launch call once found; these tests give it a driver of their own."""
+    nvrtc._driver_launch_kernel_ex.cache_clear()
+    yield
+    nvrtc._driver_launch_kernel_ex.cache_clear()
+
+
+def test_pdl_launch_builds_the_driver_call(monkeypatch, driver_looked_up_anew):
     """cuLaunchKernelEx gets CUDA's CUlaunchConfig layout, one programmatic-stream-serialization attribute
     and a pointer to each argument (tensors as data pointers, ints as C ints), on the current stream."""
     import ctypes
@@ -623,7 +631,7 @@ def test_pdl_launch_builds_the_driver_call(monkeypatch):
     assert ctypes.sizeof(nvrtc.LaunchAttribute) == 72 and ctypes.sizeof(nvrtc.LaunchConfig) == 56
 
 
-def test_pdl_launch_falls_back_where_the_driver_call_is_missing(monkeypatch):
+def test_pdl_launch_falls_back_where_the_driver_call_is_missing(monkeypatch, driver_looked_up_anew):
     """A torch or a driver without cuLaunchKernelEx: the kernel launches without PDL (its waits are no-ops)."""
     calls = []
     monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: object())

@@ -8,6 +8,7 @@ warning once and returns None, and the caller falls back to the Triton kernels.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -136,6 +137,13 @@ def _launch_kernel_ex(compiled):
     which its griddepcontrol instructions allow."""
     if not hasattr(compiled, "func"):  # torch's handle to the CUfunction
         return None
+    return _driver_launch_kernel_ex()
+
+
+@functools.cache
+def _driver_launch_kernel_ex():
+    """cuLaunchKernelEx looked up once a process: torch's driver handle opens the library anew at each call
+    (~15 us of host time, on every eager launch)."""
     try:
         from torch.cuda._utils import _get_gpu_runtime_library
 
