@@ -95,6 +95,11 @@ class Rotor:
         return it
 
 
+def shapes_of(text: str) -> list[tuple[int, int]]:
+    """A comma list of shapes, e.g. "11008x4096,128x64", as (rows, columns) pairs."""
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",") if shape]
+
+
 def n_copies(nbytes):
     return max(1, min(8, math.ceil(L2_ROTATE_BYTES / max(nbytes, 1))))
 
@@ -123,7 +128,7 @@ def run_gpu(args):
         patterns = args.patterns.split(",")
     if args.quick:
         shapes, Ms = shapes[:1], [1, 256]
-    tall = [tuple(int(v) for v in b.split("x")) for b in args.tall_blocks.split(",") if b]
+    tall = shapes_of(args.tall_blocks)
     methods = ["chosen", "sparsec", *(f"sparsec_{bh}x{bw}" for bh, bw in tall), "sparsec_eager", "sparsec_csr",
                "cuBLAS", "inductor", "torch_bsr", "torch_2:4", "cusparse_csr", "floor", "floor_csr"]
     rows = []
@@ -320,7 +325,7 @@ def run_sweep(args):
     plan += [(pattern, nk, M, act) for pattern in patterns for M in args.tokens if M > 64
              for nk, act in [((12288, 4096), "none"), ((4096, 4096), "none"), ((22016, 4096), "swiglu")]]
     if args.weights:  # those shapes' rows of the plan, and plain rows of the shapes it lacks
-        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.weights.split(",")]
+        shapes = shapes_of(args.weights)
         plan = [row for row in plan if row[1] in shapes]
         plan += [row for row in ((pattern, nk, M, "none") for pattern in patterns for nk in shapes for M in args.tokens)
                  if row not in plan]
@@ -549,7 +554,7 @@ def few_token_cases(args, default_patterns, pack, seed):
     gen = torch.Generator(device=dev).manual_seed(seed)
     shapes = [(11008, 4096), (4096, 11008)]
     if args.weights:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.weights.split(",")]
+        shapes = shapes_of(args.weights)
     for pattern in (args.patterns.split(",") if args.patterns else default_patterns):
         for (N, K) in shapes:
             w = make_weight(N, K, pattern, dtype, dev, gen)
@@ -634,7 +639,8 @@ def run_sweep_bitmap(args):
     gen = torch.Generator(device=dev).manual_seed(4)
     shapes = [(11008, 4096), (4096, 11008), (4096, 4096), (12288, 4096)]
     if args.weights:
-        shapes = [nk for nk in shapes if f"{nk[0]}x{nk[1]}" in args.weights.split(",")]
+        wanted = shapes_of(args.weights)
+        shapes = [nk for nk in shapes if nk in wanted]
     for pattern in (args.patterns.split(",") if args.patterns else ["unstr90", "unstr50"]):
         for (N, K) in shapes:
             w = make_weight(N, K, pattern, dtype, dev, gen)
